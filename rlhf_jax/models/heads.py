@@ -1,0 +1,49 @@
+"""Scalar heads: one number per position, for the reward model and the critic.
+
+The head reads the transformer's final hidden states; no vocabulary projection is computed,
+which is most of the FLOPs saved by a critic or RM over a policy forward pass.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.transformer import ModelConfig, Transformer
+
+
+class ScalarHead(nn.Module):
+  """Linear map D -> 1, initialised N(0, 1/sqrt(D + 1)) with bias 0 (lm-human-preferences)."""
+
+  @nn.compact
+  def __call__(self, hidden):  # [..., D] -> [...]
+    d = hidden.shape[-1]
+    out = nn.Dense(
+        1, dtype=jnp.float32, name="dense",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal((d + 1) ** -0.5),
+                                                 ("embed", None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(
+            hidden.astype(jnp.float32))
+    return out[..., 0]
+
+
+class ScalarModel(nn.Module):
+  """Transformer trunk + scalar head: values [B, T] at every position.
+
+  Params are {'trunk': <Transformer params>, 'head': ...}, so a trunk is initialised from an SFT
+  checkpoint by copying its params under 'trunk'.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    self.trunk = Transformer(self.config)
+    self.head = ScalarHead()
+
+  def __call__(self, tokens, positions, segment_ids):
+    hidden, _ = self.trunk.hidden_states(tokens, positions, segment_ids)
+    return self.head(hidden)
+
+
+def last_token_value(values, mask):
+  """Values [B, T] read at the last real token of each row (mask [B, T], right-most 1)."""
+  t = mask.shape[1]
+  last = t - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=1)
+  return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]

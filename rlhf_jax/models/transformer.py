@@ -1,0 +1,338 @@
+"""A Llama-style decoder-only transformer in flax.linen.
+
+RMSNorm, rotary positions, SwiGLU, grouped-query attention, optional tied embeddings. Every
+parameter carries logical axis names (see `rlhf_jax.sharding`), so one model definition runs on
+one CPU or a TPU pod: the mesh and the axis rules in the config decide where each tensor lives.
+
+The model is a pure function of its params. One attention mask rule covers training, packing,
+left-padded prompts and KV-cache decoding: a query at cache slot `q` of segment `sq` may look at
+a key at slot `k` of segment `sk` iff `sk == sq`, `sk != 0` (0 marks padding) and `k <= q`.
+
+Calls:
+  logits, cache = model.apply(params, tokens, positions, segment_ids, cache=None)
+  hidden, cache = model.apply(params, ..., method=Transformer.hidden_states)  # no vocab matmul
+  logits        = model.apply(params, hidden, method=Transformer.project)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = dict  # {'k': [L, B, S, Hkv, Dh], 'v': [L, B, S, Hkv, Dh], 'segment': [B, S], 'index': []}
+
+# A large finite negative, not -inf: a fully masked row (a pad query) then gives a harmless
+# uniform average instead of NaNs that would poison gradients.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of the transformer. Built from `config.model` (a ConfigDict)."""
+  vocab_size: int = 8192
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  d_ff: int = 1024
+  head_dim: Optional[int] = None  # None or 0: d_model // n_heads
+  max_len: int = 512
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+  dtype: str = "float32"  # compute dtype; params are always float32
+  remat: bool = False
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if not self.head_dim and self.d_model % self.n_heads:
+      raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                       "set head_dim explicitly")
+    if self.dim_per_head % 2:
+      raise ValueError(f"head_dim={self.dim_per_head} must be even for rotary embeddings")
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    """Accepts a ConfigDict / dict; unknown keys are an error naming them."""
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    d.pop("name", None)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; known: {sorted(fields)}")
+    return cls(**d)
+
+  def param_count(self) -> int:
+    """Number of parameters, computed from the shapes (checked against eval_shape in tests)."""
+    d, dh, L = self.d_model, self.dim_per_head, self.n_layers
+    attn = d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
+    if self.qkv_bias:
+      attn += dh * (self.n_heads + 2 * self.n_kv_heads)
+    per_layer = attn + 3 * d * self.d_ff + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return L * per_layer + emb + d
+
+  def flops_per_token(self, seq_len: int, with_logits: bool = True) -> float:
+    """Forward matmul FLOPs per token (2 per multiply-add), attention scores included."""
+    d, dh, L = self.d_model, self.dim_per_head, self.n_layers
+    proj = 2 * d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
+    mlp = 2 * 3 * d * self.d_ff
+    attn = 2 * 2 * seq_len * self.n_heads * dh  # QK^T and PV over the full (masked) length
+    head = 2 * d * self.vocab_size if with_logits else 0
+    return L * (proj + mlp + attn) + head
+
+
+def _dense_init(fan_in: int):
+  return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+  """Rotates pairs (i, i + D/2) of the last axis by angle position * theta^(-2i/D).
+
+  x: [B, T, H, D]; positions: [B, T] int.
+  """
+  d = x.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_segment, q_slot, k_segment):
+  """[B, T, S] bool. q_segment [B, T], q_slot [B, T] or [T], k_segment [B, S]."""
+  k_slot = jnp.arange(k_segment.shape[1])
+  q_slot = jnp.broadcast_to(q_slot, q_segment.shape)
+  same = q_segment[:, :, None] == k_segment[:, None, :]
+  causal = k_slot[None, None, :] <= q_slot[:, :, None]
+  return same & causal & (k_segment[:, None, :] != 0)
+
+
+class HeadProjection(nn.Module):
+  """x [B, T, D] -> [B, T, heads, head_dim], kernel [D, heads, head_dim] (optional bias).
+
+  A plain einsum over a 3-D kernel, so the parameter has its logical axes as created (flax's
+  DenseGeneral reshapes a 2-D kernel, which breaks under active logical axis rules).
+  """
+  heads: int
+  head_dim: int
+  use_bias: bool
+  dtype: Any
+  axes: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(d), self.axes),
+                        (d, self.heads, self.head_dim), jnp.float32)
+    y = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                        (self.heads, self.head_dim), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+    """x [B, T, D]; mask [B, T, S]; layer_cache (k, v) each [B, S, Hkv, Dh] or None."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
+
+    def proj(name, heads, axis):
+      return HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(x)
+
+    q = rotary(proj("q", h, "heads"), positions, cfg.rope_theta)  # [B, T, H, Dh]
+    k = rotary(proj("k", hkv, "kv_heads"), positions, cfg.rope_theta)  # [B, T, Hkv, Dh]
+    v = proj("v", hkv, "kv_heads")
+
+    if layer_cache is not None:
+      ck, cv = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      new_cache = (k, v)
+    else:
+      new_cache = None
+
+    b, t = x.shape[:2]
+    q = q.reshape(b, t, hkv, h // hkv, dh)  # [B, T, Hkv, G, Dh]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)) * (dh ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
+    kernel = self.param("o", nn.with_logical_partitioning(_dense_init(h * dh),
+                                                          ("heads", "kv", "embed")),
+                        (h, dh, cfg.d_model), jnp.float32)
+    out = jnp.einsum("bthd,hde->bte", out, kernel.astype(dt))
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dt = cfg.compute_dtype
+
+    def dense(name, features, axes, fan_in):
+      return nn.Dense(features, use_bias=False, dtype=dt, name=name,
+                      kernel_init=nn.with_logical_partitioning(_dense_init(fan_in), axes))
+
+    gate = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(x)
+    up = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(x)
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return dense("down", cfg.d_model, ("mlp", "embed"), cfg.d_ff)(hidden)
+
+
+class Block(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache, cache_index):
+    cfg = self.config
+    attn_out, new_cache = Attention(cfg, name="attn")(
+        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
+        positions, mask, layer_cache, cache_index)
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, new_cache
+
+
+class _ScanBlock(nn.Module):
+  """Block with the (carry, xs) -> (carry, ys) signature nn.scan needs."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, mask, cache_index):
+    return Block(self.config, name="block")(x, positions, mask, layer_cache, cache_index)
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+    block = Block
+    if cfg.remat:
+      block = nn.remat(block, prevent_cse=not cfg.scan_layers, static_argnums=())
+    if cfg.scan_layers:
+      scan_block = nn.remat(_ScanBlock) if cfg.remat else _ScanBlock
+      self.layers = nn.scan(
+          scan_block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    else:
+      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, name="lm_head",
+          kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("embed", "vocab")))
+
+  def hidden_states(self, tokens, positions, segment_ids, cache: Optional[Cache] = None):
+    """Final-normed hidden states [B, T, D] and the updated cache (None without one).
+
+    tokens, positions, segment_ids: [B, T] int. segment_ids: 0 = padding, equal ids attend to
+    each other (packing). With a cache, the T new tokens are written at slots
+    [cache['index'], cache['index'] + T) and attend to every earlier filled slot.
+    """
+    cfg = self.config
+    x = self.embed(tokens)  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    t = tokens.shape[1]
+    if cache is None:
+      mask = attention_mask(segment_ids, jnp.arange(t), segment_ids)
+      index = None
+      kv = None
+    else:
+      index = cache["index"]
+      k_segment = jax.lax.dynamic_update_slice_in_dim(
+          cache["segment"], segment_ids.astype(cache["segment"].dtype), index, axis=1)
+      mask = attention_mask(segment_ids, index + jnp.arange(t), k_segment)
+      kv = (cache["k"], cache["v"])
+
+    if cfg.scan_layers:
+      x, new_kv = self.layers(x, kv, positions, mask, index)
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if kv is None else (kv[0][i], kv[1][i])
+        x, c = layer(x, positions, mask, layer_cache, index)
+        if c is not None:
+          new_k.append(c[0])
+          new_v.append(c[1])
+      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if kv is not None else None
+
+    x = self.final_norm(x)
+    if cache is None:
+      return x, None
+    new_cache = {"k": new_kv[0], "v": new_kv[1], "segment": k_segment, "index": index + t}
+    return x, new_cache
+
+  def project(self, hidden):
+    """Logits [..., V] in float32 from hidden states [..., D]."""
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens, positions, segment_ids, cache: Optional[Cache] = None):
+    hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    return self.project(hidden), cache
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
+  """An empty KV cache of `max_len` slots. Its dtype defaults to the compute dtype."""
+  dtype = dtype or config.compute_dtype
+  shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.dim_per_head)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "segment": jnp.zeros((batch_size, max_len), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def positions_from_mask(mask: Array) -> Array:
+  """Position ids of left-padded rows: cumsum(mask) - 1, clipped at 0 on the padding."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

@@ -1,0 +1,41 @@
+"""optax optimisers from `config.optim`: AdamW, warmup + cosine/linear decay, gradient clipping.
+
+Gradient accumulation lives in the train step (a scan over micro-batches), not in optax, so one
+step is always one optimizer update and the step counter means the same thing everywhere.
+"""
+import jax
+import optax
+
+
+def make_schedule(optim_config, total_steps: int) -> optax.Schedule:
+  lr, warmup = optim_config.learning_rate, int(optim_config.warmup_steps)
+  kind = optim_config.schedule
+  decay_steps = max(total_steps - warmup, 1)
+  end = lr * optim_config.get("end_lr_fraction", 0.1)
+  if kind == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
+  elif kind == "linear":
+    decay = optax.linear_schedule(lr, end, decay_steps)
+  elif kind == "constant":
+    decay = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"unknown schedule {kind!r}; choose cosine, linear or constant")
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only: norms' scales and biases are left alone."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+  schedule = make_schedule(optim_config, total_steps)
+  parts = []
+  if optim_config.grad_clip and optim_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
+                           eps=optim_config.eps, weight_decay=optim_config.weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*parts)

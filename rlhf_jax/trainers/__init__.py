@@ -1,0 +1,1 @@
+"""Trainers: host loops over pure, jitted steps. `lm` covers pretraining and SFT."""

@@ -1,0 +1,68 @@
+"""Where a trainer's tokenizer and batches come from, chosen by `config.tokenizer` / `config.data`.
+
+`data.name == "synthetic"` gives a learnable synthetic token stream (tests, benchmarks);
+any other name is a TFDS dataset read through the grain pipeline of `rlhf_jax.data`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+from jax.experimental import multihost_utils
+
+from rlhf_jax.data.synthetic import SyntheticLMIterator
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_path(config, workdir: str) -> str:
+  return config.tokenizer.path or os.path.join(workdir, "tokenizer", "tokenizer.model")
+
+
+def load_tokenizer(config, workdir: str):
+  """(tokenizer, vocab size). Without `tokenizer.path` one is trained into the workdir once."""
+  if config.data.name == "synthetic":
+    return None, config.model.vocab_size
+  from rlhf_jax import tokenizer as tok_lib
+  path = tokenizer_path(config, workdir)
+  if not config.tokenizer.path and not os.path.exists(path):
+    if jax.process_index() == 0:
+      from rlhf_jax.data import sources
+      log.info("training a %d-piece tokenizer into %s", config.tokenizer.vocab_size, path)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tok_lib.train_tokenizer(sources.tokenizer_corpus(), path[:-len(".model")],
+                              config.tokenizer.vocab_size)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("tokenizer trained")
+  tokenizer = tok_lib.Tokenizer.load(path)
+  return tokenizer, tokenizer.vocab_size
+
+
+def tokenize_fn_for(tokenizer, max_len: int | None = None):
+  """record -> (ids, loss_mask): chats through the chat template, plain text trained on fully."""
+  import numpy as np
+
+  def tokenize(record):
+    if "messages" in record:
+      return tokenizer.render_chat(record["messages"])
+    text = record["text"]
+    text = text.decode("utf-8") if isinstance(text, bytes) else text
+    ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id], np.int32)
+    return ids, np.ones_like(ids)
+
+  return tokenize
+
+
+def make_lm_inputs(config, tokenizer, process_index: int, process_count: int):
+  """An iterator of this process's share of each global batch, with get_state / set_state."""
+  data = config.data
+  if data.name == "synthetic":
+    return SyntheticLMIterator(data.batch_size, data.seq_len, config.model.vocab_size,
+                               seed=config.seed, process_index=process_index,
+                               process_count=process_count)
+  from rlhf_jax.data import pipeline
+  return pipeline.make_lm_iterator(
+      data.name, data.split, data_dir=data.data_dir or None, batch_size=data.batch_size,
+      seq_len=data.seq_len, tokenize_fn=tokenize_fn_for(tokenizer), seed=config.seed,
+      process_index=process_index, process_count=process_count, pack=data.pack)

@@ -1,0 +1,212 @@
+"""Next-token training: pretraining and SFT are the same step, with a different loss mask.
+
+Pretraining trains on every token of packed text; SFT packs rendered dialogues and trains only
+on the assistant's tokens (the tokenizer's chat template makes the mask). Packed examples keep
+their attention inside the example through segment ids.
+
+`train_step` is a pure function  (state, batch) -> (state, metrics), jitted once with explicit
+shardings; `train` is the host loop around it: data, checkpoints, metrics, progress.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import losses, optim, sharding
+from rlhf_jax.metrics import MetricWriter
+from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.trainers import inputs as inputs_lib
+from rlhf_jax.trainers.loop import NonFiniteLossError, Preemption, progress
+from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def lm_loss(params, batch, model: Transformer):
+  """(summed next-token loss, number of trained tokens) of one batch."""
+  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                          batch["segment_ids"])  # [B, T, V]
+  return losses.next_token_loss(logits, batch["targets"], batch["loss_mask"])
+
+
+def _split_microbatches(batch, n: int):
+  """[B, ...] -> [n, B/n, ...] taking every n-th row, so each device keeps its own rows."""
+  def split(x):
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.GradientTransformation,
+               schedule, grad_accum: int = 1):
+  """One optimizer update on a global batch, accumulated over `grad_accum` micro-batches.
+
+  The loss is normalised by the trained-token count of the whole batch, so any accumulation or
+  sharding gives the same update as one big batch. A non-finite loss or gradient leaves the
+  state as it was (the host loop then stops and reports the step).
+  """
+  grad_fn = jax.value_and_grad(functools.partial(lm_loss, model=model), has_aux=True)
+
+  if grad_accum == 1:
+    (loss_sum, count), grads = grad_fn(state.params, batch)
+  else:
+    def accumulate(carry, micro):
+      (loss_sum, count), grads = grad_fn(state.params, micro)
+      acc_loss, acc_count, acc_grads = carry
+      return (acc_loss + loss_sum, acc_count + count,
+              jax.tree.map(jnp.add, acc_grads, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss_sum, count, grads), _ = jax.lax.scan(
+        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), _split_microbatches(batch, grad_accum))
+
+  denom = jnp.maximum(count, 1.0)
+  loss = loss_sum / denom
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = state.replace(step=state.step + 1,
+                            params=tree_where(finite, params, state.params),
+                            opt_state=tree_where(finite, opt_state, state.opt_state))
+  metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/tokens": count,
+             "train/lr": schedule(state.step), "train/finite": finite}
+  return new_state, metrics
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> Transformer:
+  model_fields = {k: v for k, v in config.model.to_dict().items() if k != "size"}
+  return Transformer(ModelConfig(**{**model_fields, "vocab_size": vocab_size}))
+
+
+def make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_sharding):
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                           grad_accum=grad_accum)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def _init_params_fn(model: Transformer, seq_len: int):
+  def init(key):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(key, tokens, tokens, jnp.ones_like(tokens))["params"]
+  return init
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) next-token training in `workdir`. Returns the last logged metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.get("axis_rules"))
+  n_shards = sharding.batch_shards(mesh, rules)
+  batch_size, grad_accum = config.data.batch_size, config.optim.grad_accum
+  if batch_size % (n_shards * grad_accum):
+    raise ValueError(f"data.batch_size={batch_size} must be a multiple of the batch shards "
+                     f"({n_shards}) times optim.grad_accum ({grad_accum})")
+
+  tokenizer, vocab_size = inputs_lib.load_tokenizer(config, workdir)
+  model = build_model(config, vocab_size)
+  if config.data.seq_len > model.config.max_len:
+    raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
+                     f"{model.config.max_len}")
+  total_steps = config.train.steps
+  schedule = optim.make_schedule(config.optim, total_steps)
+  tx = optim.make_optimizer(config.optim, total_steps)
+
+  state, state_shardings = create_train_state(
+      _init_params_fn(model, config.data.seq_len), tx, mesh, rules, config.seed)
+  log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
+
+  data_iter = inputs_lib.make_lm_inputs(config, tokenizer, jax.process_index(),
+                                        jax.process_count())
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=config.train.max_to_keep)
+  start = ckpt.latest_step()
+  if start is not None:
+    params, train_items, data_state, _ = ckpt.restore(start, state.params, state.train_items())
+    state = state.replace(params=params, **train_items)
+    if data_state:
+      data_iter.set_state(data_state)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  elif config.get("init_from"):
+    state = state.replace(params=ckpt_lib.restore_params(config.init_from, state.params))
+  start = int(state.step)
+
+  batch_shard = sharding.batch_sharding(mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_shard)
+    last = _host_loop(config, workdir, state, step_fn, data_iter, ckpt, mesh, rules, start,
+                      total_steps)
+  return last
+
+
+def _host_loop(config, workdir, state, step_fn, data_iter, ckpt, mesh, rules, start, total):
+  writer = MetricWriter(workdir)
+  preemption = Preemption()
+  config_json = config.to_dict()
+  bar = progress(total, start, config.get("stage", "train"))
+  last_metrics: dict[str, Any] = {}
+  pending = None  # previous step's device metrics: checked one step late, so no stall per step
+  last_log_step, last_log_time = start, time.perf_counter()
+
+  def check(step_metrics, step):
+    if not bool(step_metrics["train/finite"]):
+      good = ckpt.latest_step()
+      raise NonFiniteLossError(
+          f"loss is {float(step_metrics['train/loss'])} at step {step}: stopped. The last good "
+          f"checkpoint ({'step ' + str(good) if good is not None else 'none'}) in "
+          f"{ckpt.directory} is kept.")
+
+  try:
+    for step in range(start, total):
+      local = next(data_iter)
+      batch = sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
+      state, metrics = step_fn(state, batch)
+      if pending is not None:
+        check(jax.device_get(pending[0]), pending[1])
+      pending = (metrics, step + 1)
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total:
+        host = jax.device_get(metrics)
+        check(host, done)
+        now = time.perf_counter()
+        host = {k: float(v) for k, v in host.items() if k != "train/finite"}
+        # Tokens of the last step times the steps in the window: batches are of fixed shape.
+        host["train/tokens_per_s"] = host["train/tokens"] * (done - last_log_step) / max(
+            now - last_log_time, 1e-9)
+        last_log_step, last_log_time = done, now
+        writer.write(done, host)
+        bar.set_postfix(loss=f"{host['train/loss']:.3f}",
+                        tok_s=f"{host['train/tokens_per_s']:.0f}")
+        last_metrics = host
+      bar.update(1)
+      if done % config.train.checkpoint_every == 0 or done == total:
+        ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json)
+      if preemption.requested():
+        ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json,
+                  force=True)
+        log.warning("preempted at step %d; checkpoint saved", done)
+        last_metrics["preempted_at"] = done
+        break
+    if pending is not None:
+      check(jax.device_get(pending[0]), pending[1])
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+    preemption.close()
+  return last_metrics
