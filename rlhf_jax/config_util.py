@@ -102,7 +102,8 @@ def base_lm_config(arg) -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict(dict(
       steps=arg.steps, log_every=max(1, min(20, arg.steps // 10)),
-      checkpoint_every=max(arg.steps // 4, 1), max_to_keep=2))
+      checkpoint_every=max(arg.steps // 4, 1), max_to_keep=2,
+      stop_after=0))  # > 0: save and stop after this many steps (time-limited jobs); resumable
 
   config.mesh = mesh_section()
   config.axis_rules = [list(r) for r in _default_rules()]

@@ -27,6 +27,9 @@ def maybe_initialize_distributed(dist_config) -> None:
   if not (dist_config.initialize or dist_config.coordinator_address):
     return
   import jax
+  # CPU processes exchange collectives over gloo (tests run 2 processes on localhost); the
+  # setting only concerns the CPU backend, and asking which backend is used would start one.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if dist_config.coordinator_address:
     kwargs = dict(coordinator_address=dist_config.coordinator_address,

@@ -18,16 +18,22 @@ class SyntheticLMIterator:
       raise ValueError(f"global batch {batch_size} is not divisible by {process_count} processes")
     self.local_batch = batch_size // process_count
     self.seq_len, self.vocab_size, self.seed = seq_len, vocab_size, seed
-    self.process_index, self.first_token = process_index, first_token
+    self.process_index, self.process_count = process_index, process_count
+    self.first_token = first_token
     self.position = 0
 
   def _rows(self, batch_index: int) -> np.ndarray:
-    rng = np.random.default_rng([self.seed, batch_index, self.process_index])
+    """This process's rows of global batch `batch_index`: the global batch is the same for
+    any number of processes, so multi-host runs can be checked against one process."""
+    rng = np.random.default_rng([self.seed, batch_index])
+    global_batch = self.local_batch * self.process_count
     n_real = self.vocab_size - self.first_token
-    start = rng.integers(0, n_real, size=(self.local_batch, 1))
-    stride = rng.choice([1, 2, 3, 5], size=(self.local_batch, 1))
+    start = rng.integers(0, n_real, size=(global_batch, 1))
+    stride = rng.choice([1, 2, 3, 5], size=(global_batch, 1))
     t = np.arange(self.seq_len + 1)[None, :]
-    return (start + stride * t) % n_real + self.first_token  # [B, T + 1]
+    rows = (start + stride * t) % n_real + self.first_token  # [B_global, T + 1]
+    lo = self.process_index * self.local_batch
+    return rows[lo:lo + self.local_batch]
 
   def __iter__(self):
     return self

@@ -196,6 +196,11 @@ def _host_loop(config, workdir, state, step_fn, data_iter, ckpt, mesh, rules, st
       bar.update(1)
       if done % config.train.checkpoint_every == 0 or done == total:
         ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json)
+      if done == config.train.get("stop_after", 0):
+        ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json,
+                  force=True)
+        log.info("stopped after step %d as configured (train.stop_after)", done)
+        break
       if preemption.requested():
         ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json,
                   force=True)
