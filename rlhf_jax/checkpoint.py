@@ -144,3 +144,27 @@ def restore_params(directory: str, params_like, step: Optional[int] = None):
     return out.params
   finally:
     ckpt.close()
+
+
+def read_params(directory: str, step: Optional[int] = None, device=None):
+  """Params of a checkpoint onto one device, whatever mesh or process count saved them.
+
+  For tools that look at a run (evaluation, chat, tests); trainers use `restore_params`, which
+  places shards onto a mesh.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint directory {directory}")
+  device = device or jax.local_devices()[0]
+  ckpt = Checkpointer(directory, max_to_keep=None, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    saved = ckpt._saved_tree(step, "params")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), saved)
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))
+    return out.params
+  finally:
+    ckpt.close()

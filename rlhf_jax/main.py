@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("rlhf_jax.main")  # not __name__: that is "__main__" under -m
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)

@@ -32,7 +32,8 @@ def load_tokenizer(config, workdir: str):
       log.info("training a %d-piece tokenizer into %s", config.tokenizer.vocab_size, path)
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tok_lib.train_tokenizer(sources.tokenizer_corpus(), path[:-len(".model")],
-                              config.tokenizer.vocab_size)
+                              config.tokenizer.vocab_size,
+                              character_coverage=config.tokenizer.character_coverage)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("tokenizer trained")
   tokenizer = tok_lib.Tokenizer.load(path)
