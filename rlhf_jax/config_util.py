@@ -117,3 +117,26 @@ def base_lm_config(arg) -> ml_collections.ConfigDict:
 def _default_rules():
   from rlhf_jax.sharding import DEFAULT_AXIS_RULES
   return DEFAULT_AXIS_RULES
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Builds a config from "path/to/file.py[:args]", as --config=... does on the command line.
+
+  Relative paths are looked up from the working directory, then from the repository root.
+  """
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.exists(os.path.join(root, path)):
+      path = os.path.join(root, path)
+    else:
+      raise FileNotFoundError(f"no config file {path}")
+  module_spec = importlib.util.spec_from_file_location(
+      f"_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  config.lock()
+  return config

@@ -20,6 +20,13 @@ def tokenizer_path(config, workdir: str) -> str:
   return config.tokenizer.path or os.path.join(workdir, "tokenizer", "tokenizer.model")
 
 
+def tokenizer_corpus():
+  """Every bundled text in both languages: dialogues, news and reviews (rlhf_text's records)."""
+  from rlhf_jax.data import sources
+  for record in sources.text_records():
+    yield record["text"]
+
+
 def load_tokenizer(config, workdir: str):
   """(tokenizer, vocab size). Without `tokenizer.path` one is trained into the workdir once."""
   if config.data.name == "synthetic":
@@ -28,10 +35,9 @@ def load_tokenizer(config, workdir: str):
   path = tokenizer_path(config, workdir)
   if not config.tokenizer.path and not os.path.exists(path):
     if jax.process_index() == 0:
-      from rlhf_jax.data import sources
       log.info("training a %d-piece tokenizer into %s", config.tokenizer.vocab_size, path)
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      tok_lib.train_tokenizer(sources.tokenizer_corpus(), path[:-len(".model")],
+      tok_lib.train_tokenizer(tokenizer_corpus(), path[:-len(".model")],
                               config.tokenizer.vocab_size,
                               character_coverage=config.tokenizer.character_coverage)
     if jax.process_count() > 1:
