@@ -51,13 +51,13 @@ def _finished(stage_dir: str, steps: int) -> bool:
 
 
 def run_stage(name: str, config, workdir: str) -> None:
-  from rlhf_jax import main as main_lib
+  from rlhf_jax import launch
   stage_dir = os.path.join(workdir, name)
   if _finished(stage_dir, config.train.steps):
     print(f"[{name}] already finished: skipped")
     return
   start = time.time()
-  metrics = main_lib.run(config, stage_dir)
+  metrics = launch.run(config, stage_dir)
   print(f"[{name}] done in {time.time() - start:.0f}s, loss {metrics.get('train/loss', 0):.3f}")
 
 
@@ -105,7 +105,7 @@ def run_demo(workdir: str, size: str = "small", pretrain_steps: int = 0, sft_ste
 
 def main(argv):
   del argv
-  from rlhf_jax.main import setup_logging
+  from rlhf_jax.launch import setup_logging
   setup_logging()
   run_demo(_WORKDIR.value, _SIZE.value, _PRETRAIN_STEPS.value, _SFT_STEPS.value)
 

@@ -47,7 +47,7 @@ def answer(params, model_config: ModelConfig, tokenizer, conversations, *, rng,
   tokens, mask = left_pad(rows, tokenizer.pad_id)
   fn = _generate_fn(model_config, max_new_tokens, tuple(tokenizer.stop_ids()), tokenizer.pad_id,
                     (temperature, 0, top_p, greedy))
-  out = jax.device_get(fn(params, tokens, mask, rng))
+  out = jax.device_get(fn({"params": params}, tokens, mask, rng))
   answers = []
   for row, row_mask in zip(out["tokens"], out["mask"]):
     ids = [int(t) for t, m in zip(row, row_mask) if m and int(t) not in tokenizer.stop_ids()]

@@ -14,3 +14,65 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests (run in CI too)")
+
+
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import hashlib  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+_CACHE = pathlib.Path(os.environ.get("RLHF_JAX_TEST_CACHE",
+                                     pathlib.Path.home() / ".cache" / "rlhf_jax" / "tests"))
+
+
+def _code_hash(*files: str) -> str:
+  """Cached artefacts are keyed by the code that makes them, so a change never reads stale."""
+  h = hashlib.sha256()
+  for f in files:
+    h.update((_REPO / f).read_bytes())
+  return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  """A file lock: xdist workers (and parallel runs) build a cached artefact only once."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(str(path) + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def bundled_data_dir():
+  """Every bundled TFDS dataset, prepared once per code version (about 20 s the first time)."""
+  from rlhf_jax.data import builders
+  path = _CACHE / ("tfds-" + _code_hash("rlhf_jax/data/sources.py", "rlhf_jax/data/builders.py"))
+  with _locked(path):
+    done = path / "DONE"
+    if not done.exists():
+      import tensorflow_datasets as tfds
+      tfds.disable_progress_bar()
+      builders.prepare(data_dir=str(path))
+      done.touch()
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+  """A 2048-piece tokenizer trained on the bundled text, once per code version."""
+  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.trainers.inputs import tokenizer_corpus
+  path = _CACHE / ("tokenizer-" + _code_hash("rlhf_jax/tokenizer.py", "rlhf_jax/data/sources.py"))
+  model = path / "tokenizer.model"
+  with _locked(path):
+    if not model.exists():
+      path.mkdir(parents=True, exist_ok=True)
+      tok_lib.train_tokenizer(tokenizer_corpus(), str(model)[:-len(".model")], 2048,
+                              character_coverage=0.995)
+  return str(model)

@@ -46,12 +46,31 @@ def load_tokenizer(config, workdir: str):
   return tokenizer, tokenizer.vocab_size
 
 
+def fit_conversation(tokenizer, messages, max_len: int):
+  """The longest run of whole turns, ending on an assistant turn, that renders in `max_len`.
+
+  Long chats are cut at a turn boundary rather than mid-answer, so SFT trains on complete
+  exchanges; a conversation whose first exchange alone is too long is returned whole (the
+  pipeline then truncates it, and counts it).
+  """
+  ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+  best = None
+  for end in ends:  # grow whole exchanges until the next one no longer fits
+    ids, mask = tokenizer.render_chat(messages[:end + 1])
+    if len(ids) > max_len:
+      break
+    best = (ids, mask)
+  return best if best is not None else tokenizer.render_chat(messages)
+
+
 def tokenize_fn_for(tokenizer, max_len: int | None = None):
   """record -> (ids, loss_mask): chats through the chat template, plain text trained on fully."""
   import numpy as np
 
   def tokenize(record):
     if "messages" in record:
+      if max_len:
+        return fit_conversation(tokenizer, record["messages"], max_len)
       return tokenizer.render_chat(record["messages"])
     text = record["text"]
     text = text.decode("utf-8") if isinstance(text, bytes) else text
@@ -68,8 +87,16 @@ def make_lm_inputs(config, tokenizer, process_index: int, process_count: int):
     return SyntheticLMIterator(data.batch_size, data.seq_len, config.model.vocab_size,
                                seed=config.seed, process_index=process_index,
                                process_count=process_count)
-  from rlhf_jax.data import pipeline
+  from rlhf_jax.data import builders, pipeline
+  data_dir = builders.resolve_data_dir(data.data_dir or None)
+  if data.name in builders.BUNDLED_DATASETS and process_count > 1:
+    # One process prepares a bundled dataset that is missing; the others wait for it.
+    if process_index == 0:
+      builders.prepare([data.name], data_dir=data_dir)
+    multihost_utils.sync_global_devices(f"prepared {data.name}")
+  # Chats are cut at turn boundaries to fit a row (an example of seq_len tokens fills one).
   return pipeline.make_lm_iterator(
-      data.name, data.split, data_dir=data.data_dir or None, batch_size=data.batch_size,
-      seq_len=data.seq_len, tokenize_fn=tokenize_fn_for(tokenizer), seed=config.seed,
+      data.name, data.split, data_dir=data_dir, batch_size=data.batch_size,
+      seq_len=data.seq_len, tokenize_fn=tokenize_fn_for(tokenizer, data.seq_len),
+      seed=config.seed,
       process_index=process_index, process_count=process_count, pack=data.pack)

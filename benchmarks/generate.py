@@ -1,0 +1,151 @@
+"""Sampler speed: decode tokens/s, and whether a decode step's cost is flat in its position.
+
+For each compute dtype it times
+  * `generate` end to end (prefill + while_loop decode to the full budget, no stop ids), and
+  * one jitted decode step on a cache whose next slot is 32, then 512 (same cache length):
+    a KV cache makes a step read the cache, not recompute the prefix, so the ratio should be
+    near 1 (goal <= 1.5).
+Prints one JSON object, then a short table. Timings are medians after warm-up; nothing is
+asserted.
+
+  python benchmarks/generate.py [--size small] [--batch 16] [--dtype both|float32|bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models import Transformer, init_cache, model_config
+from rlhf_jax.sampling import SamplingParams, decode_step, make_generate_fn, prefill
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--size", default="small")
+  p.add_argument("--vocab", type=int, default=8192)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--dtype", default="both", choices=["both", "float32", "bfloat16"])
+  p.add_argument("--prompt_len", type=int, default=32)
+  p.add_argument("--new_tokens", type=int, default=64, help="decode budget for generate")
+  p.add_argument("--cache_len", type=int, default=640, help="slots for the step timing")
+  p.add_argument("--positions", default="32,512", help="two cache indices to compare")
+  p.add_argument("--repeats", type=int, default=20)
+  return p.parse_args()
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+  """Median wall seconds of fn(), which must block until its result is ready."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def init_params(cfg, seed: int = 0):
+  """Random params of the model's tree, drawn in numpy: values do not matter for speed, and
+  this skips compiling the initialiser."""
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens,
+                                        tokens))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(0.0, 0.02, s.shape), jnp.float32), shapes)
+
+
+def time_generate(cfg, params, args) -> dict:
+  """End-to-end generate: prefill of prompt_len, then new_tokens decode steps per row."""
+  rng = np.random.RandomState(0)
+  tokens = jnp.asarray(rng.randint(1, cfg.vocab_size, (args.batch, args.prompt_len)), jnp.int32)
+  mask = jnp.ones_like(tokens)
+  fn = make_generate_fn(cfg, args.new_tokens, (), 0, SamplingParams(temperature=1.0))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(params, tokens, mask, jax.random.key(0)))
+  compile_s = time.perf_counter() - start
+  repeats = max(3, args.repeats // 4)
+  seconds = median_time(
+      lambda: jax.block_until_ready(fn(params, tokens, mask, jax.random.key(1))), repeats, 1)
+  # The prefill alone, on a cache of the same size, to split decode time from prompt time.
+  run_prefill = jax.jit(functools.partial(prefill, model_config=cfg))
+  cache = init_cache(cfg, args.batch, args.prompt_len + args.new_tokens)
+  prefill_s = median_time(
+      lambda: jax.block_until_ready(run_prefill(params, tokens, mask, cache)), repeats, 1)
+  # generate samples the first token from the prefill's logits: new_tokens - 1 decode steps.
+  decode_steps = args.new_tokens - 1
+  return {"generate_s": seconds, "generate_compile_s": compile_s, "prefill_s": prefill_s,
+          "tokens_per_s": args.batch * args.new_tokens / seconds,
+          "decode_tokens_per_s": args.batch * decode_steps / max(seconds - prefill_s, 1e-9)}
+
+
+def time_decode_steps(cfg, params, args, indices: tuple[int, ...]) -> list[float]:
+  """Median seconds of one decode step writing slot i of a cache_len-slot cache, per i.
+
+  The positions are timed interleaved, so a change in machine load hits all of them alike.
+  """
+  step = jax.jit(functools.partial(decode_step, model_config=cfg), donate_argnums=1)
+  tokens = jnp.ones((args.batch,), jnp.int32)
+  caches = []
+  for i in indices:
+    cache = init_cache(cfg, args.batch, args.cache_len)
+    cache["segment"] = cache["segment"].at[:, :i].set(1)  # a filled prefix of i slots
+    caches.append(cache)
+  times = [[] for _ in indices]
+  for r in range(args.repeats + 3):  # the first 3 rounds warm up
+    for j, i in enumerate(indices):
+      # The donated cache comes back with its index advanced; reset it to i every time.
+      cache = dict(caches[j], index=jnp.asarray(i, jnp.int32))
+      start = time.perf_counter()
+      logits, caches[j] = step(params, cache, tokens, jnp.full((args.batch,), i, jnp.int32))
+      jax.block_until_ready(logits)
+      if r >= 3:
+        times[j].append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
+
+
+def bench_dtype(args, dtype: str) -> dict:
+  cfg = model_config(args.size, vocab_size=args.vocab, dtype=dtype)
+  params = init_params(cfg)
+  out = {"dtype": dtype, **time_generate(cfg, params, args)}
+  lo, hi = (int(p) for p in args.positions.split(","))
+  step_lo, step_hi = time_decode_steps(cfg, params, args, (lo, hi))
+  out.update({f"step_ms_at_{lo}": 1e3 * step_lo, f"step_ms_at_{hi}": 1e3 * step_hi,
+              "step_ratio": step_hi / step_lo,
+              "step_tokens_per_s": args.batch / step_lo})
+  return out
+
+
+def main():
+  args = parse_args()
+  dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+  cfg = model_config(args.size, vocab_size=args.vocab)
+  results = {
+      "benchmark": "generate", "size": args.size, "vocab": args.vocab, "batch": args.batch,
+      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+      "cache_len": args.cache_len, "params": cfg.param_count(),
+      "backend": jax.default_backend(), "devices": jax.device_count(),
+      "results": [bench_dtype(args, d) for d in dtypes],
+  }
+  print(json.dumps(results))
+  lo, hi = args.positions.split(",")
+  print(f"\n{args.size} (vocab {args.vocab}), batch {args.batch}, "
+        f"prompt {args.prompt_len} + {args.new_tokens} new tokens; step cache {args.cache_len}")
+  print(f"{'dtype':<9} {'generate tok/s':>15} {'decode tok/s':>13} {'step ms @' + lo:>12} "
+        f"{'step ms @' + hi:>13} {'ratio':>6}")
+  for r in results["results"]:
+    print(f"{r['dtype']:<9} {r['tokens_per_s']:>15,.0f} {r['decode_tokens_per_s']:>13,.0f} "
+          f"{r[f'step_ms_at_{lo}']:>12.2f} {r[f'step_ms_at_{hi}']:>13.2f} "
+          f"{r['step_ratio']:>6.2f}")
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,44 @@
+"""Running a config: the trainer registry, logging set-up and multi-host initialisation.
+
+Free of command-line flags, so the CLI (main.py), the demo and tests all call `run` directly.
+"""
+import importlib
+import logging
+
+log = logging.getLogger("rlhf_jax.launch")
+
+TRAINERS = {
+    "lm": "rlhf_jax.trainers.lm",
+}
+
+
+def maybe_initialize_distributed(dist_config) -> None:
+  """jax.distributed.initialize from `config.distributed`, before any other JAX call."""
+  if not (dist_config.initialize or dist_config.coordinator_address):
+    return
+  import jax
+  # CPU processes exchange collectives over gloo (tests run 2 processes on localhost); the
+  # setting only concerns the CPU backend, and asking which backend is used would start one.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if dist_config.coordinator_address:
+    kwargs = dict(coordinator_address=dist_config.coordinator_address,
+                  num_processes=dist_config.num_processes, process_id=dist_config.process_id)
+  if dist_config.local_device_ids:
+    kwargs["local_device_ids"] = [int(i) for i in str(dist_config.local_device_ids).split(",")]
+  jax.distributed.initialize(**kwargs)
+  log.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+def setup_logging() -> None:
+  """Our own progress at INFO; the libraries' (orbax logs every file it writes) at WARNING."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("rlhf_jax").setLevel(logging.INFO)
+
+
+def run(config, workdir: str) -> dict:
+  if config.trainer not in TRAINERS:
+    raise ValueError(f"unknown trainer {config.trainer!r}; known: {sorted(TRAINERS)}")
+  maybe_initialize_distributed(config.distributed)
+  return importlib.import_module(TRAINERS[config.trainer]).train(config, workdir)
