@@ -249,7 +249,7 @@ def test_tied_embeddings_and_qkv_bias_param_trees():
   hidden, logits, _ = _forward(tied)({"params": p_tied}, tokens, positions, mask)
   assert logits.shape == (2, 6, V) and bool(jnp.all(jnp.isfinite(logits)))
   # Tied logits are the hidden states against the embedding table itself.
-  np.testing.assert_allclose(logits, hidden @ p_tied["embed"]["embedding"].T, atol=1e-5)
+  np.testing.assert_allclose(logits, hidden @ p_tied["embed"]["embedding"].T, rtol=1e-5, atol=1e-5)
 
   _, logits, _ = _forward(bias)({"params": p_bias}, tokens, positions, mask)
   no_bias = jax.tree_util.tree_map_with_path(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-Cache = dict  # {'k': [L, B, S, Hkv, Dh], 'v': [L, B, S, Hkv, Dh], 'segment': [B, S], 'index': []}
+Cache = dict  # {'k': [L, B, Hkv, S, Dh], 'v': [L, B, Hkv, S, Dh], 'segment': [B, S], 'index': []}
 
 # A large finite negative, not -inf: a fully masked row (a pad query) then gives a harmless
 # uniform average instead of NaNs that would poison gradients.
@@ -164,11 +164,19 @@ class HeadProjection(nn.Module):
 
 
 class Attention(nn.Module):
+  """Grouped-query attention. With a cache, the new keys/values are written in place.
+
+  The cache is heads-major ([.., Hkv, S, Dh]) so attention reads it without a transpose, and
+  the unscanned model passes the whole stacked cache with its `layer_index`, so a decode step
+  writes T new slots instead of copying every layer's cache.
+  """
   config: ModelConfig
+  layer_index: Optional[int] = None  # None: layer_cache holds this layer's arrays only
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
-    """x [B, T, D]; mask [B, T, S]; layer_cache (k, v) each [B, S, Hkv, Dh] or None."""
+    """x [B, T, D]; mask [B, T, S]; layer_cache (k, v): [L, B, Hkv, S, Dh] stacked (with
+    layer_index) or [B, Hkv, S, Dh]; None without a cache."""
     cfg = self.config
     dt = cfg.compute_dtype
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
@@ -179,21 +187,28 @@ class Attention(nn.Module):
     q = rotary(proj("q", h, "heads"), positions, cfg.rope_theta)  # [B, T, H, Dh]
     k = rotary(proj("k", hkv, "kv_heads"), positions, cfg.rope_theta)  # [B, T, Hkv, Dh]
     v = proj("v", hkv, "kv_heads")
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
 
+    new_cache = None
     if layer_cache is not None:
       ck, cv = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-      new_cache = (k, v)
-    else:
-      new_cache = None
+      if self.layer_index is None:
+        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
+        new_cache = (k, v)
+      else:
+        where = (self.layer_index, 0, 0, cache_index, 0)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), where)
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), where)
+        new_cache = (ck, cv)
+        k, v = ck[self.layer_index], cv[self.layer_index]  # [B, Hkv, S, Dh]
 
     b, t = x.shape[:2]
-    q = q.reshape(b, t, hkv, h // hkv, dh)  # [B, T, Hkv, G, Dh]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)) * (dh ** -0.5)
+    q = q.reshape(b, t, hkv, h // hkv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt)) * (dh ** -0.5)
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
     kernel = self.param("o", nn.with_logical_partitioning(_dense_init(h * dh),
                                                           ("heads", "kv", "embed")),
                         (h, dh, cfg.d_model), jnp.float32)
@@ -221,11 +236,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   config: ModelConfig
+  layer_index: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_index):
     cfg = self.config
-    attn_out, new_cache = Attention(cfg, name="attn")(
+    attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
         positions, mask, layer_cache, cache_index)
     x = x + attn_out
@@ -261,7 +277,7 @@ class Transformer(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
-      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+      self.layers = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(
@@ -293,14 +309,10 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       x, new_kv = self.layers(x, kv, positions, mask, index)
     else:
-      new_k, new_v = [], []
-      for i, layer in enumerate(self.layers):
-        layer_cache = None if kv is None else (kv[0][i], kv[1][i])
-        x, c = layer(x, positions, mask, layer_cache, index)
-        if c is not None:
-          new_k.append(c[0])
-          new_v.append(c[1])
-      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if kv is not None else None
+      for layer in self.layers:  # each writes its slots of the stacked cache in place
+        x, new = layer(x, positions, mask, kv, index)
+        kv = new if kv is not None else None
+      new_kv = kv
 
     x = self.final_norm(x)
     if cache is None:
@@ -324,7 +336,7 @@ class Transformer(nn.Module):
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
   """An empty KV cache of `max_len` slots. Its dtype defaults to the compute dtype."""
   dtype = dtype or config.compute_dtype
-  shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.dim_per_head)
+  shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.dim_per_head)
   return {
       "k": jnp.zeros(shape, dtype),
       "v": jnp.zeros(shape, dtype),
