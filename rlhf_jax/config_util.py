@@ -96,6 +96,7 @@ def base_lm_config(arg) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict(dict(
       name="", split="train", data_dir="",  # "" = ~/.cache/rlhf_jax/tfds
+      text_field="text",  # for datasets of plain text; records with `messages` are chats
       batch_size=8 if tiny else arg.batch, seq_len=min(arg.seq_len, config.model.max_len),
       pack=True))
 

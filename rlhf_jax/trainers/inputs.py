@@ -63,8 +63,11 @@ def fit_conversation(tokenizer, messages, max_len: int):
   return best if best is not None else tokenizer.render_chat(messages)
 
 
-def tokenize_fn_for(tokenizer, max_len: int | None = None):
-  """record -> (ids, loss_mask): chats through the chat template, plain text trained on fully."""
+def tokenize_fn_for(tokenizer, max_len: int | None = None, text_field: str = "text"):
+  """record -> (ids, loss_mask): chats through the chat template, plain text trained on fully.
+
+  Any TFDS dataset works: records with `messages` are chats, otherwise `text_field` is read.
+  """
   import numpy as np
 
   def tokenize(record):
@@ -72,7 +75,10 @@ def tokenize_fn_for(tokenizer, max_len: int | None = None):
       if max_len:
         return fit_conversation(tokenizer, record["messages"], max_len)
       return tokenizer.render_chat(record["messages"])
-    text = record["text"]
+    if text_field not in record:
+      raise KeyError(f"record {record.get('id', '')!r} has fields {sorted(record)}: expected "
+                     f"'messages' (a chat) or {text_field!r} (text); set data.text_field")
+    text = record[text_field]
     text = text.decode("utf-8") if isinstance(text, bytes) else text
     ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id], np.int32)
     return ids, np.ones_like(ids)
@@ -97,6 +103,7 @@ def make_lm_inputs(config, tokenizer, process_index: int, process_count: int):
   # Chats are cut at turn boundaries to fit a row (an example of seq_len tokens fills one).
   return pipeline.make_lm_iterator(
       data.name, data.split, data_dir=data_dir, batch_size=data.batch_size,
-      seq_len=data.seq_len, tokenize_fn=tokenize_fn_for(tokenizer, data.seq_len),
+      seq_len=data.seq_len,
+      tokenize_fn=tokenize_fn_for(tokenizer, data.seq_len, data.get("text_field", "text")),
       seed=config.seed,
       process_index=process_index, process_count=process_count, pack=data.pack)
