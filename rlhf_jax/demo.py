@@ -7,7 +7,7 @@ resumed when interrupted (re-running the command is always safe):
   tokenizer  sentencepiece on English + Chinese text
   pretrain   next-token training on packed text         (configs/pretrain.py)
   sft        assistant-only loss on dialogues            (configs/sft.py)
-  samples    answers to held-out prompts in both languages, printed and saved
+  samples    the SFT model's answers to a few prompts in each language, printed and saved
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where every stage wr
 _SIZE = flags.DEFINE_string("size", "small", "Model size (rlhf_jax/models/sizes.py).")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 0, "0: the config's default.")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", 0, "0: the config's default.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir ('' = ~/.cache/rlhf_jax/tfds).")
 
 log = logging.getLogger("rlhf_jax.demo")
 
@@ -33,12 +34,13 @@ SAMPLE_PROMPTS = {
 }
 
 
-def stage_config(name: str, size: str, workdir: str, steps: int):
+def stage_config(name: str, size: str, workdir: str, steps: int, data_dir: str = ""):
   from rlhf_jax import config_util
   arg = f"size={size}" + (f",steps={steps}" if steps else "")
   config = config_util.load_config(f"configs/{name}.py:{arg}")
   with config.unlocked():
     config.tokenizer.path = os.path.join(workdir, "tokenizer", "tokenizer.model")
+    config.data.data_dir = data_dir
     if name == "sft":
       config.init_from = os.path.join(workdir, "pretrain", "checkpoints")
   return config
@@ -93,13 +95,14 @@ def sample_answers(workdir: str, config) -> dict:
   return out
 
 
-def run_demo(workdir: str, size: str = "small", pretrain_steps: int = 0, sft_steps: int = 0):
-  pretrain = stage_config("pretrain", size, workdir, pretrain_steps)
-  sft = stage_config("sft", size, workdir, sft_steps)
+def run_demo(workdir: str, size: str = "small", pretrain_steps: int = 0, sft_steps: int = 0,
+             data_dir: str = ""):
+  pretrain = stage_config("pretrain", size, workdir, pretrain_steps, data_dir)
+  sft = stage_config("sft", size, workdir, sft_steps, data_dir)
   train_tokenizer(workdir, pretrain)
   run_stage("pretrain", pretrain, workdir)
   run_stage("sft", sft, workdir)
-  print("[samples] answers of the SFT model to held-out prompts:")
+  print("[samples] answers of the SFT model:")
   return sample_answers(workdir, sft)
 
 
@@ -107,7 +110,7 @@ def main(argv):
   del argv
   from rlhf_jax.launch import setup_logging
   setup_logging()
-  run_demo(_WORKDIR.value, _SIZE.value, _PRETRAIN_STEPS.value, _SFT_STEPS.value)
+  run_demo(_WORKDIR.value, _SIZE.value, _PRETRAIN_STEPS.value, _SFT_STEPS.value, _DATA_DIR.value)
 
 
 if __name__ == "__main__":
