@@ -155,3 +155,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"resumed from" in resumed.stderr and f"at step {step}" in resumed.stderr
   assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == step + 2
+
+
+def test_workdir_with_another_model_shape_is_a_clear_error(tmp_path):
+  lm.train(tiny_lm_config(steps=2), str(tmp_path))
+  wider = tiny_lm_config(steps=4)
+  wider.model.d_ff = 256
+  with pytest.raises(ckpt_lib.CheckpointShapeError,
+                     match=r"layer_0/mlp/up/kernel: checkpoint \(64, 128\), model \(64, 256\)"):
+    lm.train(wider, str(tmp_path))

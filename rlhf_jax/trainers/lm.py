@@ -189,6 +189,10 @@ def _host_loop(config, workdir, state, step_fn, data_iter, ckpt, mesh, rules, st
         host["train/tokens_per_s"] = host["train/tokens"] * (done - last_log_step) / max(
             now - last_log_time, 1e-9)
         last_log_step, last_log_time = done, now
+        stats = getattr(data_iter, "stats", None)  # the pipeline counts what it truncated
+        if stats:
+          host.update({f"data/{k}": float(stats[k]) for k in ("examples", "truncated")
+                       if k in stats})
         writer.write(done, host)
         bar.set_postfix(loss=f"{host['train/loss']:.3f}",
                         tok_s=f"{host['train/tokens_per_s']:.0f}")
