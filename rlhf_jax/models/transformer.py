@@ -21,6 +21,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Cache = dict  # {'k': [L, B, Hkv, S, Dh], 'v': [L, B, Hkv, S, Dh], 'segment': [B, S], 'index': []}
@@ -42,6 +43,14 @@ class ModelConfig:
   head_dim: Optional[int] = None  # None or 0: d_model // n_heads
   max_len: int = 512
   rope_theta: float = 10000.0
+  # Rotary frequency scaling of long-context checkpoints: "" (none), "linear" or "llama3"
+  # (Llama 3.1+); the last three fields are llama3's (low/high frequency factors, the
+  # pretraining context length). See rope_frequencies.
+  rope_scaling: str = ""
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2 has biases on q, k, v
@@ -57,6 +66,9 @@ class ModelConfig:
                        "set head_dim explicitly")
     if self.dim_per_head % 2:
       raise ValueError(f"head_dim={self.dim_per_head} must be even for rotary embeddings")
+    if self.rope_scaling not in ("", "linear", "llama3"):
+      raise ValueError(f"rope_scaling={self.rope_scaling!r} is not supported; supported: '' "
+                       "(none), 'linear', 'llama3'")
 
   @property
   def dim_per_head(self) -> int:
@@ -88,7 +100,16 @@ class ModelConfig:
     return L * per_layer + emb + d
 
   def flops_per_token(self, seq_len: int, with_logits: bool = True) -> float:
-    """Forward matmul FLOPs per token (2 per multiply-add), attention scores included."""
+    """Forward matmul FLOPs per token at context `seq_len` (2 FLOPs per multiply-add).
+
+    Per layer: the q, k, v, o projections (2 d Dh (2 H + 2 Hkv)), the SwiGLU MLP (2 * 3 d F),
+    and attention's two matmuls, q.k and probs.v, over all `seq_len` keys (2 * 2 T H Dh): the
+    causal mask is not subtracted, as in PaLM's definition of MFU (6N + 12 L H Dh T). Plus the
+    vocabulary projection (2 d V) when `with_logits`. The embedding lookup is a gather, and
+    norms, rotary, softmax and the optimizer are not matmuls: none is counted. A train step
+    costs 3x this (the backward pass does two matmuls per forward one, for the inputs' and the
+    weights' gradients); tests check the count against the matmuls of a traced forward pass.
+    """
     d, dh, L = self.d_model, self.dim_per_head, self.n_layers
     proj = 2 * d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
     mlp = 2 * 3 * d * self.d_ff
@@ -114,19 +135,55 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies [Dh/2] (float32), with the config's rope scaling applied.
+
+  Computed on the host: they are constants of the model, and long-context checkpoints (linear
+  position interpolation; Llama 3.1's "llama3" rule, which slows only the low frequencies and
+  blends the band between) change them, not the rotation itself.
+  """
+  d = config.dim_per_head
+  inv = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / d))
+  if config.rope_scaling == "linear":
+    inv = inv / config.rope_factor
+  elif config.rope_scaling == "llama3":
+    wavelen = 2 * np.pi / inv
+    low_wavelen = config.rope_original_max_len / config.rope_low_freq_factor
+    high_wavelen = config.rope_original_max_len / config.rope_high_freq_factor
+    smooth = ((config.rope_original_max_len / wavelen - config.rope_low_freq_factor)
+              / (config.rope_high_freq_factor - config.rope_low_freq_factor))
+    blended = (1 - smooth) * inv / config.rope_factor + smooth * inv
+    inv = np.where(wavelen > low_wavelen, inv / config.rope_factor,
+                   np.where(wavelen < high_wavelen, inv, blended))
+  return inv.astype(np.float32)
+
+
+def rotary(x: Array, positions: Array, theta: float, inv_freq=None) -> Array:
   """Rotates pairs (i, i + D/2) of the last axis by angle position * theta^(-2i/D).
 
-  x: [B, T, H, D]; positions: [B, T] int.
+  x: [B, T, H, D]; positions: [B, T] int. `inv_freq` [D/2], when given, replaces
+  theta^(-2i/D) (scaled rope, see rope_frequencies).
   """
   d = x.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+  if inv_freq is None:
+    inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def _flat_tokens(x: Array, feature_dims: int = 1) -> Array:
+  """[B, T, *F] -> [B*T, *F]: one token axis for the matmuls of a projection.
+
+  A matmul over [B, T, D] has two contracting axes (B and T) in its weight gradient, and XLA's
+  CPU backend canonicalises such a dot by transposing an operand, fused with the elementwise
+  backward ops around it: those transposes took ~20% of a small model's train step. With one
+  token axis every weight gradient is a plain [D, N] x [N, F] matmul. The reshape is free.
+  """
+  return x.reshape(-1, *x.shape[x.ndim - feature_dims:])
 
 
 def attention_mask(q_segment, q_slot, k_segment):
@@ -155,7 +212,8 @@ class HeadProjection(nn.Module):
     d = x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(d), self.axes),
                         (d, self.heads, self.head_dim), jnp.float32)
-    y = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.einsum("nd,dhk->nhk", _flat_tokens(x).astype(self.dtype), kernel.astype(self.dtype))
+    y = y.reshape(*x.shape[:-1], self.heads, self.head_dim)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                         (self.heads, self.head_dim), jnp.float32)
@@ -184,8 +242,9 @@ class Attention(nn.Module):
     def proj(name, heads, axis):
       return HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(x)
 
-    q = rotary(proj("q", h, "heads"), positions, cfg.rope_theta)  # [B, T, H, Dh]
-    k = rotary(proj("k", hkv, "kv_heads"), positions, cfg.rope_theta)  # [B, T, Hkv, Dh]
+    inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
+    q = rotary(proj("q", h, "heads"), positions, cfg.rope_theta, inv_freq)  # [B, T, H, Dh]
+    k = rotary(proj("k", hkv, "kv_heads"), positions, cfg.rope_theta, inv_freq)  # [B,T,Hkv,Dh]
     v = proj("v", hkv, "kv_heads")
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
 
@@ -212,8 +271,8 @@ class Attention(nn.Module):
     kernel = self.param("o", nn.with_logical_partitioning(_dense_init(h * dh),
                                                           ("heads", "kv", "embed")),
                         (h, dh, cfg.d_model), jnp.float32)
-    out = jnp.einsum("bthd,hde->bte", out, kernel.astype(dt))
-    return out, new_cache
+    out = jnp.einsum("nhd,hde->ne", _flat_tokens(out, 2), kernel.astype(dt))
+    return out.reshape(b, t, cfg.d_model), new_cache
 
 
 class MLP(nn.Module):
@@ -228,10 +287,13 @@ class MLP(nn.Module):
       return nn.Dense(features, use_bias=False, dtype=dt, name=name,
                       kernel_init=nn.with_logical_partitioning(_dense_init(fan_in), axes))
 
-    gate = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(x)
-    up = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(x)
-    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return dense("down", cfg.d_model, ("mlp", "embed"), cfg.d_ff)(hidden)
+    tokens = _flat_tokens(x)  # [B*T, D]
+    gate = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(tokens)
+    up = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(tokens)
+    hidden = (jax.nn.silu(gate) * up).reshape(*x.shape[:-1], cfg.d_ff)
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    out = dense("down", cfg.d_model, ("mlp", "embed"), cfg.d_ff)(_flat_tokens(hidden))
+    return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
 class Block(nn.Module):
@@ -322,11 +384,12 @@ class Transformer(nn.Module):
 
   def project(self, hidden):
     """Logits [..., V] in float32 from hidden states [..., D]."""
+    tokens = _flat_tokens(hidden)  # [N, D]: see _flat_tokens
     if self.config.tie_embeddings:
-      logits = self.embed.attend(hidden)
+      logits = self.embed.attend(tokens)
     else:
-      logits = self.lm_head(hidden)
-    return logits.astype(jnp.float32)
+      logits = self.lm_head(tokens)
+    return logits.reshape(*hidden.shape[:-1], -1).astype(jnp.float32)
 
   def __call__(self, tokens, positions, segment_ids, cache: Optional[Cache] = None):
     hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)

@@ -1,0 +1,204 @@
+"""Train-step throughput and MFU of the next-token step, against this machine's matmul peak.
+
+MFU only means something against a peak measured on the same machine in the same run, and on a
+shared CPU the load changes from second to second: a peak timed once at the start and a step
+timed a minute later can differ by 3x for reasons that have nothing to do with the model. So
+the peak matmul (a jitted [n, n] @ [n, n] in the compute dtype, see `make_peak_matmuls`) is
+timed between every two train steps, and MFU is the step's model FLOP/s over the median of
+those interleaved peak timings. The step is the real jitted `rlhf_jax.trainers.lm.train_step`
+(forward, backward, AdamW with the trainer's own defaults) on synthetic tokens.
+
+Model FLOPs per step are 3x the forward matmul FLOPs (`ModelConfig.flops_per_token`): the
+backward pass does two matmuls per forward one (gradients of inputs and of weights). Norms,
+softmax, rotary and the optimizer are not counted, as usual for MFU.
+
+  XLA_FLAGS= .venv/bin/python benchmarks/train_step.py [--size small] [--dtypes float32,bfloat16]
+
+Prints one JSON object, then a Markdown table. Timings are never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rlhf_jax import config_util, optim, sharding  # noqa: E402
+from rlhf_jax.data.synthetic import SyntheticLMIterator  # noqa: E402
+from rlhf_jax.models import model_config  # noqa: E402
+from rlhf_jax.trainers import lm  # noqa: E402
+from rlhf_jax.trainers.state import create_train_state, param_count  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--size", default="small", help="a size from rlhf_jax/models/sizes.py")
+  p.add_argument("--vocab", type=int, default=8192)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--seq_len", type=int, default=0, help="0: the size's max_len, at most 256")
+  p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, comma-separated")
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed steps per dtype (after compiling and one warm-up step)")
+  p.add_argument("--matmul_n", type=int, default=2048, help="side of the square peak matmul")
+  p.add_argument("--json_out", default="", help="also write the JSON object to this path")
+  return p.parse_args(argv)
+
+
+def make_peak_matmuls(dtype: str, n: int) -> dict:
+  """{form: no-argument callable running one jitted [n, n] @ [n, n] matmul in `dtype`}.
+
+  Default precision, inputs already on the device: what XLA's CPU backend reaches on a large,
+  well-shaped matmul, the fair ceiling for the matmuls a train step is made of. Low-precision
+  dtypes get two forms, f32 output (`preferred_element_type`) and output in the dtype, because
+  on CPUs without native bf16 arithmetic (AVX2) XLA runs the second by upcasting to float32,
+  which can beat its bf16-input kernel; the peak is the faster form, so MFU never credits the
+  model for a slow reference.
+  """
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  forms = {"f32_out": jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))}
+  if jnp.dtype(dtype) != jnp.float32:
+    forms[f"{jnp.dtype(dtype).name}_out"] = jax.jit(jnp.dot)
+  return {name: (lambda f=f: f(a, b).block_until_ready()) for name, f in forms.items()}
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _lm_config(size: str, batch: int, seq_len: int, vocab: int, dtype: str):
+  """The trainer's own config for `size`, so the step has its real optimizer and defaults."""
+  arg = config_util.parse_arg("", size=size, steps=1000, batch=batch, seq_len=seq_len, data="")
+  config = config_util.base_lm_config(arg)
+  config.model.vocab_size = vocab
+  config.model.dtype = dtype
+  config.data.batch_size = batch
+  config.data.seq_len = seq_len
+  return config
+
+
+def build_step(size: str, dtype: str, batch: int, seq_len: int, vocab: int):
+  """(compiled step, initial state, a batch, model config, compile seconds) on one device."""
+  config = _lm_config(size, batch, seq_len, vocab, dtype)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  rules = sharding.axis_rules(None)
+  model = lm.build_model(config, vocab)
+  schedule = optim.make_schedule(config.optim, config.train.steps)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  state, shardings = create_train_state(lm._init_params_fn(model, seq_len), tx, mesh, rules, 0)
+  data = SyntheticLMIterator(batch, seq_len, vocab, seed=1)
+  batch_arrays = sharding.make_global_batch(next(data), mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = lm.make_jitted_step(model, tx, schedule, 1, shardings,
+                               sharding.batch_sharding(mesh, rules))
+    start = time.perf_counter()
+    compiled = step.lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - start
+  return compiled, state, batch_arrays, model.config, compile_s
+
+
+def measure_train_step(size: str, dtype: str, batch: int, seq_len: int, vocab: int,
+                       steps: int, matmul_n: int) -> dict:
+  """Median step seconds and MFU, the peak matmul timed between every two steps."""
+  compiled, state, batch_arrays, cfg, compile_s = build_step(size, dtype, batch, seq_len, vocab)
+  peak_matmuls = make_peak_matmuls(dtype, matmul_n)
+  box = {"state": state}
+
+  def one_step():
+    box["state"], box["metrics"] = compiled(box["state"], batch_arrays)
+    jax.block_until_ready(box)
+
+  one_step()  # warm-up: first-run allocations
+  for matmul in peak_matmuls.values():
+    matmul()
+  step_times, matmul_times = [], {name: [] for name in peak_matmuls}
+  for _ in range(steps):
+    for name, matmul in peak_matmuls.items():
+      matmul_times[name].append(_timed(matmul))
+    step_times.append(_timed(one_step))
+
+  tokens = batch * seq_len
+  flops = 3.0 * cfg.flops_per_token(seq_len) * tokens
+  step_s = statistics.median(step_times)
+  peaks = {name: 2.0 * matmul_n ** 3 / statistics.median(times)
+           for name, times in matmul_times.items()}
+  peak = max(peaks.values())
+  return {"size": size, "dtype": dtype, "batch": batch, "seq_len": seq_len, "vocab": vocab,
+          "params": param_count(box["state"].params), "compile_s": compile_s,
+          "step_s": step_s, "tokens_per_s": tokens / step_s, "model_flops_per_step": flops,
+          "model_flops_per_s": flops / step_s, "peak_flops_per_s": peak,
+          "peak_by_form": peaks, "mfu": flops / step_s / peak,
+          "final_loss": float(box["metrics"]["train/loss"]),
+          "step_times_s": step_times, "matmul_times_s": matmul_times}
+
+
+def markdown_table(result: dict) -> str:
+  rows = ["| size | dtype | batch x seq | step (s) | tokens/s | model GFLOP/s | matmul peak "
+          "GFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|"]
+  for r in result["train_step"]:
+    rows.append(f"| {r['size']} | {r['dtype']} | {r['batch']} x {r['seq_len']} | "
+                f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['model_flops_per_s'] / 1e9:.1f} | {r['peak_flops_per_s'] / 1e9:.1f} | "
+                f"{100 * r['mfu']:.1f}% |")
+  return "\n".join(rows)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  cfg = model_config(args.size, vocab_size=args.vocab)
+  seq_len = args.seq_len or min(cfg.max_len, 256)
+  dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  load_before = os.getloadavg()
+  runs = [measure_train_step(args.size, dtype, args.batch, seq_len, args.vocab, args.steps,
+                             args.matmul_n) for dtype in dtypes]
+  result = {
+      "benchmark": "train_step",
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                  "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
+                  "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                  "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]]},
+      "model": {"size": args.size, "flops_per_token_fwd": cfg.flops_per_token(seq_len),
+                "params": cfg.param_count()},
+      "matmul_peak": [{"dtype": r["dtype"], "n": args.matmul_n,
+                       "flops_per_s": r["peak_flops_per_s"], "by_form": r["peak_by_form"]}
+                      for r in runs],
+      "train_step": runs,
+  }
+  print(json.dumps(result, indent=2))
+  print()
+  print(markdown_table(result))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def _cpu_name() -> str:
+  """The CPU model from /proc/cpuinfo (platform.processor() is empty on most Linux)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+if __name__ == "__main__":
+  main()
