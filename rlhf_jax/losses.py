@@ -23,3 +23,129 @@ def next_token_loss(logits, targets, loss_mask):
   nll = -token_logprobs(logits, targets)  # [B, T]
   mask = loss_mask.astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO. Per-token terms averaged over the real answer tokens of a minibatch (mask [B, N]).
+
+
+def _masked_mean(x, mask):
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+  """Clipped surrogate: mean of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old.
+
+  logprobs, old_logprobs, advantages, mask: [B, N]. Returns (loss, stats) with the ratio's
+  mean, the fraction of tokens where the clip is active, and approx KL ½·E[(log ρ)²].
+  """
+  log_ratio = logprobs - old_logprobs
+  ratio = jnp.exp(log_ratio)
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+  loss = _masked_mean(jnp.maximum(unclipped, clipped), mask)
+  stats = {"ratio": _masked_mean(ratio, mask),
+           "clipfrac": _masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+           "approxkl": 0.5 * _masked_mean(jnp.square(log_ratio), mask)}
+  return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_range):
+  """Clipped value loss: ½·mean of max((V − R)², (V_old + clip(V − V_old, ±c) − R)²).
+
+  Returns (loss, stats) with the fraction of tokens where the clipped error is the larger.
+  """
+  clipped_values = old_values + jnp.clip(values - old_values, -clip_range, clip_range)
+  unclipped = jnp.square(values - returns)
+  clipped = jnp.square(clipped_values - returns)
+  loss = 0.5 * _masked_mean(jnp.maximum(unclipped, clipped), mask)
+  return loss, {"clipfrac": _masked_mean((clipped > unclipped).astype(jnp.float32), mask)}
+
+
+def entropy_from_logits(logits):
+  """Entropy [...] of softmax(logits [..., V]) in float32."""
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model. Scores r are one number per answer; a preference mask says which answer of a
+# prompt beat which. Losses return (sum, count), like the token losses, so that accumulation
+# and sharding give the loss of one big batch.
+
+
+def bradley_terry_loss(chosen, rejected, margin=0.0, mask=None):
+  """Pairwise Bradley-Terry: sum of -log sigma(r_w - r_l - m) over real pairs, and their count.
+
+  chosen, rejected: [N] scores of the preferred and the other answer; margin: scalar or [N]
+  (a pair must win by at least m before its loss flattens, as in Llama 2's RM); mask: [N]
+  (1 = a real pair), None for all.
+  """
+  chosen, rejected = chosen.astype(jnp.float32), rejected.astype(jnp.float32)
+  per_pair = jax.nn.softplus(-(chosen - rejected - margin))  # -log sigma(x) = softplus(-x)
+  mask = jnp.ones_like(per_pair) if mask is None else mask.astype(jnp.float32)
+  return jnp.sum(per_pair * mask), jnp.sum(mask)
+
+
+def pair_mask(prefer, valid=None):
+  """[B, K, K] float: prefer[b, i, j] (answer i beat answer j) kept only where both answers are
+  real (valid [B, K]) and i != j."""
+  mask = prefer.astype(jnp.float32)
+  k = mask.shape[-1]
+  mask = mask * (1.0 - jnp.eye(k, dtype=jnp.float32))
+  if valid is not None:
+    valid = valid.astype(jnp.float32)
+    mask = mask * valid[:, :, None] * valid[:, None, :]
+  return mask
+
+
+RANKING_REDUCTIONS = ("prompt", "pair")
+
+
+def ranking_loss(scores, prefer, valid=None, margin=0.0, reduction: str = "prompt"):
+  """Bradley-Terry over every preferred pair a prompt's ranking or grades imply.
+
+  scores: [B, K], one per answer: each answer goes through the model once however many pairs
+  it is in. prefer: [B, K, K], 1 where answer i was preferred to answer j (a ranking gives all
+  K(K-1)/2 pairs; grades give a pair for every two answers of different grade, ties none).
+  valid: [B, K], 0 on padded answers. margin: scalar or [B, K, K].
+
+  reduction "prompt" (K-wise, InstructGPT): every prompt with at least one pair weighs the
+  same, its pairs averaged, so count = prompts with pairs. "pair": every pair weighs the
+  same (a batch of independent pairs), count = pairs. Returns (loss sum, count).
+  """
+  if reduction not in RANKING_REDUCTIONS:
+    raise ValueError(f"unknown reduction {reduction!r}; choose from {RANKING_REDUCTIONS}")
+  scores = scores.astype(jnp.float32)
+  diff = scores[:, :, None] - scores[:, None, :]  # [B, K, K] r_i - r_j
+  per_pair = jax.nn.softplus(-(diff - margin))  # [B, K, K]
+  mask = pair_mask(prefer, valid)
+  if reduction == "pair":
+    return jnp.sum(per_pair * mask), jnp.sum(mask)
+  n_pairs = jnp.sum(mask, axis=(1, 2))  # [B]
+  per_prompt = jnp.sum(per_pair * mask, axis=(1, 2)) / jnp.maximum(n_pairs, 1.0)
+  has_pairs = (n_pairs > 0).astype(jnp.float32)
+  return jnp.sum(per_prompt * has_pairs), jnp.sum(has_pairs)
+
+
+def binary_feedback_loss(scores, labels, mask=None):
+  """Pointwise logistic loss of single answers with a thumb: -log sigma(+r) for a like (1),
+  -log sigma(-r) for a dislike (0). An RM learns from thumbs alone this way; the score's
+  zero is then the like/dislike boundary. scores, labels, mask: same shape. (sum, count)."""
+  scores = scores.astype(jnp.float32)
+  sign = 2.0 * labels.astype(jnp.float32) - 1.0
+  per_answer = jax.nn.softplus(-sign * scores)
+  mask = jnp.ones_like(per_answer) if mask is None else mask.astype(jnp.float32)
+  return jnp.sum(per_answer * mask), jnp.sum(mask)
+
+
+def preference_stats(scores, prefer, valid=None):
+  """(correct, pairs, margin sum) over the preferred pairs of [B, K] scores: a pair is correct
+  when the preferred answer scores higher (an exact tie counts one half)."""
+  scores = scores.astype(jnp.float32)
+  diff = scores[:, :, None] - scores[:, None, :]  # [B, K, K]
+  mask = pair_mask(prefer, valid)
+  correct = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+  return jnp.sum(correct * mask), jnp.sum(mask), jnp.sum(diff * mask)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,10 +22,9 @@ import optax
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import losses, optim, sharding
-from rlhf_jax.metrics import MetricWriter
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.trainers import inputs as inputs_lib
-from rlhf_jax.trainers.loop import NonFiniteLossError, Preemption, progress
+from rlhf_jax.trainers.loop import run_train_loop
 from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
 
 log = logging.getLogger(__name__)
@@ -155,67 +152,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _host_loop(config, workdir, state, step_fn, data_iter, ckpt, mesh, rules, start, total):
-  writer = MetricWriter(workdir)
-  preemption = Preemption()
-  config_json = config.to_dict()
-  bar = progress(total, start, config.get("stage", "train"))
-  last_metrics: dict[str, Any] = {}
-  pending = None  # previous step's device metrics: checked one step late, so no stall per step
-  last_log_step, last_log_time = start, time.perf_counter()
+  def make_batch(local):
+    return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
 
-  def check(step_metrics, step):
-    if not bool(step_metrics["train/finite"]):
-      good = ckpt.latest_step()
-      raise NonFiniteLossError(
-          f"loss is {float(step_metrics['train/loss'])} at step {step}: stopped. The last good "
-          f"checkpoint ({'step ' + str(good) if good is not None else 'none'}) in "
-          f"{ckpt.directory} is kept.")
+  def summarize(host, steps, seconds):
+    # Tokens of the last step times the steps in the window: batches are of fixed shape.
+    host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
+    stats = getattr(data_iter, "stats", None)  # the pipeline counts what it truncated
+    if stats:
+      host.update({f"data/{k}": float(stats[k]) for k in ("examples", "truncated") if k in stats})
+    return host, {"loss": f"{host['train/loss']:.3f}",
+                  "tok_s": f"{host['train/tokens_per_s']:.0f}"}
 
-  try:
-    for step in range(start, total):
-      local = next(data_iter)
-      batch = sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
-      state, metrics = step_fn(state, batch)
-      if pending is not None:
-        check(jax.device_get(pending[0]), pending[1])
-      pending = (metrics, step + 1)
-      done = step + 1
-      if done % config.train.log_every == 0 or done == total:
-        host = jax.device_get(metrics)
-        check(host, done)
-        now = time.perf_counter()
-        host = {k: float(v) for k, v in host.items() if k != "train/finite"}
-        # Tokens of the last step times the steps in the window: batches are of fixed shape.
-        host["train/tokens_per_s"] = host["train/tokens"] * (done - last_log_step) / max(
-            now - last_log_time, 1e-9)
-        last_log_step, last_log_time = done, now
-        stats = getattr(data_iter, "stats", None)  # the pipeline counts what it truncated
-        if stats:
-          host.update({f"data/{k}": float(stats[k]) for k in ("examples", "truncated")
-                       if k in stats})
-        writer.write(done, host)
-        bar.set_postfix(loss=f"{host['train/loss']:.3f}",
-                        tok_s=f"{host['train/tokens_per_s']:.0f}")
-        last_metrics = host
-      bar.update(1)
-      if done % config.train.checkpoint_every == 0 or done == total:
-        ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json)
-      if done == config.train.get("stop_after", 0):
-        ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json,
-                  force=True)
-        log.info("stopped after step %d as configured (train.stop_after)", done)
-        break
-      if preemption.requested():
-        ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json,
-                  force=True)
-        log.warning("preempted at step %d; checkpoint saved", done)
-        last_metrics["preempted_at"] = done
-        break
-    if pending is not None:
-      check(jax.device_get(pending[0]), pending[1])
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
-    preemption.close()
-  return last_metrics
+  return run_train_loop(config, workdir, state, step_fn, data_iter, ckpt, make_batch,
+                        start=start, total=total, summarize=summarize)

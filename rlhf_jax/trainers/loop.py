@@ -50,3 +50,89 @@ def progress(total: int, initial: int, desc: str):
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
               disable=jax.process_index() != 0, mininterval=0.5)
+
+
+def run_train_loop(config, workdir: str, state, step_fn, data_iter, ckpt, make_batch, *,
+                   start: int, total: int, loss_key: str = "train/loss", summarize=None,
+                   after_step=None) -> dict:
+  """The host loop every trainer shares: steps, logging, checkpoints, preemption, NaN stops.
+
+  Only orchestration lives here; what differs between trainers comes in as functions:
+    step_fn(state, batch) -> (state, device metrics); the metrics hold `loss_key` and
+      'train/finite' (False: the step's update was not applied).
+    make_batch(local numpy batch) -> global batch.
+    summarize(host metrics, steps since last log, seconds since last log) -> (metrics to write,
+      progress-bar postfix); the default writes the metrics as they are.
+    after_step(done, state) -> extra metrics to write at step `done` ({} for none), e.g. a
+      periodic held-out evaluation.
+  Device metrics come to the host only on logging steps, and the finite check runs one step
+  late, so no step waits for the previous one. Returns the last logged metrics.
+  """
+  import time
+  from rlhf_jax.metrics import MetricWriter
+  writer = MetricWriter(workdir)
+  preemption = Preemption()
+  config_json = config.to_dict()
+  bar = progress(total, start, config.get("stage", "train"))
+  last_metrics: dict = {}
+  pending = None  # previous step's device metrics: checked one step late
+  last_log_step, last_log_time = start, time.perf_counter()
+  checkpoint_every = config.train.checkpoint_every or total
+
+  def check(step_metrics, step):
+    if not bool(step_metrics["train/finite"]):
+      good = ckpt.latest_step()
+      raise NonFiniteLossError(
+          f"loss is {float(step_metrics[loss_key])} at step {step}: stopped. The last good "
+          f"checkpoint ({'step ' + str(good) if good is not None else 'none'}) in "
+          f"{ckpt.directory} is kept.")
+
+  def save(done, force=False):
+    ckpt.save(done, state.params, state.train_items(), data_iter.get_state(), config_json,
+              force=force)
+
+  try:
+    for step in range(start, total):
+      state, metrics = step_fn(state, make_batch(next(data_iter)))
+      if pending is not None:
+        check(jax.device_get(pending[0]), pending[1])
+      pending = (metrics, step + 1)
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total:
+        host = jax.device_get(metrics)
+        check(host, done)
+        now = time.perf_counter()
+        host = {k: float(v) for k, v in host.items() if k != "train/finite"}
+        seconds = max(now - last_log_time, 1e-9)
+        if summarize is None:
+          postfix = {"loss": f"{host[loss_key]:.3f}"}
+        else:
+          host, postfix = summarize(host, done - last_log_step, seconds)
+        last_log_step, last_log_time = done, now
+        writer.write(done, host)
+        bar.set_postfix(**postfix)
+        last_metrics = host
+      extra = after_step(done, state) if after_step is not None else {}
+      if extra:
+        writer.write(done, extra)
+        last_metrics = {**last_metrics, **extra}
+      bar.update(1)
+      if done % checkpoint_every == 0 or done == total:
+        save(done)
+      if done == config.train.get("stop_after", 0):
+        save(done, force=True)
+        log.info("stopped after step %d as configured (train.stop_after)", done)
+        break
+      if preemption.requested():
+        save(done, force=True)
+        log.warning("preempted at step %d; checkpoint saved", done)
+        last_metrics["preempted_at"] = done
+        break
+    if pending is not None:
+      check(jax.device_get(pending[0]), pending[1])
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+    preemption.close()
+  return last_metrics

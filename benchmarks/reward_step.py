@@ -1,0 +1,187 @@
+"""Reward-model train step: comparisons/s, pairs/s and MFU, against a matmul timed in the same run.
+
+Two layouts of the same jitted step (`rlhf_jax.trainers.reward.train_step`: forward, backward,
+AdamW, the trainer's optimizer defaults), each on full-length rows:
+  kwise  B prompts x K answers: one forward pass per answer, all C(K, 2) pairs of a prompt
+         from those K scores (K = 4: 6 pairs for 4 passes);
+  pairs  B pairs as K = 2 elements: workload W3 of DESIGN.md (16 pairs x 128 tokens), the
+         layout TRL's RewardTrainer uses (20.4 pairs/s plain torch, 19.6 TRL, same CPU).
+Model FLOPs per step are 3x the forward matmul FLOPs of every answer row with no vocabulary
+projection (the RM has none); MFU divides their rate by the f32 (or bf16) matmul rate measured
+here, so it means the same on a loaded machine.
+
+  XLA_FLAGS= .venv/bin/python benchmarks/reward_step.py [--size small] [--dtypes float32,bfloat16]
+
+Prints one JSON object, then a Markdown table. Timings are never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rlhf_jax import config_util, optim, sharding  # noqa: E402
+from rlhf_jax.models import ScalarModel, model_config  # noqa: E402
+from rlhf_jax.trainers import reward as rm  # noqa: E402
+from rlhf_jax.trainers.state import create_train_state, param_count  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--size", default="small", help="a size from rlhf_jax/models/sizes.py")
+  p.add_argument("--vocab", type=int, default=8192)
+  p.add_argument("--seq_len", type=int, default=128)
+  p.add_argument("--layouts", default="kwise:8x4,pairs:16x2",
+                 help="name:BxK, comma-separated (B elements of K answers)")
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--steps", type=int, default=8, help="timed steps per case (after compile)")
+  p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--matmul_repeats", type=int, default=10)
+  p.add_argument("--json_out", default="")
+  return p.parse_args(argv)
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+def measure_matmul_peak(dtype: str, n: int, repeats: int) -> dict:
+  """FLOP/s of one jitted [n, n] @ [n, n] in `dtype` with float32 accumulation."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  seconds, _ = _median_seconds(lambda: dot(a, b).block_until_ready(), repeats)
+  return {"dtype": dtype, "n": n, "seconds": seconds, "flops_per_s": 2.0 * n ** 3 / seconds}
+
+
+def random_batch(b: int, k: int, t: int, vocab: int, seed: int) -> dict:
+  """Full-length rows; answer i of an element preferred to every later one (a full ranking)."""
+  rng = np.random.default_rng(seed)
+  prefer = np.triu(np.ones((k, k), np.float32), 1)
+  return {"tokens": rng.integers(1, vocab, (b, k, t)).astype(np.int32),
+          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, k, t)).copy(),
+          "segment_ids": np.ones((b, k, t), np.int32),
+          "valid": np.ones((b, k), np.float32),
+          "prefer": np.broadcast_to(prefer, (b, k, k)).copy(),
+          "margin": np.zeros((b, k, k), np.float32),
+          "label": np.zeros((b, k), np.float32), "labeled": np.zeros((b, k), np.float32),
+          "lang": np.zeros((b,), np.int32)}
+
+
+def measure_step(size: str, dtype: str, layout: str, b: int, k: int, seq_len: int, vocab: int,
+                 steps: int) -> dict:
+  arg = config_util.parse_arg("", size=size, steps=1000, batch=b, seq_len=seq_len, data="")
+  config = config_util.base_lm_config(arg)
+  config.model.vocab_size = vocab
+  config.model.dtype = dtype
+  config.optim.weight_decay = 0.0
+  cfg = rm.build_model_config(config, vocab)
+  model = ScalarModel(cfg)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  rules = sharding.axis_rules(None)
+  schedule = optim.make_schedule(config.optim, 1000)
+  tx = optim.make_optimizer(config.optim, 1000)
+  state, shardings = create_train_state(rm._init_params_fn(model, seq_len), tx, mesh, rules, 0)
+  batches = [sharding.make_global_batch(random_batch(b, k, seq_len, vocab, s), mesh, rules)
+             for s in range(2)]
+  batch_shardings = {key: sharding.batch_sharding(mesh, rules, v.ndim)
+                     for key, v in batches[0].items()}
+  reduction = "prompt" if layout == "kwise" else "pair"
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = rm.make_jitted_step(model, tx, schedule, "ranking", reduction, 1, shardings,
+                               batch_shardings)
+    start = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    box = {"state": state, "i": 0}
+
+    def one_step():
+      box["state"], metrics = compiled(box["state"], batches[box["i"] % 2])
+      box["i"] += 1
+      jax.block_until_ready((box["state"], metrics))
+      box["loss"] = metrics["rm/loss"]
+
+    seconds, times = _median_seconds(one_step, steps)
+  rows = b * k
+  flops = 3.0 * cfg.flops_per_token(seq_len, with_logits=False) * rows * seq_len
+  pairs = b * math.comb(k, 2)
+  return {"layout": layout, "size": size, "dtype": dtype, "elements": b, "k": k,
+          "seq_len": seq_len, "params": param_count(state.params), "compile_s": compile_s,
+          "step_s": seconds, "step_s_min": min(times), "step_s_max": max(times),
+          "comparisons_per_s": b / seconds, "pairs_per_s": pairs / seconds,
+          "answers_per_s": rows / seconds, "tokens_per_s": rows * seq_len / seconds,
+          "model_flops_per_step": flops, "model_flops_per_s": flops / seconds,
+          "final_loss": float(box["loss"])}
+
+
+def markdown_table(result: dict) -> str:
+  rows = ["| layout | dtype | elements x K x T | step (s) | comparisons/s | pairs/s | "
+          "model GFLOP/s | peak GFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in result["reward_step"]:
+    rows.append(f"| {r['layout']} | {r['dtype']} | {r['elements']} x {r['k']} x {r['seq_len']} | "
+                f"{r['step_s']:.3f} | {r['comparisons_per_s']:.1f} | {r['pairs_per_s']:.1f} | "
+                f"{r['model_flops_per_s'] / 1e9:.1f} | {r['peak_flops_per_s'] / 1e9:.1f} | "
+                f"{100 * r['mfu']:.1f}% |")
+  return "\n".join(rows)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  layouts = []
+  for item in filter(None, args.layouts.split(",")):
+    name, shape = item.split(":")
+    b, k = (int(x) for x in shape.split("x"))
+    layouts.append((name, b, k))
+  peaks = {d: measure_matmul_peak(d, args.matmul_n, args.matmul_repeats) for d in dtypes}
+  runs = []
+  for name, b, k in layouts:
+    for dtype in dtypes:
+      r = measure_step(args.size, dtype, name, b, k, args.seq_len, args.vocab, args.steps)
+      r["peak_flops_per_s"] = peaks[dtype]["flops_per_s"]
+      r["mfu"] = r["model_flops_per_s"] / r["peak_flops_per_s"]
+      runs.append(r)
+  cfg = model_config(args.size, vocab_size=args.vocab)
+  result = {
+      "benchmark": "reward_step",
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
+                  "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+      "model": {"size": args.size,
+                "flops_per_token_fwd_no_logits": cfg.flops_per_token(args.seq_len, False)},
+      "matmul_peak": list(peaks.values()),
+      "reward_step": runs,
+  }
+  print(json.dumps(result, indent=2))
+  print()
+  print(markdown_table(result))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,228 @@
+r"""Held-out evaluation of a reward model: pairwise accuracy, margin, calibration, per language.
+
+Two references for every held-out comparison:
+  labels  the annotators' ranking / grades (noisy: people agree ~73% of the time), and
+  gold    the gold scorer's noiseless ordering of the same answers (ties give no pair): what
+          the annotators were trying to express, so an RM can beat the labels' own accuracy.
+Calibration: for every labelled pair, in both orders, the RM's P(a beats b) = sigma(r_a - r_b)
+against what was observed, in equal-width bins of predicted probability; `ece` is the
+bin-weighted mean |predicted - observed| (0 = perfectly calibrated).
+
+  python -m rlhf_jax.evaluate_rm --workdir=W/rm --data=rlhf_comparisons/round0 --split=test
+
+prints one JSON object and a Markdown table. `comparison_metrics` is the numpy core the RM
+trainer's periodic evaluation shares.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+LANGS = ("en", "zh")
+
+
+def _sigmoid(x):
+  return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _pair_mask(prefer: np.ndarray, valid: np.ndarray) -> np.ndarray:
+  k = prefer.shape[-1]
+  mask = (prefer > 0) & (valid[:, :, None] > 0) & (valid[:, None, :] > 0)
+  return mask & ~np.eye(k, dtype=bool)[None]
+
+
+def _accuracy_stats(diff: np.ndarray, mask: np.ndarray) -> tuple[float, float, int]:
+  """(accuracy, mean margin, pairs) of diff [N, K, K] = r_i - r_j on the pairs of mask."""
+  n = int(mask.sum())
+  if n == 0:
+    return float("nan"), float("nan"), 0
+  d = diff[mask]
+  return float(np.mean((d > 0) + 0.5 * (d == 0))), float(np.mean(d)), n
+
+
+def calibration_table(diff: np.ndarray, mask: np.ndarray, bins: int = 10) -> list[dict]:
+  """Bins of predicted P(i beats j) = sigma(diff) over the labelled pairs taken both ways."""
+  p = _sigmoid(diff[mask])
+  predicted = np.concatenate([p, 1.0 - p])
+  observed = np.concatenate([np.ones_like(p), np.zeros_like(p)])
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  which = np.clip(np.digitize(predicted, edges[1:-1]), 0, bins - 1)
+  table = []
+  for b in range(bins):
+    sel = which == b
+    if sel.any():
+      table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
+                    "predicted": float(predicted[sel].mean()),
+                    "observed": float(observed[sel].mean())})
+  return table
+
+
+def expected_calibration_error(table: list[dict]) -> float:
+  total = sum(row["n"] for row in table)
+  if not total:
+    return float("nan")
+  return sum(row["n"] * abs(row["predicted"] - row["observed"]) for row in table) / total
+
+
+def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, labeled=None,
+                       bins: int = 10) -> tuple[dict[str, float], list[dict]]:
+  """Metrics of raw RM scores [N, K] on held-out comparisons, and the calibration table.
+
+  valid [N, K]; prefer [N, K, K] (the labels' pairs); lang [N] (index in LANGS, -1 other);
+  gold [N, K] gold scores (NaN where unknown), or None; label / labeled [N, K] thumbs, or None.
+  Keys: loss, accuracy, margin, pairs, ece, gold_accuracy, gold_pairs, thumbs_accuracy, each
+  also per language as '<key>/<lang>' where that language has pairs.
+  """
+  scores = np.asarray(scores, np.float64)
+  valid, prefer = np.asarray(valid), np.asarray(prefer)
+  lang = np.asarray(lang)
+  diff = scores[:, :, None] - scores[:, None, :]  # [N, K, K]
+  mask = _pair_mask(prefer, valid)
+  gold_mask = None
+  if gold is not None:
+    g = np.asarray(gold, np.float64)
+    known = np.isfinite(g) & (valid > 0)
+    with np.errstate(invalid="ignore"):
+      gold_mask = (g[:, :, None] > g[:, None, :]) & known[:, :, None] & known[:, None, :]
+  out: dict[str, float] = {}
+  groups = [("", np.ones(len(lang), bool))] + [(f"/{name}", lang == i)
+                                               for i, name in enumerate(LANGS)]
+  for suffix, rows in groups:
+    if not rows.any():
+      continue
+    m = mask & rows[:, None, None]
+    acc, margin, n = _accuracy_stats(diff, m)
+    if n:
+      per_pair = np.logaddexp(0.0, -diff)  # -log sigma(r_i - r_j)
+      n_prompt = m.sum(axis=(1, 2))
+      has = n_prompt > 0
+      loss = (per_pair * m).sum(axis=(1, 2))[has] / n_prompt[has]
+      out.update({f"loss{suffix}": float(loss.mean()), f"accuracy{suffix}": acc,
+                  f"margin{suffix}": margin, f"pairs{suffix}": float(n)})
+      out[f"ece{suffix}"] = expected_calibration_error(calibration_table(diff, m, bins))
+    if gold_mask is not None:
+      gacc, _, gn = _accuracy_stats(diff, gold_mask & rows[:, None, None])
+      if gn:
+        out.update({f"gold_accuracy{suffix}": gacc, f"gold_pairs{suffix}": float(gn)})
+    if labeled is not None:
+      lab = (np.asarray(labeled) > 0) & rows[:, None]
+      if lab.any():
+        sign = np.where(np.asarray(label)[lab] > 0, 1.0, -1.0)
+        s = scores[lab] * sign
+        out[f"thumbs_accuracy{suffix}"] = float(np.mean((s > 0) + 0.5 * (s == 0)))
+        out[f"thumbs{suffix}"] = float(lab.sum())
+  table = calibration_table(diff, mask, bins) if mask.any() else []
+  return out, table
+
+
+def gold_scores(records: Sequence[dict], max_answers: int, scorer: str = "gold") -> np.ndarray:
+  """[N, max_answers] gold scores of each record's answers (NaN where no answer or language)."""
+  from rlhf_jax.comparisons import resolve_scorer
+  score = resolve_scorer(scorer)
+  out = np.full((len(records), max_answers), np.nan)
+  by_lang: dict[str, list[tuple[int, int, str]]] = {}
+  for n, record in enumerate(records):
+    responses = record.get("responses") or [record.get("response", "")]
+    for k, text in enumerate(responses[:max_answers]):
+      by_lang.setdefault(record.get("lang", ""), []).append((n, k, text))
+  for lang, items in by_lang.items():
+    if lang not in LANGS:
+      continue
+    values = score([t for _, _, t in items], lang)
+    for (n, k, _), v in zip(items, values):
+      out[n, k] = v
+  return out
+
+
+def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *, seq_len: int,
+                     max_answers: int, scorer: str = "gold", batch_size: int = 16,
+                     bins: int = 10) -> tuple[dict[str, float], list[dict]]:
+  """Scores every answer of `records` with the RM (one device) and computes the metrics."""
+  import jax
+
+  from rlhf_jax.reward import _jitted_score
+  from rlhf_jax.trainers.rm_inputs import STAT_KEYS, Encoder
+  encoder = Encoder(tokenizer, seq_len=seq_len, max_answers=max_answers)
+  fn = _jitted_score(model_config)
+  parts = []
+  stats = np.zeros(len(STAT_KEYS), np.int64)
+  for start in range(0, len(records), batch_size):
+    chunk = list(records[start:start + batch_size])
+    batch = encoder.encode_batch(chunk, [None] * len(chunk), batch_size)
+    stats += batch.pop("stats")
+    b, k, t = batch["tokens"].shape
+    flat = {key: batch[key].reshape(b * k, t) for key in ("tokens", "positions", "segment_ids")}
+    scores = fn(params, flat["tokens"], flat["positions"], flat["segment_ids"],
+                flat["segment_ids"])
+    batch["scores"] = np.asarray(jax.device_get(scores)).reshape(b, k)
+    parts.append({key: v[:len(chunk)] for key, v in batch.items()})
+  cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+  gold = gold_scores(records, max_answers, scorer) if scorer else None
+  metrics, table = comparison_metrics(cat["scores"], cat["valid"], cat["prefer"], cat["lang"],
+                                      gold, cat["label"], cat["labeled"], bins)
+  metrics.update({f"data/{k}": float(v) for k, v in zip(STAT_KEYS, stats)})
+  return metrics, table
+
+
+def markdown_table(metrics: dict[str, float]) -> str:
+  rows = ["| lang | pairs | accuracy (labels) | accuracy (gold) | margin | loss | ECE |",
+          "|---|---|---|---|---|---|---|"]
+  for suffix, name in [("", "all")] + [(f"/{lang}", lang) for lang in LANGS]:
+    if f"pairs{suffix}" not in metrics and f"thumbs{suffix}" not in metrics:
+      continue
+    def fmt(key, pct=True):
+      v = metrics.get(key + suffix)
+      return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")
+    rows.append(f"| {name} | {int(metrics.get('pairs' + suffix, 0))} | {fmt('accuracy')} | "
+                f"{fmt('gold_accuracy')} | {fmt('margin', False)} | {fmt('loss', False)} | "
+                f"{fmt('ece', False)} |")
+  return "\n".join(rows)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True, help="an RM run's workdir")
+  p.add_argument("--data", default="", help="comparisons dataset; default: the run's data.name")
+  p.add_argument("--split", default="test")
+  p.add_argument("--data_dir", default="", help="default: the run's data.data_dir")
+  p.add_argument("--scorer", default="gold", help="gold scorer name; '' to skip gold accuracy")
+  p.add_argument("--limit", type=int, default=0, help="at most this many comparisons (0: all)")
+  p.add_argument("--json_out", default="")
+  args = p.parse_args(argv)
+
+  import os
+
+  from rlhf_jax import checkpoint as ckpt_lib
+  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.reward import load_reward_model
+  from rlhf_jax.trainers.rm_inputs import read_records
+  model_config, params, _, _ = load_reward_model(args.workdir, require_normalization=False)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=None,
+                               async_save=False)
+  saved = ckpt.read_config()
+  ckpt.close()
+  tokenizer = tok_lib.Tokenizer.load(saved["tokenizer"]["path"] or os.path.join(
+      args.workdir, "tokenizer", "tokenizer.model"))
+  data = saved["data"]
+  records = read_records(args.data or data["name"], args.split,
+                         args.data_dir or data["data_dir"] or None, args.limit)
+  metrics, table = evaluate_records(params, model_config, tokenizer, records,
+                                    seq_len=data["seq_len"], max_answers=data["max_answers"],
+                                    scorer=args.scorer)
+  result = {"workdir": args.workdir, "data": args.data or data["name"], "split": args.split,
+            "comparisons": len(records), "metrics": metrics, "calibration": table}
+  print(json.dumps(result, indent=1))
+  print()
+  print(markdown_table(metrics))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  sys.exit(main() and 0)

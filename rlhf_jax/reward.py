@@ -1,0 +1,184 @@
+"""The reward model as a function: score prompt + answer rows, and load a trained RM.
+
+A score is the scalar head read at the last real token of prompt + answer (the <|end|> that
+closes the answer), so a row may be left- or right-padded: only `mask` says where it ends.
+Training only pins score differences (the Bradley-Terry loss is shift-invariant), so after
+training the RM is normalised: `gain * raw + bias` gives the SFT policy's own answers mean 0 and
+std 1, which fixes the scale PPO's KL coefficient is measured against. The pair is stored in
+`<workdir>/normalization.json` next to the RM's `checkpoints/`.
+
+  model_config, params, gain, bias = load_reward_model("W/rm")
+  scores = score_sequences(params, tokens, positions, segment_ids, mask,
+                           model_config=model_config, gain=gain, bias=bias)  # [B]
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.heads import ScalarModel, last_token_value
+from rlhf_jax.models.transformer import ModelConfig
+
+log = logging.getLogger(__name__)
+
+NORMALIZATION_FILE = "normalization.json"
+
+
+def score_sequences(params, tokens, positions, segment_ids, mask, *, model_config: ModelConfig,
+                    gain=1.0, bias=0.0):
+  """Scores [B] of rows tokens/positions/segment_ids/mask [B, T]: gain * r + bias, where r is
+  the ScalarModel value at the row's last real token (the right-most 1 of mask). Pure and
+  jittable; `params` is the RM's {'trunk', 'head'} tree."""
+  values = ScalarModel(model_config).apply({"params": params}, tokens, positions,
+                                           segment_ids)  # [B, T]
+  return gain * last_token_value(values, mask) + bias  # [B]
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation.
+
+
+def fit_normalization(raw_scores) -> dict:
+  """{gain, bias, mean_raw, std_raw, n}: gain * raw + bias has mean 0, std 1 on `raw_scores`
+  (population std). A sample with no spread cannot be scaled: that is an error, not a silent
+  gain of infinity."""
+  raw = np.asarray(raw_scores, np.float64).reshape(-1)
+  if raw.size < 2 or not np.all(np.isfinite(raw)):
+    raise ValueError(f"normalisation needs >= 2 finite scores, got {raw.size} "
+                     f"({int(np.sum(~np.isfinite(raw)))} not finite)")
+  mean, std = float(raw.mean()), float(raw.std())
+  if std < 1e-8:
+    raise ValueError(f"the RM gives every normalisation answer the same score ({mean:.6g}): "
+                     "it cannot be scaled to std 1")
+  return {"gain": 1.0 / std, "bias": -mean / std, "mean_raw": mean, "std_raw": std,
+          "n": int(raw.size)}
+
+
+def write_normalization(workdir: str, normalization: dict) -> str:
+  path = os.path.join(workdir, NORMALIZATION_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({k: normalization[k] for k in ("gain", "bias", "mean_raw", "std_raw", "n")}, f,
+              indent=1)
+  os.replace(tmp, path)
+  return path
+
+
+def read_normalization(workdir: str) -> dict:
+  path = os.path.join(workdir, NORMALIZATION_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"no {NORMALIZATION_FILE} in {workdir}: the RM run did not finish its normalisation "
+        "step. Run the same reward command again in that workdir (it resumes and normalises), "
+        "or pass require_normalization=False to get raw scores (gain 1, bias 0).")
+  with open(path) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained RM.
+
+
+def model_config_from_saved(saved_config: dict, params) -> ModelConfig:
+  """The ModelConfig of a run from its saved config; vocab_size is read off the embedding,
+  since trainers take it from the tokenizer rather than from config.model."""
+  fields = dict(saved_config["model"])
+  fields.pop("size", None)
+  trunk = params["trunk"] if "trunk" in params else params
+  fields["vocab_size"] = int(trunk["embed"]["embedding"].shape[0])
+  return ModelConfig.from_config(fields)
+
+
+def load_reward_model(workdir: str, *, require_normalization: bool = True, step=None):
+  """(ModelConfig, params, gain, bias) of the RM trained in `workdir`, params on one device.
+
+  Reads `<workdir>/checkpoints` (the latest step unless `step`) and `normalization.json`.
+  """
+  from rlhf_jax import checkpoint as ckpt_lib
+  directory = os.path.join(workdir, "checkpoints")
+  params = ckpt_lib.read_params(directory, step=step)
+  if set(params) != {"trunk", "head"}:
+    raise ValueError(f"{directory} holds params {sorted(params)}, not a reward model's "
+                     "{'trunk', 'head'}: is this an RM run's workdir?")
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
+  try:
+    saved = ckpt.read_config(step)
+  finally:
+    ckpt.close()
+  model_config = model_config_from_saved(saved, params)
+  if require_normalization:
+    norm = read_normalization(workdir)
+    gain, bias = float(norm["gain"]), float(norm["bias"])
+  else:
+    gain, bias = 1.0, 0.0
+  return model_config, params, gain, bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Text in, scores out (evaluation, normalisation, tools).
+
+
+def _messages(prompt) -> list:
+  if isinstance(prompt, str):
+    return [{"role": "user", "content": prompt}]
+  return list(prompt)
+
+
+def encode_answer(tokenizer, prompt, answer: str, seq_len: int) -> tuple[np.ndarray, bool]:
+  """(ids [L <= seq_len], truncated) of prompt + answer in the chat template, ending on the
+  answer's <|end|>. Too long: the prompt loses its oldest tokens (BOS is kept), so the answer,
+  and the token the score is read at, survive."""
+  ids, _ = tokenizer.render_chat(_messages(prompt) + [{"role": "assistant", "content": answer}])
+  if len(ids) <= seq_len:
+    return ids, False
+  return np.concatenate([ids[:1], ids[len(ids) - seq_len + 1:]]).astype(np.int32), True
+
+
+def pad_rows(rows: Sequence[np.ndarray], seq_len: int, pad_id: int, n_rows: int | None = None):
+  """Right-padded [N, seq_len] tokens, positions, segment_ids and mask (int32) of id rows;
+  n_rows > len(rows) adds all-padding rows (mask 0)."""
+  n = n_rows or len(rows)
+  tokens = np.full((n, seq_len), pad_id, np.int32)
+  mask = np.zeros((n, seq_len), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+  return {"tokens": tokens, "positions": positions, "segment_ids": mask.copy(), "mask": mask}
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_score(model_config: ModelConfig):
+  return jax.jit(functools.partial(score_sequences, model_config=model_config))
+
+
+def score_texts(params, model_config: ModelConfig, tokenizer, prompts, answers, *,
+                gain: float = 1.0, bias: float = 0.0, batch_size: int = 64,
+                seq_len: int | None = None) -> np.ndarray:
+  """float32 [N] scores of answers[i] to prompts[i] (a string or a message list).
+
+  Rows are padded to a multiple of 16 tokens and batches to `batch_size`, so a few shapes are
+  compiled, not one per call.
+  """
+  if len(prompts) != len(answers):
+    raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers")
+  seq_len = seq_len or model_config.max_len
+  fn = _jitted_score(model_config)
+  out = []
+  for start in range(0, len(answers), batch_size):
+    rows = [encode_answer(tokenizer, p, a, seq_len)[0]
+            for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+    width = min(seq_len, -(-max(len(r) for r in rows) // 16) * 16)
+    batch = pad_rows(rows, width, tokenizer.pad_id, n_rows=batch_size)
+    scores = fn(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                batch["mask"], gain=jnp.float32(gain), bias=jnp.float32(bias))
+    out.append(np.asarray(jax.device_get(scores))[:len(rows)])
+  return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+

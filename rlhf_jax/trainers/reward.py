@@ -1,0 +1,464 @@
+"""Reward-model training: rankings of K answers per prompt -> a scalar score per answer.
+
+Each answer goes through the model once; every pair its prompt's ranking or grades imply is
+then a difference of two of those K scores (InstructGPT: all C(K,2) pairs of a prompt form one
+batch element, which is also cheaper than a forward pass per pair). The loss is chosen by name:
+
+  kwise, grades  Bradley-Terry over all preferred pairs of a prompt, averaged per prompt
+                 (whether pairs come from a ranking or grades is the data's business)
+  pairwise       every (better, worse) pair its own element, shuffled over the data set,
+                 averaged per pair: the "independent pairs" ablation
+  binary         pointwise logistic on single answers with a thumb (rlhf_feedback)
+
+`train_step` is pure, (state, batch) -> (state, metrics), jitted with explicit shardings; the
+host loop is the shared one of `trainers/loop.py`. After the last step the RM is normalised
+(see `rlhf_jax/reward.py`) and `normalization.json` is written next to the checkpoints.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import losses, optim, sharding
+from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.models.heads import ScalarModel, last_token_value
+from rlhf_jax.trainers import inputs as inputs_lib
+from rlhf_jax.trainers import rm_inputs
+from rlhf_jax.trainers.loop import run_train_loop
+from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
+
+log = logging.getLogger(__name__)
+
+# name -> (loss kind, reduction over pairs, data unit)
+LOSSES = {
+    "kwise": ("ranking", "prompt", "comparison"),
+    "grades": ("ranking", "prompt", "comparison"),
+    "pairwise": ("ranking", "pair", "pair"),
+    "binary": ("binary", None, "comparison"),
+}
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "valid", "prefer", "margin", "label",
+              "labeled", "lang")
+
+
+def resolve_loss(name: str, data_name: str) -> str:
+  """The loss name; '' picks binary for thumbs (rlhf_feedback) and kwise otherwise."""
+  if not name:
+    return "binary" if data_name.split("/")[0] == "rlhf_feedback" else "kwise"
+  if name not in LOSSES:
+    raise ValueError(f"unknown loss.name {name!r}; choose from {sorted(LOSSES)}")
+  return name
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure step.
+
+
+def rm_scores(params, batch, model: ScalarModel):
+  """Raw scores [B, K]: the B*K answers of a batch in one forward pass, one row each."""
+  b, k, t = batch["tokens"].shape
+  flat = lambda x: x.reshape(b * k, t)  # noqa: E731
+  values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),
+                       flat(batch["segment_ids"]))  # [B*K, T]
+  return last_token_value(values, flat(batch["segment_ids"])).reshape(b, k)  # [B, K]
+
+
+def batch_loss(scores, batch, kind: str, reduction: str | None, rows=None):
+  """(loss sum, count) of scores [B, K]; rows [B] restricts it to some prompts."""
+  if kind == "binary":
+    labeled = batch["labeled"] if rows is None else batch["labeled"] * rows[:, None]
+    return losses.binary_feedback_loss(scores, batch["label"], labeled)
+  prefer = batch["prefer"] if rows is None else batch["prefer"] * rows[:, None, None]
+  return losses.ranking_loss(scores, prefer, batch["valid"], batch["margin"], reduction)
+
+
+def rm_loss(params, batch, *, model: ScalarModel, kind: str, reduction: str | None):
+  scores = rm_scores(params, batch, model)
+  loss_sum, count = batch_loss(scores, batch, kind, reduction)
+  return loss_sum, (count, scores)
+
+
+def step_metrics(scores, batch, kind: str, reduction: str | None) -> dict:
+  """rm/loss, rm/accuracy, rm/margin (+ pair counts), overall and per language.
+
+  Ranking data: accuracy = preferred answer scored higher; margin = mean r_w - r_l. Thumbs:
+  accuracy = sign of the score matches the thumb; margin = mean score signed by the thumb.
+  A language with no pair in the batch gets NaN (the host drops it).
+  """
+  out = {}
+  for suffix, rows in [("", None)] + [
+      (f"/{lang}", (batch["lang"] == i).astype(jnp.float32))
+      for i, lang in enumerate(rm_inputs.LANGS)]:
+    loss_sum, count = batch_loss(scores, batch, kind, reduction, rows)
+    if kind == "binary":
+      labeled = batch["labeled"] if rows is None else batch["labeled"] * rows[:, None]
+      signed = scores.astype(jnp.float32) * (2.0 * batch["label"] - 1.0)
+      correct = jnp.sum(jnp.where(signed > 0, 1.0, jnp.where(signed == 0, 0.5, 0.0)) * labeled)
+      n, margin_sum = jnp.sum(labeled), jnp.sum(signed * labeled)
+    else:
+      prefer = batch["prefer"] if rows is None else batch["prefer"] * rows[:, None, None]
+      correct, n, margin_sum = losses.preference_stats(scores, prefer, batch["valid"])
+    nan = jnp.float32(jnp.nan)
+    out[f"rm/loss{suffix}"] = jnp.where(count > 0, loss_sum / jnp.maximum(count, 1.0),
+                                        0.0 if rows is None else nan)
+    out[f"rm/accuracy{suffix}"] = jnp.where(n > 0, correct / jnp.maximum(n, 1.0), nan)
+    out[f"rm/margin{suffix}"] = jnp.where(n > 0, margin_sum / jnp.maximum(n, 1.0), nan)
+    out[f"rm/pairs{suffix}"] = n
+  return out
+
+
+def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.GradientTransformation,
+               schedule, kind: str, reduction: str | None, grad_accum: int = 1):
+  """One optimizer update. The loss is normalised by the count of the whole batch (prompts
+  with pairs, or pairs, or thumbs), so accumulation and sharding give one big batch's update.
+  A batch with nothing to learn from (data spent) or a non-finite loss leaves the state as it
+  was, apart from the step counter."""
+  grad_fn = jax.value_and_grad(
+      functools.partial(rm_loss, model=model, kind=kind, reduction=reduction), has_aux=True)
+  if grad_accum == 1:
+    (loss_sum, (count, scores)), grads = grad_fn(state.params, batch)
+  else:
+    from rlhf_jax.trainers.lm import _split_microbatches
+
+    def accumulate(carry, micro):
+      (loss_sum, (count, scores)), grads = grad_fn(state.params, micro)
+      acc_loss, acc_count, acc_grads = carry
+      return (acc_loss + loss_sum, acc_count + count,
+              jax.tree.map(jnp.add, acc_grads, grads)), scores
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss_sum, count, grads), micro_scores = jax.lax.scan(
+        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), _split_microbatches(batch, grad_accum))
+    scores = micro_scores.swapaxes(0, 1).reshape(-1, micro_scores.shape[-1])  # [B, K]
+
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+  apply = finite & (count > 0)
+  new_state = state.replace(step=state.step + 1,
+                            params=tree_where(apply, params, state.params),
+                            opt_state=tree_where(apply, opt_state, state.opt_state))
+  metrics = step_metrics(jax.lax.stop_gradient(scores), batch, kind, reduction)
+  metrics.update({
+      "train/grad_norm": grad_norm, "train/lr": schedule(state.step), "train/finite": finite,
+      "train/comparisons": jnp.sum(jnp.max(batch["valid"], axis=1)),
+      "train/tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))})
+  return new_state, metrics
+
+
+def make_jitted_step(model, tx, schedule, kind, reduction, grad_accum, state_shardings,
+                     batch_shardings):
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, kind=kind,
+                           reduction=reduction, grad_accum=grad_accum)
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the model and its initial params.
+
+
+def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  fields = {k: v for k, v in config.model.to_dict().items() if k != "size"}
+  return ModelConfig(**{**fields, "vocab_size": vocab_size})
+
+
+def _init_params_fn(model: ScalarModel, seq_len: int):
+  def init(key):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(key, tokens, tokens, jnp.ones_like(tokens))["params"]
+  return init
+
+
+def _abstract_policy_params(model_config: ModelConfig, mesh, rules, seq_len: int):
+  """ShapeDtypeStructs (with shardings) of a full Transformer's params, lm_head included."""
+  model = Transformer(model_config)
+
+  def init(key):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(key, tokens, tokens, jnp.ones_like(tokens))["params"]
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.logical_shardings(abstract, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(abstract), shardings)
+
+
+def restore_policy(init_from: str, model_config: ModelConfig, mesh, rules, seq_len: int):
+  """The SFT checkpoint's params onto the mesh. A checkpoint of another shape is an error that
+  names every tensor and both shapes (checkpoint.check_shapes)."""
+  like = _abstract_policy_params(model_config, mesh, rules, seq_len)
+  return ckpt_lib.restore_params(init_from, like)
+
+
+def trunk_of(policy_params) -> dict:
+  """The RM trunk from a policy's params: everything but the vocabulary projection."""
+  return {k: v for k, v in policy_params.items() if k != "lm_head"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation.
+
+
+def _to_host(x) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class HeldOut:
+  """The held-out comparisons, encoded once, with their gold scores; `evaluate` scores them with
+  the current params (one jitted forward pass per batch) and computes eval/rm/* metrics."""
+
+  def __init__(self, config, tokenizer, model, mesh, rules, param_shardings):
+    from rlhf_jax import evaluate_rm
+    self.config, self.mesh, self.rules = config, mesh, rules
+    data = config.data
+    self.records = rm_inputs.read_records(data.name, config.eval.split, data.data_dir or None,
+                                          config.eval.max_comparisons)
+    self.batch_size = config.eval.batch_size or data.batch_size
+    encoder = rm_inputs.Encoder(tokenizer, seq_len=data.seq_len, max_answers=data.max_answers)
+    n = len(self.records)
+    padded = -(-n // self.batch_size) * self.batch_size
+    self.arrays = encoder.encode_batch(self.records, [None] * n, padded)
+    self.stats = self.arrays.pop("stats")
+    self.n = n
+    self.gold = (evaluate_rm.gold_scores(self.records, data.max_answers, config.eval.scorer)
+                 if config.eval.scorer else None)
+    shardings = {k: sharding.batch_sharding(mesh, rules, self.arrays[k].ndim)
+                 for k in ("tokens", "positions", "segment_ids")}
+    self._score = jax.jit(lambda params, batch: rm_scores(params, batch, model),
+                          in_shardings=(param_shardings, shardings))
+    log.info("held-out: %d comparisons of %s[%s]", n, data.name, config.eval.split)
+
+  def evaluate(self, params) -> dict[str, float]:
+    from rlhf_jax import evaluate_rm
+    p, count = jax.process_index(), jax.process_count()
+    local = self.batch_size // count
+    scores = []
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for start in range(0, len(self.arrays["tokens"]), self.batch_size):
+        rows = slice(start + p * local, start + (p + 1) * local)
+        batch = sharding.make_global_batch(
+            {k: self.arrays[k][rows] for k in ("tokens", "positions", "segment_ids")},
+            self.mesh, self.rules)
+        scores.append(_to_host(self._score(params, batch)))
+    scores = np.concatenate(scores)[:self.n]
+    a = {k: v[:self.n] for k, v in self.arrays.items()}
+    metrics, _ = evaluate_rm.comparison_metrics(
+        scores, a["valid"], a["prefer"], a["lang"], self.gold, a["label"], a["labeled"],
+        self.config.eval.bins)
+    return {f"eval/rm/{k}": v for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation.
+
+
+def normalization_sample(config, records: list[dict], rng_seed: int) -> tuple[list, list]:
+  """(prompts, answers) whose RM scores the normalisation is fitted on: the SFT policy's own
+  answers to training prompts (source 'policy'), or the data's answers (source 'responses',
+  for a run with no SFT checkpoint, or data that was sampled from the same SFT)."""
+  cfg = config.normalize
+  source = cfg.source
+  if source == "auto":
+    source = "policy" if config.init_from else "responses"
+  if source not in ("policy", "responses"):
+    raise ValueError(f"unknown normalize.source {cfg.source!r}; choose auto, policy, responses")
+  order = np.random.default_rng(rng_seed).permutation(len(records))
+  seen, chosen = set(), []
+  for i in order:
+    if records[i]["prompt"] not in seen:
+      seen.add(records[i]["prompt"])
+      chosen.append(records[i])
+    if len(chosen) == cfg.num_prompts:
+      break
+  if source == "responses":
+    prompts, answers = [], []
+    for r in chosen:
+      for a in (r.get("responses") or [r.get("response", "")]):
+        prompts.append(r["prompt"])
+        answers.append(a)
+    return prompts, answers, source
+  if not config.init_from:
+    raise ValueError("normalize.source='policy' needs init_from (the SFT checkpoints)")
+  return [r["prompt"] for r in chosen], None, source
+
+
+def run_normalization(config, workdir, params, model_config, tokenizer, mesh, rules) -> dict:
+  """Fits gain and bias on the sample, writes normalization.json (+ the sample, for audits)."""
+  from rlhf_jax import respond
+  from rlhf_jax import reward as reward_lib
+  cfg = config.normalize
+  records = rm_inputs.read_records(config.data.name, config.data.split,
+                                   config.data.data_dir or None)
+  prompts, answers, source = normalization_sample(config, records, config.seed)
+  if answers is None:
+    policy = restore_policy(config.init_from, model_config, mesh, rules, config.data.seq_len)
+    answers = []
+    rng = jax.random.key(config.seed + 7)
+    max_prompt = model_config.max_len - cfg.max_new_tokens
+    for start in range(0, len(prompts), cfg.batch_size):
+      chunk = prompts[start:start + cfg.batch_size]
+      padded = chunk + [chunk[-1]] * (cfg.batch_size - len(chunk))  # one compiled shape
+      convs = [[{"role": "user", "content": p}] for p in padded]
+      # The prompt is cut to leave room for the answer, as respond.answer does.
+      out = respond.answer(policy, model_config, tokenizer, convs,
+                           rng=jax.random.fold_in(rng, start),
+                           max_new_tokens=min(cfg.max_new_tokens, max_prompt),
+                           temperature=cfg.temperature, top_p=cfg.top_p)
+      answers.extend(out[:len(chunk)])
+    del policy
+  raw = reward_lib.score_texts(params, model_config, tokenizer, prompts, answers,
+                               batch_size=cfg.batch_size, seq_len=config.data.seq_len)
+  norm = reward_lib.fit_normalization(raw)
+  if jax.process_index() == 0:
+    reward_lib.write_normalization(workdir, norm)
+    with open(os.path.join(workdir, "normalization_sample.jsonl"), "w", encoding="utf-8") as f:
+      for p, a, r in zip(prompts, answers, raw):
+        f.write(json.dumps({"prompt": p, "answer": a, "raw": float(r)}, ensure_ascii=False)
+                + "\n")
+  log.info("normalised on %d %s answers: raw mean %.4f std %.4f -> gain %.4f bias %.4f",
+           norm["n"], source, norm["mean_raw"], norm["std_raw"], norm["gain"], norm["bias"])
+  return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) a reward model in `workdir`, then normalises it. Returns the last
+  logged metrics (plus the held-out and normalisation results)."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.get("axis_rules"))
+  n_shards = sharding.batch_shards(mesh, rules)
+  data = config.data
+  batch_size, grad_accum = data.batch_size, config.optim.grad_accum
+  if batch_size % (n_shards * grad_accum):
+    raise ValueError(f"data.batch_size={batch_size} must be a multiple of the batch shards "
+                     f"({n_shards}) times optim.grad_accum ({grad_accum})")
+  loss_name = resolve_loss(config.loss.name, data.name)
+  kind, reduction, unit = LOSSES[loss_name]
+
+  tokenizer, vocab_size = inputs_lib.load_tokenizer(config, workdir)
+  model_config = build_model_config(config, vocab_size)
+  if data.seq_len > model_config.max_len:
+    raise ValueError(f"data.seq_len={data.seq_len} exceeds model.max_len={model_config.max_len}")
+  model = ScalarModel(model_config)
+
+  from rlhf_jax.data.pipeline import load_source
+  data_dir = data.data_dir or None
+  source = load_source(data.name, data.split, data_dir)
+  table = rm_inputs.element_table(source, unit)
+  total_steps = config.train.steps or rm_inputs.steps_per_epochs(
+      len(table), batch_size, jax.process_count(), data.epochs)
+  log.info("reward model: loss %s on %d %ss of %s[%s]; %d steps of %d", loss_name, len(table),
+           unit, data.name, data.split, total_steps, batch_size)
+  schedule = optim.make_schedule(config.optim, total_steps)
+  tx = optim.make_optimizer(config.optim, total_steps)
+  state, state_shardings = create_train_state(_init_params_fn(model, data.seq_len), tx, mesh,
+                                              rules, config.seed)
+  log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
+
+  # Independent pairs are elements of two answers: no padded slots to pay for.
+  max_answers = 2 if unit == "pair" else data.max_answers
+  encoder = rm_inputs.Encoder(tokenizer, seq_len=data.seq_len, max_answers=max_answers,
+                              margin=config.loss.margin)
+  data_iter = rm_inputs.ComparisonBatches(
+      source, table, encoder, batch_size=batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_epochs=None if config.train.steps else data.epochs)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=config.train.max_to_keep)
+  start = ckpt.latest_step()
+  if start is not None:
+    params, train_items, data_state, _ = ckpt.restore(start, state.params, state.train_items())
+    state = state.replace(params=params, **train_items)
+    if data_state:
+      data_iter.set_state(data_state)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  elif config.init_from:
+    policy = restore_policy(config.init_from, model_config, mesh, rules, data.seq_len)
+    trunk = trunk_of(policy)
+    ckpt_lib.check_shapes(trunk, state.params["trunk"], f"SFT checkpoint {config.init_from}")
+    state = state.replace(params={"trunk": trunk, "head": state.params["head"]})
+    del policy
+  start = int(state.step)
+
+  held_out = None
+  if config.eval.split:
+    try:
+      held_out = HeldOut(config, tokenizer, model, mesh, rules, state_shardings.params)
+    except ValueError as e:  # e.g. a small data set whose hashed split came out empty
+      log.warning("no held-out evaluation: %s", e)
+  eval_every = config.eval.every
+  results: dict = {}
+
+  def after_step(done, current):
+    if held_out is None or not (done == total_steps or (eval_every and done % eval_every == 0)):
+      return {}
+    metrics = held_out.evaluate(current.params)
+    results.update(metrics)
+    return metrics
+
+  def summarize(host, steps, seconds):
+    for lang in rm_inputs.LANGS:  # a language absent from the batch has no metrics
+      if not host.get(f"rm/pairs/{lang}"):
+        for key in [k for k in host if k.endswith(f"/{lang}")]:
+          del host[key]
+    host["train/comparisons_per_s"] = host["train/comparisons"] * steps / seconds
+    host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
+    host.update({f"data/{k}": float(v) for k, v in data_iter.stats.items()})
+    return host, {"loss": f"{host['rm/loss']:.3f}", "acc": f"{host.get('rm/accuracy', 0):.2f}",
+                  "cmp_s": f"{host['train/comparisons_per_s']:.1f}"}
+
+  batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
+                     for k, v in encoder.empty(1).items()}
+
+  def make_batch(local):
+    return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = make_jitted_step(model, tx, schedule, kind, reduction, grad_accum, state_shardings,
+                               batch_shardings)
+    box = {}
+
+    def after_step_keep(done, current):
+      box["state"] = current
+      return after_step(done, current)
+
+    last = run_train_loop(config, workdir, state, step_fn, data_iter, ckpt, make_batch,
+                          start=start, total=total_steps, loss_key="rm/loss",
+                          summarize=summarize, after_step=after_step_keep)
+  stats = data_iter.stats
+  if stats["skipped_no_pairs"] or stats["identical_pairs"]:
+    log.warning("reward data: %d comparisons skipped (no pair: all tied or identical answers), "
+                "%d pairs between identical answers dropped",
+                stats["skipped_no_pairs"], stats["identical_pairs"])
+  final_state = box.get("state", state)
+  finished = int(final_state.step) == total_steps and "preempted_at" not in last
+  from rlhf_jax.reward import NORMALIZATION_FILE
+  already = start == total_steps and os.path.exists(os.path.join(workdir, NORMALIZATION_FILE))
+  if finished and config.normalize.enabled and not already:
+    # Outside the logical-rules scope: restoring the policy unboxes abstract params there.
+    norm = run_normalization(config, workdir, final_state.params, model_config, tokenizer,
+                             mesh, rules)
+    last = {**last, **{f"normalize/{k}": float(v) for k, v in norm.items()}}
+  if held_out is not None and start == total_steps and not results:
+    results.update(held_out.evaluate(final_state.params))  # a finished run asked again
+  return {**last, **results, **{f"data/{k}": float(v) for k, v in stats.items()}}
