@@ -9,6 +9,8 @@ log = logging.getLogger("rlhf_jax.launch")
 
 TRAINERS = {
     "lm": "rlhf_jax.trainers.lm",
+    "ppo": "rlhf_jax.trainers.ppo",
+    "reward": "rlhf_jax.trainers.reward",
 }
 
 

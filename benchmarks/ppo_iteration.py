@@ -1,0 +1,240 @@
+"""PPO iteration speed on the W1 workload: episodes/s, the generate / score / update split, MFU.
+
+W1 (the workload every peer is compared on, see DESIGN.md): policy, reference, critic and
+reward model each a decoder of 4 layers, d_model 256, 4 heads, SwiGLU 1024, vocab 8192
+(size "w1"), params float32; 64 prompts of 32 tokens; 48 sampled tokens each with no early
+stop; RM score, per-token KL, GAE; 4 epochs x 4 minibatches. The functions timed are the
+trainer's own (rl/rollout.py, rl/ppo.py) with configs/ppo.py's optimizer; only the data is
+random (prompts and params drawn in numpy: values do not change the cost).
+
+MFU is measured against a large matmul timed in the same run at the same dtype (bfloat16
+inputs accumulate in float32), never against a datasheet: on a shared CPU the absolute numbers
+move with the load, the ratio much less. Model FLOPs count matmuls only
+(`ModelConfig.flops_per_token`); a training forward+backward is 3x the forward. The update's
+FLOPs per epoch: the policy over all B x (P + N) positions with the vocabulary projection on
+the N answer positions only, and the critic with none.
+
+At bfloat16 compute, log pi_old is recomputed by a policy forward pass in the score phase
+(configs/ppo.py's old_logprobs="auto"): a bfloat16 KV-cache decode rounds differently from a
+full pass, so the sampler's log-probs would start the ratio away from 1.
+
+  XLA_FLAGS= .venv/bin/python benchmarks/ppo_iteration.py [--dtypes float32,bfloat16]
+      [--iterations 3] [--json_out FILE]
+
+Prints one JSON object, then a Markdown table. Timings are never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rlhf_jax import config_util  # noqa: E402
+from rlhf_jax.models import ScalarModel, Transformer, model_config  # noqa: E402
+from rlhf_jax.rl import ppo  # noqa: E402
+from rlhf_jax.rl.rollout import make_rollout_fn  # noqa: E402
+from rlhf_jax.trainers import ppo as ppo_trainer  # noqa: E402
+
+# Hugging Face TRL 1.9.0 + torch 2.13 on this kind of 2-core CPU, float32 (DESIGN.md): a
+# reference figure from an earlier measurement, not a number measured by this script.
+TRL_REFERENCE = {"iteration_s": 14.6, "generate_s": 1.5, "score_s": 1.5, "update_s": 11.5}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--size", default="w1")
+  p.add_argument("--prompts", type=int, default=64)
+  p.add_argument("--prompt_len", type=int, default=32)
+  p.add_argument("--new_tokens", type=int, default=48)
+  p.add_argument("--epochs", type=int, default=4)
+  p.add_argument("--minibatches", type=int, default=4)
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--iterations", type=int, default=3, help="timed iterations (after 1 warm-up)")
+  p.add_argument("--matmul_n", type=int, default=2048)
+  p.add_argument("--matmul_repeats", type=int, default=10)
+  p.add_argument("--old_logprobs", default="auto", choices=["auto", "sampler", "recompute"],
+                 help="configs/ppo.py's ppo.old_logprobs")
+  p.add_argument("--json_out", default="")
+  return p.parse_args(argv)
+
+
+def measure_matmul_peak(dtype: str, n: int, repeats: int) -> float:
+  """FLOP/s of a jitted [n, n] @ [n, n] in `dtype`, float32 accumulation (median)."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  for _ in range(2):
+    dot(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2.0 * n ** 3 / statistics.median(times)
+
+
+def random_params(module, seed: int):
+  """Params of the module's tree drawn in numpy (skips compiling an initialiser)."""
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), tokens, tokens, tokens))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return jnp.ones(leaf.shape, jnp.float32)
+    if "bias" in name:
+      return jnp.zeros(leaf.shape, jnp.float32)
+    fan_in = leaf.shape[0] if "embedding" not in name else 1
+    return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), jnp.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes["params"])
+
+
+def workload_flops(cfg, batch: int, prompt_len: int, new_tokens: int, epochs: int,
+                   recompute: bool) -> dict:
+  """Matmul FLOPs of each phase of one iteration (see the module docstring)."""
+  s = prompt_len + new_tokens
+  trunk = cfg.flops_per_token(s, with_logits=False) * batch * s  # one trunk over all positions
+  logits = 2 * cfg.d_model * cfg.vocab_size * batch * new_tokens  # answer positions only
+  policy_fwd = trunk + logits
+  # Generation: prefill (last position projected), then one token per step, attending over
+  # the whole cache of s slots.
+  generate = (cfg.flops_per_token(s, with_logits=False) * batch * prompt_len
+              + 2 * cfg.d_model * cfg.vocab_size * batch
+              + cfg.flops_per_token(s, with_logits=True) * batch * (new_tokens - 1))
+  score = policy_fwd + 2 * trunk + (policy_fwd if recompute else 0)  # ref, critic, RM
+  update = epochs * 3 * (policy_fwd + trunk)
+  return {"generate": generate, "score": score, "update": update}
+
+
+def run_dtype(args, dtype: str) -> dict:
+  config = config_util.load_config(f"configs/ppo.py:size={args.size}")
+  with config.unlocked():
+    config.model.dtype = dtype
+    config.ppo.epochs, config.ppo.minibatches = args.epochs, args.minibatches
+    config.ppo.penalize_missing_eos = False  # no stop ids: every answer runs the full budget
+    config.kl.adaptive = False
+    config.ppo.old_logprobs = args.old_logprobs
+  hyper = ppo_trainer.hyper_from_config(config)
+  controller = ppo_trainer.controller_from_config(config)
+  cfg = model_config(args.size, dtype=dtype)
+  models = ppo.PPOModels(policy=cfg, critic=cfg, reward=cfg)
+  tx = ppo_trainer.make_optimizer(tuple(sorted(config.optim.to_dict().items())), 1000)
+
+  policy = random_params(Transformer(cfg), 0)
+  critic = random_params(ScalarModel(cfg), 1)
+  frozen = ppo.Frozen(reference=jax.tree.map(jnp.copy, policy), reward=random_params(
+      ScalarModel(cfg), 1), reward_gain=jnp.float32(1.0), reward_bias=jnp.float32(0.0))
+  params = {"policy": policy, "critic": critic}
+  state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       ema=None, kl_coef=controller.initial(),
+                       rng=jax.random.key_data(jax.random.key(0)))
+  rng = np.random.default_rng(2)
+  prompts = jnp.asarray(rng.integers(4, cfg.vocab_size, (args.prompts, args.prompt_len)),
+                        jnp.int32)
+  prompt_mask = jnp.ones_like(prompts)
+
+  rollout_fn = make_rollout_fn(cfg, args.new_tokens, (), 0,
+                               ppo_trainer.sampling_from_config(config.sampling))
+  experience_fn = jax.jit(functools.partial(ppo.make_experience, models=models, hyper=hyper))
+  update_fn = jax.jit(functools.partial(ppo.ppo_update, models=models, hyper=hyper,
+                                        controller=controller, tx=tx), donate_argnums=0)
+
+  # The peak is timed before and after the iterations and the higher one used: on a shared
+  # machine a single reading can land in a busy moment and flatter the MFU.
+  peaks = [measure_matmul_peak(dtype, args.matmul_n, args.matmul_repeats)]
+  phases = {"generate": [], "score": [], "update": []}
+  first = {}
+  for it in range(args.iterations + 1):
+    key = jax.random.fold_in(state.key(), 0)
+    t0 = time.perf_counter()
+    ro = jax.block_until_ready(rollout_fn({"params": state.params["policy"]}, prompts,
+                                          prompt_mask, key))
+    t1 = time.perf_counter()
+    exp, metrics = jax.block_until_ready(experience_fn(state.params, frozen, ro, state.kl_coef))
+    t2 = time.perf_counter()
+    state, stats = jax.block_until_ready(update_fn(state, exp, None))
+    t3 = time.perf_counter()
+    split = {"generate": t1 - t0, "score": t2 - t1, "update": t3 - t2}
+    if it == 0:  # compiles included
+      first = split
+      assert float(np.asarray(ro.answer_mask).sum()) == args.prompts * args.new_tokens
+      continue
+    for k, v in split.items():
+      phases[k].append(v)
+
+  med = {k: statistics.median(v) for k, v in phases.items()}
+  iteration = sum(med.values())
+  flops = workload_flops(cfg, args.prompts, args.prompt_len, args.new_tokens, args.epochs,
+                         hyper.recompute_old_logprobs)
+  peaks.append(measure_matmul_peak(dtype, args.matmul_n, args.matmul_repeats))
+  peak = max(peaks)
+  return {
+      "dtype": dtype,
+      "old_logprobs": "recompute" if hyper.recompute_old_logprobs else "sampler",
+      "iteration_s": iteration,
+      "episodes_per_s": args.prompts / iteration,
+      "seconds": med,
+      "fraction": {k: v / iteration for k, v in med.items()},
+      "first_iteration_s_with_compile": first,
+      "matmul_peak_flops_per_s": peak,
+      "matmul_peak_readings": peaks,
+      "model_flops": flops,
+      "mfu": {k: flops[k] / med[k] / peak for k in med},
+      "update_model_flops_per_s": flops["update"] / med["update"],
+      "speedup_vs_trl_reference": TRL_REFERENCE["iteration_s"] / iteration,
+      "all_seconds": phases,
+  }
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  results = [run_dtype(args, d.strip()) for d in args.dtypes.split(",") if d.strip()]
+  out = {
+      "benchmark": "ppo_iteration",
+      "workload": {"size": args.size, "prompts": args.prompts, "prompt_len": args.prompt_len,
+                   "new_tokens": args.new_tokens, "epochs": args.epochs,
+                   "minibatches": args.minibatches, "early_stop": False},
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                  "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+                  "loadavg_1m": os.getloadavg()[0]},
+      "trl_reference": {**TRL_REFERENCE, "source": "DESIGN.md (TRL 1.9.0 + torch 2.13, "
+                        "float32, same kind of 2-core CPU); not measured here"},
+      "results": results,
+  }
+  print(json.dumps(out, indent=1))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(out, f, indent=1)
+  print()
+  print("| dtype | log pi_old | iteration s | episodes/s | generate s (%) | score s (%) | "
+        "update s (%) | update MFU | update GFLOP/s | matmul peak GFLOP/s | vs TRL 14.6 s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in results:
+    s, f = r["seconds"], r["fraction"]
+    print(f"| {r['dtype']} | {r['old_logprobs']} | {r['iteration_s']:.2f} | "
+          f"{r['episodes_per_s']:.1f} | {s['generate']:.2f} ({100 * f['generate']:.0f}%) | "
+          f"{s['score']:.2f} ({100 * f['score']:.0f}%) | "
+          f"{s['update']:.2f} ({100 * f['update']:.0f}%) | {100 * r['mfu']['update']:.0f}% | "
+          f"{r['update_model_flops_per_s'] / 1e9:.0f} | "
+          f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} | "
+          f"{r['speedup_vs_trl_reference']:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,295 @@
+"""The PPO step on a tiny model: log-probs against the sampler, the first update's ratio, the
+KL controller, the missing-EOS penalty, EMA and PPO-ptx against hand-computed values, and on a
+planted reward (the count of one token in the answer) that the penalty acts and reward rises.
+
+The references are independent: numpy over the sampler's own outputs, hand-computed formulas,
+or a plain forward pass of the model; the step is never checked against itself."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ppo_setup as S
+from rlhf_jax import losses
+from rlhf_jax.models import Transformer
+from rlhf_jax.rl import kl, ppo, rollout
+from rlhf_jax.sampling import SamplingParams
+
+TARGET = 7  # the planted reward counts this token in each answer
+N = 8  # answer tokens
+
+
+def planted_reward(frozen, ro):
+  del frozen
+  return jnp.sum((ro.answer_tokens == TARGET) * ro.answer_mask, axis=-1)
+
+
+HYPER = ppo.PPOHyper(epochs=2, minibatches=2, temperature=0.7, missing_eos_penalty=None)
+# Adaptive, with a horizon so long that β hardly moves over a test, yet follows the formula.
+CONTROLLER = kl.KLController(init_coef=0.0, adaptive=True, target=6.0, horizon=1e4)
+
+
+@pytest.fixture(scope="module")
+def runner():
+  return S.Runner(HYPER, CONTROLLER, lr=2e-3, max_new_tokens=N, stop_ids=(),
+                  reward_fn=planted_reward)
+
+
+def _start(runner, kl_coef=0.0, seed=0):
+  """Policy = reference; a critic that starts at 0 (as one initialised from a normalised RM
+  starts near the mean score), so early advantages are the rewards, not a random critic."""
+  policy = S.policy_params(seed)
+  critic = S.scalar_params(1)
+  critic = {**critic, "head": jax.tree.map(jnp.zeros_like, critic["head"])}
+  state = S.make_state(policy, critic, runner.tx, kl_coef=kl_coef)
+  return state, S.frozen(jax.tree.map(jnp.copy, policy))
+
+
+# ------------------------------------------------------------------------------ rollout layout
+
+
+def test_recomputed_logprobs_equal_the_samplers_with_left_padded_prompts():
+  params = S.policy_params(3)
+  tokens, mask = S.prompts(6, width=7, seed=3)
+  assert len(set(np.asarray(mask).sum(1))) > 2  # ragged, so left padding is exercised
+  sampling = SamplingParams(temperature=0.7, top_p=0.9)  # log-probs are taken before top-p
+  fn = rollout.make_rollout_fn(S.CFG, N, (S.STOP,), S.PAD, sampling)
+  ro = fn({"params": params}, tokens, mask, jax.random.key(5))
+  recomputed = jax.jit(functools.partial(ppo.answer_logprobs, model_config=S.CFG,
+                                         temperature=0.7))(params, ro)
+  m = np.asarray(ro.answer_mask) > 0
+  np.testing.assert_allclose(np.asarray(recomputed)[m], np.asarray(ro.logprobs)[m],
+                             atol=2e-5, rtol=0)
+  # A wrong temperature is visible at this tolerance, so the comparison can fail.
+  other = ppo.answer_logprobs(params, ro, model_config=S.CFG, temperature=1.0)
+  assert np.abs(np.asarray(other)[m] - np.asarray(ro.logprobs)[m]).max() > 1e-2
+
+
+def test_rollout_layout_positions_and_masks():
+  tokens, mask = S.prompts(5, width=6, seed=4)
+  fn = rollout.make_rollout_fn(S.CFG, N, tuple(range(1, 9)), S.PAD, SamplingParams())
+  ro = jax.device_get(fn({"params": S.policy_params(4)}, tokens, mask, jax.random.key(1)))
+  seg, pos = np.asarray(ro.segment_ids), np.asarray(ro.positions)
+  for b in range(5):
+    real = np.flatnonzero(seg[b])
+    n_prompt, n_answer = int(np.asarray(mask)[b].sum()), int(ro.answer_mask[b].sum())
+    assert len(real) == n_prompt + n_answer
+    # Contiguous: left padding, then prompt, then answer, then right padding.
+    assert real[0] == 6 - n_prompt and real[-1] == 6 + n_answer - 1
+    np.testing.assert_array_equal(pos[b, real], np.arange(len(real)))
+    np.testing.assert_array_equal(ro.tokens[b, :6], np.asarray(tokens)[b])
+
+
+def test_missing_eos_is_flagged_exactly_on_answers_without_a_stop_token():
+  stop_ids = (1, 2, 3, 4, 5, 6)  # frequent enough that some answers stop, some do not
+  fn = rollout.make_rollout_fn(S.CFG, N, stop_ids, S.PAD, SamplingParams())
+  params = S.policy_params(5)
+  tokens, mask = S.prompts(16, seed=5)
+  ro = fn({"params": params}, tokens, mask, jax.random.key(2))
+  host = jax.device_get(ro)
+  expected = []
+  for row, row_mask in zip(host.answer_tokens, host.answer_mask):
+    real = [int(t) for t, m in zip(row, row_mask) if m]
+    expected.append(bool(real) and real[-1] in stop_ids)
+  expected = np.asarray(expected)
+  assert expected.any() and not expected.all()
+  np.testing.assert_array_equal(host.ended, expected)
+
+  hyper = ppo.PPOHyper(missing_eos_penalty=-1.0)
+  constant = lambda frozen, r: jnp.full(r.answer_mask.shape[:1], 0.5)  # noqa: E731
+  exp, metrics = jax.jit(functools.partial(ppo.make_experience, models=S.MODELS, hyper=hyper,
+                                           reward_fn=constant))(
+      {"policy": params, "critic": S.scalar_params(1)}, S.frozen(params), ro,
+      jnp.asarray(0.0))
+  np.testing.assert_array_equal(np.asarray(exp.scores), np.where(expected, 0.5, -1.0))
+  np.testing.assert_allclose(float(metrics["rollout/eos_rate"]), expected.mean())
+  # The score enters the reward at each answer's last token: with β = 0 and a zero critic the
+  # (unwhitened) return of the first token is the score itself.
+  np.testing.assert_allclose(np.asarray(exp.returns - exp.old_values)[:, 0],
+                             np.where(expected, 0.5, -1.0) * 0.95 ** (host.lengths - 1) +
+                             np.asarray(_td_sum(exp, host)), atol=1e-5)
+
+
+def _td_sum(exp, host):
+  """Σ_t (γλ)^t (V_{t+1} − V_t) over each answer (γ = 1): the value part of A_0."""
+  values = np.asarray(exp.old_values)
+  out = []
+  for b, length in enumerate(np.asarray(host.lengths).astype(int)):
+    v = np.append(values[b, :length], 0.0)
+    out.append(sum(0.95 ** t * (v[t + 1] - v[t]) for t in range(length)))
+  return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------- first update
+
+
+def test_first_minibatch_ratio_is_one_and_kl_to_reference_zero(runner):
+  state, frozen = _start(runner)
+  tokens, mask = S.prompts(32, seed=6)
+  state, ro, exp, metrics, stats = runner.iteration(state, frozen, tokens, mask)
+  m = np.asarray(ro.answer_mask) > 0
+  assert abs(float(metrics["objective/kl"])) < 1e-4
+  assert np.abs(np.asarray(exp.kl)).max() < 1e-4
+  first = {k: np.asarray(v)[0, 0] for k, v in stats.items()}
+  assert abs(first["ppo/policy/ratio"] - 1.0) < 1e-5
+  assert first["ppo/policy/approxkl"] < 1e-10
+  assert first["ppo/policy/clipfrac"] == 0.0
+  # ...and the update moved the policy: later minibatches see ratios away from 1.
+  assert np.asarray(stats["ppo/policy/approxkl"])[1, 1] > 1e-6
+  # Advantages whitened over real tokens only.
+  adv = np.asarray(exp.advantages)
+  assert abs(adv[m].mean()) < 1e-5 and abs(adv[m].std(ddof=1) - 1.0) < 1e-4
+  assert np.all(adv[~m] == 0)
+  # The adaptive controller applied its formula to this batch's mean KL.
+  beta = float(state.kl_coef)
+  assert beta == 0.0  # β = 0 stays 0 ...
+  expected = 0.3 * (1 + np.clip(float(np.mean(exp.kl)) / 6.0 - 1, -0.2, 0.2) * 32 / 1e4)
+  moved, _ = runner.update_fn(S.make_state(S.policy_params(0), S.scalar_params(1), runner.tx,
+                                           kl_coef=0.3), exp, None)
+  np.testing.assert_allclose(float(moved.kl_coef), expected, rtol=1e-6)  # ... β > 0 moves
+
+
+def test_adaptive_controller_hand_computed_steps():
+  c = kl.KLController(init_coef=0.1, adaptive=True, target=6.0, horizon=10000.0)
+  beta = 0.1
+  beta = c.update(beta, 9.0, 64)  # KL/target − 1 = 0.5, clipped to 0.2
+  assert beta == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+  beta2 = c.update(beta, 6.6, 64)  # 0.1, inside the clip
+  assert beta2 == pytest.approx(beta * (1 + 0.1 * 64 / 10000))
+  beta3 = c.update(beta2, 0.0, 128)  # −1 clipped to −0.2
+  assert beta3 == pytest.approx(beta2 * (1 - 0.2 * 128 / 10000))
+  fixed = kl.KLController(init_coef=0.1)
+  assert fixed.update(0.1, 100.0, 64) == 0.1
+  # Inside jit on arrays: the same numbers.
+  assert float(jax.jit(c.update)(jnp.float32(0.1), jnp.float32(9.0), 64)) == pytest.approx(
+      0.1 * (1 + 0.2 * 64 / 10000), rel=1e-6)
+
+
+def test_kl_estimators():
+  logp = jnp.log(jnp.asarray([0.5, 0.2, 0.9]))
+  ref = jnp.log(jnp.asarray([0.25, 0.4, 0.9]))
+  np.testing.assert_allclose(kl.kl_k1(logp, ref), np.log([2.0, 0.5, 1.0]), atol=1e-6)
+  r = np.log([0.5, 2.0, 1.0])
+  np.testing.assert_allclose(kl.kl_k3(logp, ref), np.exp(r) - 1 - r, atol=1e-6)
+  assert np.all(np.asarray(kl.kl_k3(logp, ref)) >= 0)
+
+
+# ----------------------------------------------------------------------- the penalty, the reward
+
+
+def _train(runner, kl_coef, iterations=10, seed=0):
+  """objective/* of each iteration, and of one more rollout from the final policy."""
+  state, frozen = _start(runner, kl_coef=kl_coef, seed=seed)
+  tokens, mask = S.prompts(32, seed=7)
+  history = []
+  for i in range(iterations + 1):
+    rollout_only = i == iterations
+    new_state, _, _, metrics, _ = runner.iteration(state, frozen, tokens, mask)
+    history.append({"score": float(metrics["objective/scores"]),
+                    "kl": float(metrics["objective/kl"])})
+    if not rollout_only:
+      state = new_state
+  return history
+
+
+@pytest.fixture(scope="module")
+def free_run(runner):
+  return _train(runner, kl_coef=0.0)
+
+
+def test_planted_reward_rises_within_a_few_iterations(free_run):
+  start, end = free_run[0]["score"], free_run[-1]["score"]
+  # A near-uniform policy over 64 tokens emits the target ~N/64 = 0.125 times per answer.
+  assert start < 0.5, free_run
+  assert end > start + 1.0 and end > 3 * start, free_run
+
+
+def test_large_beta_keeps_kl_near_zero_while_zero_beta_moves(runner, free_run):
+  held = _train(runner, kl_coef=3.0)
+  assert free_run[-1]["kl"] > 4.0, free_run
+  assert max(h["kl"] for h in held) < 2.5, held
+  assert held[-1]["kl"] < 0.25 * free_run[-1]["kl"], (held, free_run)
+  assert held[-1]["score"] < free_run[-1]["score"]
+
+
+# ------------------------------------------------------------------------------ EMA and ptx
+
+
+@pytest.mark.slow  # compiles an update of its own
+def test_ema_and_ptx_terms():
+  hyper = ppo.PPOHyper(epochs=1, minibatches=1, temperature=0.7, missing_eos_penalty=None,
+                       ema_decay=0.75, ptx_coef=0.5)
+  r = S.Runner(hyper, kl.KLController(), lr=1e-2, max_new_tokens=N, stop_ids=(),
+               reward_fn=planted_reward)
+  policy = S.policy_params(8)
+  state = S.make_state(policy, S.scalar_params(1), r.tx, ema=True)
+  rng = np.random.RandomState(0)
+  ids = rng.randint(2, S.V, size=(4, 12)).astype(np.int32)
+  ptx = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+         "positions": np.tile(np.arange(11, dtype=np.int32), (4, 1)),
+         "segment_ids": np.ones((4, 11), np.int32), "loss_mask": np.ones((4, 11), np.float32)}
+  ptx_m = jax.tree.map(lambda x: jnp.asarray(x)[None], ptx)  # [minibatches=1, rows, T]
+  tokens, mask = S.prompts(8, seed=8)
+  new_state, _, _, _, stats = r.iteration(state, S.frozen(policy), tokens, mask, ptx_m)
+
+  # PPO-ptx: the mean next-token NLL of the batch under the policy before the update.
+  logits, _ = Transformer(S.CFG).apply({"params": policy}, ptx["inputs"], ptx["positions"],
+                                       ptx["segment_ids"])
+  logits = np.asarray(logits, np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  nll = logz - np.take_along_axis(logits, ptx["targets"][..., None], -1)[..., 0]
+  first = {k: float(np.asarray(v)[0, 0]) for k, v in stats.items()}
+  np.testing.assert_allclose(first["ppo/loss/ptx"], nll.mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+      first["ppo/loss/total"],
+      first["ppo/loss/policy"] + 0.1 * first["ppo/loss/value"] + 0.5 * nll.mean(), rtol=1e-5)
+
+  # EMA after one update: 0.75 · old + 0.25 · new.
+  expected = jax.tree.map(lambda old, new: 0.75 * old + 0.25 * new, policy,
+                          new_state.params["policy"])
+  for a, b in zip(jax.tree.leaves(new_state.ema), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(new_state.ema)[0], jax.tree.leaves(policy)[0])
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("clip_eps", 0.0, "clip_eps"), ("clip_eps", 1.5, "clip_eps"),
+    ("value_clip", -0.1, "value_clip"), ("value_clip", 1.0, "value_clip"),
+    ("kl_estimator", "k2", "kl_estimator"), ("ema_decay", 1.0, "ema_decay")])
+def test_bad_hyperparameters_are_clear_errors(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    ppo.PPOHyper(**{field: value})
+
+
+def test_negative_beta_is_an_error():
+  with pytest.raises(ValueError, match="beta must be >= 0"):
+    kl.KLController(init_coef=-0.01)
+
+
+def test_minibatches_must_divide_the_batch():
+  with pytest.raises(ValueError, match="does not divide the batch of 10"):
+    ppo.PPOHyper(minibatches=4).check_batch(10)
+  ppo.PPOHyper(minibatches=4).check_batch(12)
+
+
+def test_policy_and_value_losses_against_formulas():
+  rng = np.random.RandomState(9)
+  logp, old, adv = (rng.normal(size=(3, 5)).astype(np.float32) * s for s in (0.3, 0.3, 1.0))
+  mask = np.ones((3, 5), np.float32)
+  mask[1, 3:] = 0
+  loss, stats = losses.ppo_policy_loss(logp, old, adv, mask, 0.2)
+  ratio = np.exp(logp - old)
+  per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
+  np.testing.assert_allclose(float(loss), per[mask > 0].mean(), rtol=1e-5)
+  clipped = (-adv * np.clip(ratio, 0.8, 1.2)) > (-adv * ratio)
+  np.testing.assert_allclose(float(stats["clipfrac"]), clipped[mask > 0].mean(), rtol=1e-6)
+  v, v_old, ret = (rng.normal(size=(3, 5)).astype(np.float32) for _ in range(3))
+  vloss, _ = losses.ppo_value_loss(v, v_old, ret, mask, 0.2)
+  vc = v_old + np.clip(v - v_old, -0.2, 0.2)
+  ref = 0.5 * np.maximum((v - ret) ** 2, (vc - ret) ** 2)[mask > 0].mean()
+  np.testing.assert_allclose(float(vloss), ref, rtol=1e-5)
