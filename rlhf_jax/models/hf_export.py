@@ -1,0 +1,151 @@
+"""Exporting params to a Hugging Face checkpoint directory that `transformers` loads as is.
+
+  export_pretrained(params, model_config, "out/", tokenizer=tok)
+
+writes config.json (LlamaForCausalLM, or Qwen2ForCausalLM when the model has q/k/v biases),
+model.safetensors (or shards of at most `max_shard_bytes` plus model.safetensors.index.json),
+generation_config.json and, given an HFTokenizer, tokenizer.json + tokenizer_config.json with
+the chat template; so a trained policy can be served by any HF-compatible server.
+
+Params are gathered one tensor at a time (a sharded or multi-host array is assembled on the host
+for that tensor only), converted to the HF layout (rlhf_jax.models.hf_layout), and written in
+`dtype` (float32 by default: the logits then equal ours; bfloat16 halves the size). In a
+multi-process run every process must call this (the gather is collective); process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from rlhf_jax.models import hf_layout
+from rlhf_jax.models.safetensors_io import INDEX_NAME, write_safetensors
+from rlhf_jax.models.transformer import ModelConfig
+
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def hf_config(model_config: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
+  """config.json contents. Rope settings use the `rope_theta` + `rope_scaling` keys, which both
+  transformers 4.x and 5.x read."""
+  c = model_config
+  qwen = c.qkv_bias  # Llama's attention_bias would also give o_proj a bias; Qwen2's does not
+  config = {
+      "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+      "model_type": "qwen2" if qwen else "llama",
+      "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
+      "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+      "num_key_value_heads": c.n_kv_heads, "head_dim": c.dim_per_head,
+      "max_position_embeddings": c.max_len, "rms_norm_eps": c.norm_eps,
+      "rope_theta": c.rope_theta, "rope_scaling": _rope_scaling(c),
+      "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
+      "initializer_range": 0.02, "use_cache": True, "torch_dtype": dtype,
+  }
+  if qwen:
+    config.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layers)
+  else:
+    config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  if tokenizer is not None:
+    config.update(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),
+                  pad_token_id=int(tokenizer.pad_id))
+  return config
+
+
+def _rope_scaling(c: ModelConfig) -> Optional[dict]:
+  if c.rope_scaling == "linear":
+    return {"rope_type": "linear", "factor": c.rope_factor}
+  if c.rope_scaling == "llama3":
+    return {"rope_type": "llama3", "factor": c.rope_factor,
+            "low_freq_factor": c.rope_low_freq_factor,
+            "high_freq_factor": c.rope_high_freq_factor,
+            "original_max_position_embeddings": c.rope_original_max_len}
+  return None
+
+
+def _host(x) -> np.ndarray:
+  """The whole array on this host (a collective gather when it spans processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(params, dtype: str = "float32"):
+  """Yields (HF name, array in the HF layout) one tensor at a time."""
+  np_dtype = _DTYPES[dtype]
+  import flax.linen as nn
+  tree = nn.unbox(params)
+  flat = jax.tree.leaves(tree["params"] if set(tree) == {"params"} else tree)
+  for leaf, value in zip(hf_layout.leaves(tree), flat):
+    host = _host(value).astype(np.float32)
+    layers = host if leaf.stacked else host[None]
+    for name, layer in zip(leaf.hf_names, layers):
+      yield name, hf_layout.to_hf(leaf.layout, layer).astype(np_dtype)
+
+
+def export_pretrained(params, model_config: ModelConfig, directory: str, *, tokenizer=None,
+                      dtype: str = "float32", max_shard_bytes: int = 5 << 30) -> str:
+  """Writes the checkpoint directory; returns its path. See the module docstring."""
+  if dtype not in _DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(directory, exist_ok=True)
+  written: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
+  shard: list = []
+  size = 0
+
+  def flush():
+    nonlocal shard, size
+    if shard:  # full shards go to disk as soon as they fill: bounded host memory
+      tmp = os.path.join(directory, f"part-{len(written):05d}.tmp.safetensors")
+      write_safetensors(tmp, shard, metadata={"format": "pt"})
+      written.append((tmp, [name for name, _ in shard]))
+    shard, size = [], 0
+
+  for name, array in hf_tensors(params, dtype):  # every process gathers; one writes
+    if not writer:
+      continue
+    if shard and size + array.nbytes > max_shard_bytes:
+      flush()
+    shard.append((name, array))
+    size += array.nbytes
+  if not writer:
+    return directory
+  flush()
+  _name_shards(directory, written)
+  _write_json(os.path.join(directory, "config.json"), hf_config(model_config, tokenizer, dtype))
+  generation = {"do_sample": False}
+  if tokenizer is not None:
+    generation.update(bos_token_id=int(tokenizer.bos_id),
+                      eos_token_id=[int(i) for i in tokenizer.stop_ids()],
+                      pad_token_id=int(tokenizer.pad_id))
+  _write_json(os.path.join(directory, "generation_config.json"), generation)
+  if tokenizer is not None and hasattr(tokenizer, "save"):
+    tokenizer.save(directory)
+  return directory
+
+
+def _name_shards(directory: str, written: list) -> None:
+  """One file becomes model.safetensors; several get HF's numbered names and an index."""
+  index = os.path.join(directory, INDEX_NAME)
+  if len(written) == 1:
+    os.replace(written[0][0], os.path.join(directory, "model.safetensors"))
+    if os.path.exists(index):
+      os.remove(index)
+    return
+  weight_map = {}
+  for i, (tmp, names) in enumerate(written):
+    name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+    os.replace(tmp, os.path.join(directory, name))
+    weight_map.update({n: name for n in names})
+  _write_json(index, {"metadata": {}, "weight_map": weight_map})
+
+
+def _write_json(path: str, data: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2, ensure_ascii=False)

