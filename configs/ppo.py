@@ -10,6 +10,8 @@ its normalization.json. Without them every model starts random (with a warning):
 tests and speed runs.
 
 `lang=en|zh|both`: which prompts to train on (`both` gives every batch half of each).
+`model=smollm2_135m` (or an HF directory / .gguf): SFT and RM runs of an imported model; the
+tokenizer is that model's own.
 """
 import ml_collections
 
@@ -17,7 +19,8 @@ from rlhf_jax import config_util
 
 
 def get_config(arg=None):
-  arg = config_util.parse_arg(arg, size="small", lang="both", steps=200, batch=64, sft="", rm="")
+  arg = config_util.parse_arg(arg, size="small", lang="both", steps=200, batch=64, sft="", rm="",
+                              model="")
   tiny = arg.size == "tiny"
   config = config_util.base_lm_config(ml_collections.ConfigDict(dict(
       size=arg.size, steps=arg.steps, batch=arg.batch, seq_len=128)))
@@ -26,6 +29,9 @@ def get_config(arg=None):
   del config["init_from"]
   config.sft_dir = arg.sft  # an SFT workdir (its checkpoints/ and tokenizer); "" = random
   config.rm_dir = arg.rm  # a reward-model workdir (checkpoints/, normalization.json); "" = random
+  if arg.model:  # an imported model: its own tokenizer (the shapes come from the checkpoints)
+    config.model, config.tokenizer.path = config_util.pretrained_model_section(arg.model)
+    config.tokenizer.vocab_size = config.model.vocab_size
 
   config.data.name = "rlhf_prompts"  # {prompt, lang}
   config.data.split = "train"

@@ -8,7 +8,9 @@ r"""Reward model: the SFT trunk plus a scalar head, trained on rankings of K ans
 Arguments: size, steps (0 = one pass over the data, InstructGPT's one epoch), batch (prompts
 per step), seq_len (prompt + answer tokens), data (a TFDS name), k (most answers per prompt),
 loss ('' = kwise for comparisons, binary for rlhf_feedback thumbs; see LOSSES in
-rlhf_jax/trainers/reward.py).
+rlhf_jax/trainers/reward.py), model ('' = a model of `size` with our sentencepiece tokenizer;
+an imported model -- `smollm2_135m`, an HF directory or a .gguf -- whose shape and tokenizer the
+SFT run of `init_from` used, e.g. configs/sft_hf.py's).
 
 The run's workdir gets checkpoints/ ({'trunk', 'head'} params), normalization.json (gain and
 bias so the SFT policy's answers score mean 0, std 1), metrics.jsonl with rm/* (train) and
@@ -21,8 +23,12 @@ from rlhf_jax import config_util
 
 def get_config(arg=None):
   arg = config_util.parse_arg(arg, size="small", steps=0, batch=32, seq_len=128,
-                              data="rlhf_comparisons/round0", k=4, loss="")
+                              data="rlhf_comparisons/round0", k=4, loss="",
+                              model="")
   config = config_util.base_lm_config(arg)
+  if arg.model:  # the imported model's shape and its own tokenizer
+    config.model, config.tokenizer.path = config_util.pretrained_model_section(arg.model)
+    config.tokenizer.vocab_size = config.model.vocab_size
   config.trainer = "reward"
   config.stage = "reward"
   config.init_from = ""  # an SFT run's checkpoints/ directory: trunk copied, head fresh

@@ -16,27 +16,10 @@ Arguments:
           a randomly initialised model of that size with the sentencepiece tokenizer, exactly as
           configs/sft.py (the config tests run every config file that way).
 """
-import os
-
 import ml_collections
 
 from rlhf_jax import config_util
 from rlhf_jax.models import pretrained
-
-_MODEL_DEFAULTS = dict(head_dim=0, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False,
-                       rope_scaling="", rope_factor=1.0, rope_low_freq_factor=1.0,
-                       rope_high_freq_factor=4.0, rope_original_max_len=8192)
-
-
-def _model_fields(model: str) -> dict:
-  """ModelConfig fields of a preset, or read from a checkpoint's config.json / GGUF header."""
-  if model in pretrained.SHAPES:
-    return dict(pretrained.SHAPES[model])
-  from rlhf_jax.models import hf_import
-  if not hf_import.is_pretrained_path(model):
-    raise ValueError(f"model={model!r} is neither a preset ({sorted(pretrained.SHAPES)}) nor a "
-                     "Hugging Face directory or .gguf file")
-  return hf_import.open_checkpoint(model)[0]
 
 
 def get_config(arg=None):
@@ -56,18 +39,12 @@ def get_config(arg=None):
     config.optim.learning_rate = 1e-3 if arg.size in ("tiny", "small") else 2e-5
     return config
 
-  source = arg.path or arg.model
-  fields = {**_MODEL_DEFAULTS, **_model_fields(arg.model)}
-  name = arg.model if arg.model in pretrained.SHAPES else os.path.basename(arg.model.rstrip("/"))
-  # Scanned layers compile once per model, not once per layer (30 layers for SmolLM2).
-  config.model = ml_collections.ConfigDict(dict(size=name, **fields, dtype=arg.dtype,
-                                                remat=fields["d_model"] >= 1024,
-                                                scan_layers=True))
+  config.model, source = config_util.pretrained_model_section(arg.model, arg.path, arg.dtype)
   config.tokenizer.path = source  # the model's own tokenizer (HF dir or GGUF)
-  config.tokenizer.vocab_size = fields["vocab_size"]
+  config.tokenizer.vocab_size = config.model.vocab_size
   config.init_from = source
   config.data.batch_size = arg.batch
-  config.data.seq_len = min(arg.seq_len, fields["max_len"])
+  config.data.seq_len = min(arg.seq_len, config.model.max_len)
   config.optim.learning_rate = 2e-5
   config.optim.weight_decay = 0.0
   return config

@@ -265,7 +265,8 @@ def load_policy(sft: str):
 
 def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
                    max_prompt_tokens: int, splits=("train", "validation", "test"),
-                   sources: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+                   sources: Sequence[str] = (), langs: Sequence[str] = LANGS
+                   ) -> tuple[list[str], list[str]]:
   """Up to per_lang prompts per language from rlhf_prompts (all splits: each keeps its split
   through the prompt hash), short enough to leave the answer room."""
   from rlhf_jax.trainers.rm_inputs import read_records
@@ -273,7 +274,8 @@ def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
   for split in splits:
     records.extend(read_records("rlhf_prompts", split, data_dir))
   order = np.random.default_rng(seed).permutation(len(records))
-  prompts, langs, counts = [], [], {lang: 0 for lang in LANGS}
+  counts = {lang: 0 for lang in langs}
+  prompts, out_langs = [], []
   for i in order:
     r = records[i]
     if r["lang"] not in counts or counts[r["lang"]] >= per_lang:
@@ -283,9 +285,9 @@ def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
     if len(tokenizer.encode(r["prompt"])) > max_prompt_tokens:
       continue
     prompts.append(r["prompt"])
-    langs.append(r["lang"])
+    out_langs.append(r["lang"])
     counts[r["lang"]] += 1
-  return prompts, langs
+  return prompts, out_langs
 
 
 def main(argv=None):
@@ -296,6 +298,7 @@ def main(argv=None):
   p.add_argument("--data_dir", default="", help="TFDS data_dir (default ~/.cache/rlhf_jax/tfds)")
   p.add_argument("--prompts_data_dir", default="", help="where rlhf_prompts is (default: data_dir)")
   p.add_argument("--prompts_per_lang", type=int, default=1000)
+  p.add_argument("--langs", default=",".join(LANGS), help="comma-separated: en, zh or both")
   p.add_argument("--k", type=int, default=4, help="answers sampled per prompt")
   p.add_argument("--max_new_tokens", type=int, default=48)
   p.add_argument("--max_prompt_tokens", type=int, default=64)
@@ -310,16 +313,17 @@ def main(argv=None):
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
 
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.hf_tokenizer import load_any_tokenizer
   from rlhf_jax.data import builders
   params, model_config, saved = load_policy(args.sft)
   tok_path = args.tokenizer or saved["tokenizer"]["path"] or os.path.join(
       args.sft, "tokenizer", "tokenizer.model")
-  tokenizer = tok_lib.Tokenizer.load(tok_path)
+  tokenizer = load_any_tokenizer(tok_path)
   data_dir = args.data_dir or None
   prompts, langs = choose_prompts(tokenizer, args.prompts_per_lang,
                                   data_dir=args.prompts_data_dir or data_dir,
-                                  seed=args.seed, max_prompt_tokens=args.max_prompt_tokens)
+                                  seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                                  langs=tuple(args.langs.split(",")))
   answers = sample_answers(params, model_config, tokenizer, prompts, args.k, seed=args.seed,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, batch_size=args.batch_size)

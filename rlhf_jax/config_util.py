@@ -115,6 +115,37 @@ def base_lm_config(arg) -> ml_collections.ConfigDict:
   return config
 
 
+_PRETRAINED_DEFAULTS = dict(head_dim=0, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False,
+                           rope_scaling="", rope_factor=1.0, rope_low_freq_factor=1.0,
+                           rope_high_freq_factor=4.0, rope_original_max_len=8192)
+
+
+def pretrained_model_section(model: str, path: str = "", dtype: str = "float32"):
+  """(`config.model`, source) of an imported model: a preset of rlhf_jax/models/pretrained.py
+  or a Hugging Face directory / .gguf file, whose config.json or header gives the shape.
+
+  `source` is where its weights and tokenizer are (`path` for a shape-only preset). Shared by
+  every config that starts from a pretrained model (sft_hf, and reward / ppo with `model=`).
+  """
+  import os
+  from rlhf_jax.models import pretrained
+  if model in pretrained.SHAPES:
+    fields = dict(pretrained.SHAPES[model])
+    name = model
+  else:
+    from rlhf_jax.models import hf_import
+    if not hf_import.is_pretrained_path(model):
+      raise ValueError(f"model={model!r} is neither a preset ({sorted(pretrained.SHAPES)}) nor "
+                       "a Hugging Face directory or .gguf file")
+    fields = hf_import.open_checkpoint(model)[0]
+    name = os.path.basename(model.rstrip("/"))
+  fields = {**_PRETRAINED_DEFAULTS, **fields}
+  # Scanned layers compile once per model, not once per layer (30 layers for SmolLM2).
+  section = ml_collections.ConfigDict(dict(size=name, **fields, dtype=dtype,
+                                           remat=fields["d_model"] >= 1024, scan_layers=True))
+  return section, path or model
+
+
 def _default_rules():
   from rlhf_jax.sharding import DEFAULT_AXIS_RULES
   return DEFAULT_AXIS_RULES

@@ -197,7 +197,7 @@ def main(argv=None):
   import os
 
   from rlhf_jax import checkpoint as ckpt_lib
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.hf_tokenizer import load_any_tokenizer
   from rlhf_jax.reward import load_reward_model
   from rlhf_jax.trainers.rm_inputs import read_records
   model_config, params, _, _ = load_reward_model(args.workdir, require_normalization=False)
@@ -205,7 +205,7 @@ def main(argv=None):
                                async_save=False)
   saved = ckpt.read_config()
   ckpt.close()
-  tokenizer = tok_lib.Tokenizer.load(saved["tokenizer"]["path"] or os.path.join(
+  tokenizer = load_any_tokenizer(saved["tokenizer"]["path"] or os.path.join(
       args.workdir, "tokenizer", "tokenizer.model"))
   data = saved["data"]
   records = read_records(args.data or data["name"], args.split,

@@ -339,8 +339,11 @@ def _read_json(path: str) -> dict:
 
 
 def load_any_tokenizer(path: str, vocab_size: Optional[int] = None):
-  """Our sentencepiece Tokenizer for a .model file, an HFTokenizer for an HF dir / .gguf."""
+  """Our sentencepiece Tokenizer for a .model file; an HFTokenizer for an HF directory, a .gguf
+  file or a preset name (`smollm2_135m`). Every place that opens a run's tokenizer goes through
+  here, so each stage works with either kind."""
   if path.endswith(".model"):
     from rlhf_jax.tokenizer import Tokenizer
     return Tokenizer.load(path)
-  return HFTokenizer.load(path, vocab_size)
+  from rlhf_jax.models import pretrained
+  return HFTokenizer.load(pretrained.resolve(path), vocab_size)

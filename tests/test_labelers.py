@@ -136,3 +136,16 @@ def test_results_are_memoised_with_a_bound():
   assert info.maxsize is not None
   labelers.score(["memo test sentence, quite nice"] * 3, "en")
   assert labelers._score_one.cache_info().hits >= info.hits + 2
+
+
+@pytest.mark.parametrize("name", ["gold", "check"])
+def test_an_answer_in_the_other_language_scores_minus_one(name):
+  # Cheerful, but in the wrong language: a reader of the prompt's language rates it lowest.
+  assert labelers.score(["这个产品非常好，我很喜欢！"], "en", name).tolist() == [-1.0]
+  assert labelers.score(["I love it, this is great!"], "zh", name).tolist() == [-1.0]
+  # Majority decides: 2 CJK characters against 6 Latin letters is English, and the reverse.
+  assert labelers.text_language("iPhone很好") == "en"
+  assert labelers.text_language("苹果手机真的很好用 ok") == "zh"
+  # No letters of either kind is neither language: scored by the lexicon, not penalised.
+  assert labelers.text_language("1001?!") == ""
+  assert labelers.score(["1001?!"], "zh", name)[0] != -1.0

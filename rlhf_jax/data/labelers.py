@@ -21,6 +21,13 @@ No scorer touches the network: every lexicon ships inside its PyPI package.
 An empty (or whitespace-only) text scores exactly 0 under every built-in scorer: it carries
 no sentiment, and some back ends would otherwise return an arbitrary prior (SnowNLP maps ""
 to 0.05).
+
+An answer in the wrong language scores -1 under every built-in scorer, as a person asking in
+English would rate an answer in Chinese, however cheerful: a text is Chinese when it has more
+CJK characters than Latin letters, English otherwise. Without this rule a lexicon reads the
+other language as neutral, and a policy trained on both languages learns to answer English
+prompts with upbeat Chinese, which the proxy reward model (trained on both) rewards and no
+English reader would want.
 """
 from __future__ import annotations
 
@@ -240,11 +247,31 @@ def _check_name(name: str) -> None:
     raise ValueError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}{hint}")
 
 
+WRONG_LANGUAGE_SCORE = -1.0
+
+
+def _cjk(ch: str) -> bool:
+  return ("\u3400" <= ch <= "\u4dbf" or "\u4e00" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff")
+
+
+def text_language(text: str) -> str:
+  """'zh' when a text has more CJK characters than Latin letters, 'en' when it has at least as
+  many Latin letters (and some), '' when it has neither (digits, punctuation, emoji)."""
+  cjk = sum(_cjk(ch) for ch in text)
+  latin = sum(ch.isascii() and ch.isalpha() for ch in text)
+  if cjk > latin:
+    return "zh"
+  return "en" if latin else ""
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _score_one(name: str, lang: str, text: str) -> float:
-  """One text under a registered scorer; empty text scores 0 (no sentiment to read)."""
+  """One text under a registered scorer; empty text scores 0 (no sentiment to read), a text
+  in the other language WRONG_LANGUAGE_SCORE (see the module docstring)."""
   if not text.strip():
     return 0.0
+  if text_language(text) not in (lang, ""):
+    return WRONG_LANGUAGE_SCORE
   return SCORERS[name][lang](text)
 
 

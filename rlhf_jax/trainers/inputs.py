@@ -33,10 +33,8 @@ def load_tokenizer(config, workdir: str):
     return None, config.model.vocab_size
   if config.tokenizer.path and not config.tokenizer.path.endswith(".model"):
     # An imported model's own tokenizer: an HF directory, a .gguf file or a preset name.
-    from rlhf_jax.hf_tokenizer import HFTokenizer
-    from rlhf_jax.models import pretrained
-    tokenizer = HFTokenizer.load(pretrained.resolve(config.tokenizer.path),
-                                 config.model.vocab_size)
+    from rlhf_jax.hf_tokenizer import load_any_tokenizer
+    tokenizer = load_any_tokenizer(config.tokenizer.path, config.model.vocab_size)
     return tokenizer, tokenizer.vocab_size
   from rlhf_jax import tokenizer as tok_lib
   path = tokenizer_path(config, workdir)

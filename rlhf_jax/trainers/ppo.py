@@ -124,9 +124,9 @@ def check_vocab(what: str, where: str, vocab: int, tokenizer) -> None:
 
 def load_tokenizer(config, workdir: str):
   """config.tokenizer.path, else the SFT run's tokenizer, else one trained into the workdir."""
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.hf_tokenizer import load_any_tokenizer
   if config.tokenizer.path:
-    return tok_lib.Tokenizer.load(config.tokenizer.path)
+    return load_any_tokenizer(config.tokenizer.path)
   if config.sft_dir:
     candidates = [os.path.join(config.sft_dir, "tokenizer", "tokenizer.model")]
     try:
@@ -138,8 +138,8 @@ def load_tokenizer(config, workdir: str):
     except (FileNotFoundError, KeyError, TypeError):
       pass
     for path in filter(None, candidates):
-      if os.path.exists(path):
-        return tok_lib.Tokenizer.load(path)
+      if os.path.exists(path) or (path and not path.endswith(".model")):
+        return load_any_tokenizer(path)
     raise FileNotFoundError(f"no tokenizer found for SFT run {config.sft_dir}; set "
                             "tokenizer.path")
   tokenizer, _ = inputs_lib.load_tokenizer(config, workdir)
