@@ -85,6 +85,11 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, params, train, data: dict, config: dict, force: bool = False) -> bool:
+    """Saves `step` (when due, or always with `force`); a step already saved is left as it is,
+    so a forced save right after a periodic one of the same step (stop_after, preemption, the
+    final save) is a no-op rather than orbax's StepAlreadyExistsError."""
+    if int(step) in self.manager.all_steps():
+      return False
     return self.manager.save(
         int(step), force=force,
         args=ocp.args.Composite(

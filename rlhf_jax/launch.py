@@ -8,6 +8,8 @@ import logging
 log = logging.getLogger("rlhf_jax.launch")
 
 TRAINERS = {
+    "dpo": "rlhf_jax.trainers.preference",
+    "kto": "rlhf_jax.trainers.preference",
     "lm": "rlhf_jax.trainers.lm",
     "ppo": "rlhf_jax.trainers.ppo",
     "reward": "rlhf_jax.trainers.reward",

@@ -149,3 +149,84 @@ def preference_stats(scores, prefer, valid=None):
   mask = pair_mask(prefer, valid)
   correct = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
   return jnp.sum(correct * mask), jnp.sum(mask), jnp.sum(diff * mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference fine-tuning with no reward model. Inputs are summed log-probs of whole answers,
+# log π(y|x) = Σ_t log π(y_t | x, y_<t), one per example ([B]); `mask` [B] is 1 on real rows
+# and 0 on the padding rows of a partly filled last batch. Both losses are batch means (KTO's
+# KL estimate is a statistic of the whole batch, so a (sum, count) split would not be exact).
+
+
+def kto_loss(policy_logp, ref_policy_logp, kl_policy_logp, kl_ref_logp, labels, mask, *, beta,
+             desirable_weight, undesirable_weight, kl_mask=None):
+  """Kahneman-Tversky optimisation from single answers marked liked (1) or disliked (0).
+
+  r = β·(log π(y|x) − log π_ref(y|x)) is the implicit reward. The reference point z is β times
+  a KL estimate: the mean log-ratio over mismatched (prompt, answer) pairs of the batch
+  (kl_policy_logp, kl_ref_logp [B]: prompt i with some other row's answer), clamped at 0 and
+  held constant (stop_gradient): it only says where "good" starts, the model cannot move it.
+  A liked answer is valued v = σ(r − z), a disliked one v = σ(z − r); the loss is the mean
+  over real rows of w·(1 − v), w = desirable_weight for likes, undesirable_weight otherwise.
+
+  kl_mask [B]: real mismatched pairs (default: `mask`). Returns (loss, metrics): implicit
+  rewards of liked / disliked rows (NaN when a batch has none), the KL estimate in nats, and
+  the row counts.
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  mask = f32(mask)
+  kl_mask = mask if kl_mask is None else f32(kl_mask)
+  liked = f32(labels) * mask
+  disliked = (1.0 - f32(labels)) * mask
+  kl_ratio = f32(kl_policy_logp) - f32(kl_ref_logp)  # [B]
+  kl = jnp.maximum(_masked_mean(kl_ratio, kl_mask), 0.0)
+  kl = jax.lax.stop_gradient(kl)
+  z = beta * kl
+  rewards = beta * (f32(policy_logp) - f32(ref_policy_logp))  # [B]
+  value = jnp.where(liked > 0, jax.nn.sigmoid(rewards - z), jax.nn.sigmoid(z - rewards))
+  weight = desirable_weight * liked + undesirable_weight * disliked  # 0 on padding rows
+  loss = jnp.sum(weight * (1.0 - value)) / jnp.maximum(jnp.sum(mask), 1.0)
+  n_liked, n_disliked = jnp.sum(liked), jnp.sum(disliked)
+  nan = jnp.float32(jnp.nan)
+  detached = jax.lax.stop_gradient(rewards)
+  metrics = {
+      "rewards/chosen": jnp.where(n_liked > 0, jnp.sum(detached * liked)
+                                  / jnp.maximum(n_liked, 1.0), nan),
+      "rewards/rejected": jnp.where(n_disliked > 0, jnp.sum(detached * disliked)
+                                    / jnp.maximum(n_disliked, 1.0), nan),
+      "kl": kl,
+      "liked": n_liked,
+      "disliked": n_disliked,
+  }
+  return loss, metrics
+
+
+def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, mask, *, beta,
+             label_smoothing=0.0):
+  """Direct preference optimisation on (chosen, rejected) pairs, all inputs [B].
+
+  logits = β·[(log π_c − log π_ref,c) − (log π_r − log π_ref,r)];
+  loss = mean over real pairs of −(1 − ε)·log σ(logits) − ε·log σ(−logits). ε > 0 treats a
+  fraction ε of the labels as flipped (noisy annotators), which bounds how far the pair's
+  margin is pushed. Returns (loss, metrics): implicit rewards of chosen and rejected, their
+  margin, and the fraction of pairs whose chosen answer has the higher implicit reward
+  (ties count one half).
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  mask = f32(mask)
+  chosen = beta * (f32(pol_chosen) - f32(ref_chosen))  # [B]
+  rejected = beta * (f32(pol_rejected) - f32(ref_rejected))  # [B]
+  logits = chosen - rejected
+  # -log σ(x) = softplus(-x)
+  per_pair = ((1.0 - label_smoothing) * jax.nn.softplus(-logits)
+              + label_smoothing * jax.nn.softplus(logits))
+  loss = _masked_mean(per_pair, mask)
+  chosen, rejected = jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+  margin = chosen - rejected
+  correct = jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0))
+  metrics = {"rewards/chosen": _masked_mean(chosen, mask),
+             "rewards/rejected": _masked_mean(rejected, mask),
+             "rewards/margin": _masked_mean(margin, mask),
+             "accuracy": _masked_mean(correct, mask),
+             "pairs": jnp.sum(mask)}
+  return loss, metrics

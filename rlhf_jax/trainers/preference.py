@@ -1,0 +1,571 @@
+r"""Preference fine-tuning with no reward model: KTO from likes and dislikes, DPO from pairs.
+
+  python -m rlhf_jax.main --config=configs/kto.py:size=small,init_from=W/sft/checkpoints \
+      --workdir=W/kto
+  python -m rlhf_jax.main --config=configs/dpo.py:size=small,init_from=W/sft/checkpoints,\
+data=rlhf_comparisons/round0 --config.data.data_dir=W/tfds --workdir=W/dpo
+
+Two models on one mesh: the policy (trained) and the reference (frozen), both starting from the
+same checkpoint -- an SFT run's or a PPO run's (both save the policy alone as `params`). The
+model's shape comes from `config.model`; a checkpoint of another shape is a
+CheckpointShapeError naming the tensors.
+
+Reference log-probs are computed inside the jitted step, from the frozen params, rather than
+precomputed over the data set once: a forward pass without a backward costs about a third of
+the policy's update, KTO needs the reference on mismatched (prompt, answer) pairs that only
+exist once a batch is drawn, and nothing derived from the data has to be stored, kept in step
+with the shuffle, or checkpointed. The step is pure, (state, reference, batch) -> (state,
+metrics), jitted with explicit shardings and the state donated; the host loop is the shared
+one of trainers/loop.py (progress bar, checkpoints, preemption, NaN stop).
+
+One step, B elements:
+  KTO  policy on the B answers (with gradient); policy on the B mismatched pairs, prompt i
+       with answer i+1 (no gradient); reference on both (2B rows, one pass); kto_loss.
+  DPO  policy on the B chosen and B rejected answers (2B rows, one pass, with gradient);
+       reference on the same rows; dpo_loss.
+
+Held out (`eval.split`, before the first step, every `eval.every` steps and at the end):
+KTO logs `eval/kto/liked_over_disliked`, the rate at which a held-out liked answer's implicit
+reward β·log π/π_ref beats a held-out disliked answer's (over every such pair; ties count one
+half), and `eval/kto/logp_liked_over_disliked`, the same with the policy's own log π per answer
+token -- the implicit reward is 0 for every answer before training, so only the second says
+where the model started. DPO logs the pairwise accuracy of the implicit reward and of log π per
+token (`eval/dpo/*`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import logprobs as logprobs_lib
+from rlhf_jax import losses, optim, sharding
+from rlhf_jax.trainers import inputs as inputs_lib
+from rlhf_jax.trainers import lm as lm_trainer
+from rlhf_jax.trainers import preference_inputs as pref_inputs
+from rlhf_jax.trainers import rm_inputs
+from rlhf_jax.trainers.loop import run_train_loop
+from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
+
+log = logging.getLogger(__name__)
+
+ROW_KEYS = ("tokens", "positions", "segment_ids", "answer_mask")
+BATCH_KEYS = ROW_KEYS + ("valid", "label", "lang")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Which loss, and its settings (hashable: it is bound into the jitted step)."""
+  kind: str  # "kto" | "dpo"
+  beta: float
+  desirable_weight: float = 1.0  # KTO
+  undesirable_weight: float = 1.0  # KTO
+  label_smoothing: float = 0.0  # DPO
+
+  def __post_init__(self):
+    if self.kind not in pref_inputs.KINDS:
+      raise ValueError(f"unknown preference objective {self.kind!r}; choose from "
+                       f"{pref_inputs.KINDS}")
+    if not self.beta > 0:
+      raise ValueError(f"{self.kind}.beta must be > 0, got {self.beta}")
+    if self.kind == "kto" and not (self.desirable_weight > 0 and self.undesirable_weight > 0):
+      raise ValueError(f"kto.desirable_weight and kto.undesirable_weight must be > 0, got "
+                       f"{self.desirable_weight} and {self.undesirable_weight}")
+    if not 0.0 <= self.label_smoothing < 0.5:
+      raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def objective_from_config(config, label_counts: tuple[int, int] | None = None) -> Objective:
+  """The objective of `config.trainer`; for KTO with `kto.auto_undesirable_weight` λ_U is set
+  from the data's like / dislike counts so that λ_D·n_D / (λ_U·n_U) = kto.weight_ratio."""
+  kind = config.trainer
+  if kind == "dpo":
+    return Objective("dpo", beta=config.dpo.beta, label_smoothing=config.dpo.label_smoothing)
+  cfg = config.kto
+  desirable, undesirable = cfg.desirable_weight, cfg.undesirable_weight
+  if not desirable > 0:
+    raise ValueError(f"kto.desirable_weight must be > 0, got {desirable}")
+  if not 1.0 <= cfg.weight_ratio <= 4.0 / 3.0:
+    log.warning("kto.weight_ratio=%s is outside KTO's recommended [1, 4/3]", cfg.weight_ratio)
+  if label_counts is not None:
+    liked, disliked = label_counts
+    if cfg.auto_undesirable_weight:
+      undesirable = pref_inputs.auto_undesirable_weight(desirable, liked, disliked,
+                                                        cfg.weight_ratio)
+      log.info("kto weights: %d likes, %d dislikes -> desirable %.4g, undesirable %.4g "
+               "(λ_D·n_D / λ_U·n_U = %.3f; kto.auto_undesirable_weight)", liked, disliked,
+               desirable, undesirable, desirable * liked / (undesirable * disliked))
+    else:
+      ratio = desirable * liked / (undesirable * disliked) if undesirable > 0 else float("inf")
+      level = logging.INFO if 1.0 <= ratio <= 4.0 / 3.0 else logging.WARNING
+      log.log(level, "kto weights: %d likes, %d dislikes, desirable %.4g, undesirable %.4g: "
+              "λ_D·n_D / λ_U·n_U = %.3f (KTO recommends [1, 4/3])", liked, disliked, desirable,
+              undesirable, ratio)
+  return Objective("kto", beta=cfg.beta, desirable_weight=desirable,
+                   undesirable_weight=undesirable)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure step.
+
+
+def flat_rows(batch) -> dict:
+  """{tokens, positions, segment_ids: [B*K, S], answer_mask: [B*K, N]} of a [B, K, ...] batch."""
+  return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in ROW_KEYS}
+
+
+def concat_rows(a, b) -> dict:
+  return {k: jnp.concatenate([a[k], b[k]], axis=0) for k in ROW_KEYS}
+
+
+def preference_loss(params, reference, batch, *, model_config, objective: Objective):
+  """(loss, (metrics, tokens)) of one batch; `reference` gets no gradient."""
+  logp = functools.partial(logprobs_lib.sequence_logprobs, model_config=model_config)
+  rows = flat_rows(batch)
+  valid = batch["valid"]
+  if objective.kind == "kto":
+    n_answer = rows["answer_mask"].shape[-1]
+    kl_rows = logprobs_lib.mismatched_rows(rows, n_answer)
+    b = valid.shape[0]
+    ref_all = jax.lax.stop_gradient(
+        logp(reference, *logprobs_lib.row_args(concat_rows(rows, kl_rows))))  # [2B]
+    kl_policy = jax.lax.stop_gradient(logp(params, *logprobs_lib.row_args(kl_rows)))  # [B]
+    policy = logp(params, *logprobs_lib.row_args(rows))  # [B]
+    loss, metrics = losses.kto_loss(
+        policy, ref_all[:b], kl_policy, ref_all[b:], batch["label"], valid,
+        beta=objective.beta, desirable_weight=objective.desirable_weight,
+        undesirable_weight=objective.undesirable_weight,
+        kl_mask=valid * jnp.roll(valid, -1))
+  else:
+    ref = jax.lax.stop_gradient(logp(reference, *logprobs_lib.row_args(rows))).reshape(-1, 2)
+    policy = logp(params, *logprobs_lib.row_args(rows)).reshape(-1, 2)  # [B, 2]
+    loss, metrics = losses.dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], valid,
+                                    beta=objective.beta,
+                                    label_smoothing=objective.label_smoothing)
+  return loss, metrics
+
+
+def train_step(state: TrainState, reference, batch, *, model_config, tx, schedule,
+               objective: Objective):
+  """One optimizer update. A batch with no real element (the data spent) or a non-finite loss
+  leaves the params and optimizer state as they were, apart from the step counter."""
+  grad_fn = jax.value_and_grad(
+      functools.partial(preference_loss, model_config=model_config, objective=objective),
+      has_aux=True)
+  (loss, metrics), grads = grad_fn(state.params, reference, batch)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  count = jnp.sum(batch["valid"])
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  apply = finite & (count > 0)
+  new_state = state.replace(step=state.step + 1,
+                            params=tree_where(apply, params, state.params),
+                            opt_state=tree_where(apply, opt_state, state.opt_state))
+  prefix = objective.kind
+  out = {f"{prefix}/loss": loss, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+  out.update({"train/grad_norm": grad_norm, "train/lr": schedule(state.step),
+              "train/finite": finite, "train/elements": count,
+              "train/tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))})
+  return new_state, out
+
+
+def make_jitted_step(model_config, tx, schedule, objective, state_shardings, param_shardings,
+                     batch_shardings):
+  step = functools.partial(train_step, model_config=model_config, tx=tx, schedule=schedule,
+                           objective=objective)
+  return jax.jit(step, in_shardings=(state_shardings, param_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation.
+
+
+def preferred_rate(winners, losers) -> float:
+  """P(w > l) + ½·P(w == l) over every (winner, loser) pair of two score lists: a rank
+  statistic (the Mann-Whitney U over n_w·n_l), computed by sorting rather than pair by pair."""
+  w = np.sort(np.asarray(winners, np.float64))
+  l = np.asarray(losers, np.float64)
+  if not len(w) or not len(l):
+    return float("nan")
+  above = len(w) - np.searchsorted(w, l, side="right")  # winners strictly above each loser
+  ties = np.searchsorted(w, l, side="right") - np.searchsorted(w, l, side="left")
+  return float((above.sum() + 0.5 * ties.sum()) / (len(w) * len(l)))
+
+
+def _mean(x) -> float:
+  return float(np.mean(x)) if len(x) else float("nan")
+
+
+def kto_eval_metrics(policy, reference, tokens, label, lang, beta: float) -> dict[str, float]:
+  """eval/kto/* from per-answer log-probs [M] (policy, reference), answer lengths, labels."""
+  reward = beta * (policy - reference)
+  per_token = policy / np.maximum(tokens, 1.0)
+  out = {}
+  groups = [("", np.ones_like(label, bool))]
+  langs = sorted(set(lang.tolist()))
+  if len(langs) > 1:
+    groups += [(f"/{rm_inputs.LANGS[i]}", lang == i) for i in langs if i >= 0]
+  for suffix, rows in groups:
+    liked, disliked = rows & (label == 1), rows & (label == 0)
+    out[f"eval/kto/liked_over_disliked{suffix}"] = preferred_rate(reward[liked],
+                                                                  reward[disliked])
+    out[f"eval/kto/logp_liked_over_disliked{suffix}"] = preferred_rate(per_token[liked],
+                                                                       per_token[disliked])
+    out[f"eval/kto/reward_liked{suffix}"] = _mean(reward[liked])
+    out[f"eval/kto/reward_disliked{suffix}"] = _mean(reward[disliked])
+    out[f"eval/kto/logp_per_token_liked{suffix}"] = _mean(per_token[liked])
+    out[f"eval/kto/logp_per_token_disliked{suffix}"] = _mean(per_token[disliked])
+    out[f"eval/kto/liked{suffix}"] = float(liked.sum())
+    out[f"eval/kto/disliked{suffix}"] = float(disliked.sum())
+  return out
+
+
+def dpo_eval_metrics(policy, reference, tokens, beta: float,
+                     label_smoothing: float) -> dict[str, float]:
+  """eval/dpo/* from [M, 2] (chosen, rejected) log-probs and answer lengths."""
+  reward = beta * (policy - reference)
+  margin = reward[:, 0] - reward[:, 1]
+  per_token = policy / np.maximum(tokens, 1.0)
+  token_margin = per_token[:, 0] - per_token[:, 1]
+  softplus = lambda x: np.logaddexp(0.0, x)  # noqa: E731
+  loss = (1 - label_smoothing) * softplus(-margin) + label_smoothing * softplus(margin)
+  return {"eval/dpo/accuracy": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
+          "eval/dpo/logp_accuracy": float(np.mean((token_margin > 0) + 0.5 * (token_margin == 0))),
+          "eval/dpo/margin": float(np.mean(margin)),
+          "eval/dpo/loss": float(np.mean(loss)),
+          "eval/dpo/pairs": float(len(margin))}
+
+
+class HeldOut:
+  """The held-out split, encoded once; `evaluate(policy, reference)` runs one jitted pass per
+  batch for both models and returns eval/<kind>/* metrics."""
+
+  def __init__(self, config, tokenizer, objective: Objective, mesh, rules, param_shardings):
+    data_cfg, eval_cfg = config.data, config.eval
+    kind = objective.kind
+    names = []
+    for name in pref_inputs.parse_names(data_cfg.names):
+      try:
+        pref_inputs.PreferenceData(kind, name, eval_cfg.split, data_cfg.data_dir or None)
+        names.append(name)
+      except ValueError as e:  # a small data set whose hashed split came out empty
+        log.warning("no held-out %s from %s: %s", eval_cfg.split, name, str(e)[:300])
+    if not names:
+      raise ValueError(f"no held-out {eval_cfg.split!r} split in {data_cfg.names}")
+    data = pref_inputs.PreferenceData(kind, names, eval_cfg.split, data_cfg.data_dir or None,
+                                      limit=eval_cfg.max_examples)
+    self.objective, self.mesh, self.rules = objective, mesh, rules
+    self.batch_size = eval_cfg.batch_size or data_cfg.batch_size
+    encoder = pref_inputs.PreferenceEncoder(tokenizer, kind=kind,
+                                            max_prompt_len=data_cfg.max_prompt_len,
+                                            max_answer_len=data_cfg.max_answer_len)
+    elements = data.records()
+    self.n = len(elements)
+    padded = -(-self.n // self.batch_size) * self.batch_size
+    self.arrays = encoder.encode_batch([r for r, _ in elements], [p for _, p in elements],
+                                       padded)
+    self.arrays.pop("stats")
+    model_config = lm_trainer.build_model(config, tokenizer.vocab_size).config
+
+    def logps(params, batch):
+      rows = flat_rows(batch)
+      return logprobs_lib.sequence_logprobs(params, *logprobs_lib.row_args(rows),
+                                            model_config=model_config
+                                            ).reshape(batch["valid"].shape + (-1,))  # [B, K]
+
+    shardings = {k: sharding.batch_sharding(mesh, rules, self.arrays[k].ndim)
+                 for k in ROW_KEYS + ("valid",)}
+    self._logps = jax.jit(logps, in_shardings=(param_shardings, shardings))
+    self._reference = None  # (the frozen params, their log-probs): computed once
+    log.info("held-out: %d %s elements of %s[%s]", self.n, kind, "+".join(names),
+             eval_cfg.split)
+
+  def logprobs(self, params) -> np.ndarray:
+    """float64 [M, K] log π of every held-out answer under `params`."""
+    from rlhf_jax.rl.evaluation import to_host
+    p, count = jax.process_index(), jax.process_count()
+    local = self.batch_size // count
+    outs = []
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for start in range(0, len(self.arrays["valid"]), self.batch_size):
+        rows = slice(start + p * local, start + (p + 1) * local)
+        batch = sharding.make_global_batch(
+            {k: self.arrays[k][rows] for k in ROW_KEYS + ("valid",)}, self.mesh, self.rules)
+        outs.append(to_host(self._logps(params, batch)))
+    return np.concatenate(outs)[:self.n].astype(np.float64)
+
+  def evaluate(self, policy, reference) -> dict[str, float]:
+    if self._reference is None or self._reference[0] is not reference:
+      self._reference = (reference, self.logprobs(reference))
+    ref = self._reference[1]
+    pol = ref if policy is reference else self.logprobs(policy)
+    tokens = self.arrays["answer_mask"].sum(-1)[:self.n]  # [M, K]
+    if self.objective.kind == "kto":
+      return kto_eval_metrics(pol[:, 0], ref[:, 0], tokens[:, 0],
+                              self.arrays["label"][:self.n], self.arrays["lang"][:self.n],
+                              self.objective.beta)
+    return dpo_eval_metrics(pol, ref, tokens, self.objective.beta,
+                            self.objective.label_smoothing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the policy starts.
+
+
+def checkpoint_dir(init_from: str) -> str:
+  """A run's checkpoints/ directory, given it or the run's workdir."""
+  nested = os.path.join(init_from, "checkpoints")
+  return nested if os.path.isdir(nested) else init_from
+
+
+def init_tokenizer_path(init_from: str, depth: int = 3) -> str:
+  """The tokenizer the init run used: its config's tokenizer.path, its own tokenizer/, or (a
+  PPO run) its SFT run's. '' if none is found."""
+  directory = checkpoint_dir(init_from)
+  runs = [os.path.dirname(os.path.abspath(directory)), os.path.abspath(init_from)]
+  saved = {}
+  if os.path.isdir(directory):
+    ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
+    try:
+      if ckpt.latest_step() is not None:
+        saved = ckpt.read_config() or {}
+    finally:
+      ckpt.close()
+  candidates = [(saved.get("tokenizer") or {}).get("path", "")]
+  candidates += [os.path.join(run, "tokenizer", "tokenizer.model") for run in runs]
+  for path in filter(None, candidates):
+    if os.path.exists(path):
+      return path
+  if saved.get("sft_dir") and depth > 0:
+    return init_tokenizer_path(saved["sft_dir"], depth - 1)
+  return ""
+
+
+def load_tokenizer(config, workdir: str):
+  """config.tokenizer.path, else the init run's tokenizer, else one trained into the workdir."""
+  path = config.tokenizer.path
+  if not path and config.init_from:
+    path = init_tokenizer_path(config.init_from)
+    if path:
+      log.info("tokenizer of the init run: %s", path)
+    else:
+      log.warning("no tokenizer found for init_from=%s; set tokenizer.path", config.init_from)
+  # What inputs.load_tokenizer reads, with the path found (the run's config stays as given).
+  view = ml_collections.ConfigDict(dict(
+      tokenizer={**config.tokenizer.to_dict(), "path": path}, data={"name": "preference"},
+      model=config.model.to_dict()))
+  return inputs_lib.load_tokenizer(view, workdir)[0]
+
+
+def check_init_shapes(init_from: str, abstract_params) -> None:
+  """CheckpointShapeError, before anything is compiled, when the init checkpoint's params are
+  not the shapes of the model being built (restore_params checks again when it loads)."""
+  directory = checkpoint_dir(init_from)
+  if not os.path.isdir(directory):
+    return  # a pretrained model path or a missing directory: restore_params says which
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory} (init_from)")
+    ckpt_lib.check_shapes(ckpt._saved_tree(step, "params"), nn.unbox(abstract_params),
+                          f"init_from checkpoint {directory} step {step}")
+  finally:
+    ckpt.close()
+
+
+def train_state_shardings(init_fn, tx, mesh, rules):
+  """Shardings of the TrainState that create_train_state would build (nothing is compiled)."""
+  def init(key):
+    params = init_fn(key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(key))
+  return sharding.logical_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
+
+
+def state_from_params(params, tx, state_shardings, seed: int) -> TrainState:
+  """A step-0 TrainState around a copy of `params` (fresh buffers: the state is donated to
+  the step, the reference it came from must stay), with the rng create_train_state draws."""
+  def build(p):
+    key = jax.random.key(seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, p),
+                      opt_state=tx.init(p), rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+  return jax.jit(build, out_shardings=state_shardings)(params)
+
+
+def copy_tree(tree, shardings):
+  """A copy in fresh buffers (the policy's are donated to the step; the reference's must not)."""
+  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def check_config(config) -> None:
+  if config.trainer not in pref_inputs.KINDS:
+    raise ValueError(f"the preference trainer runs {pref_inputs.KINDS}, not {config.trainer!r}")
+  if config.optim.grad_accum != 1:
+    raise ValueError("optim.grad_accum must be 1 for KTO and DPO: KTO's KL reference point is "
+                     "a statistic of the whole batch; raise data.batch_size instead")
+  data = config.data
+  if data.max_prompt_len < 2 or data.max_answer_len < 1:
+    raise ValueError(f"data.max_prompt_len ({data.max_prompt_len}) must be >= 2 and "
+                     f"data.max_answer_len ({data.max_answer_len}) >= 1")
+  if data.max_prompt_len + data.max_answer_len > config.model.max_len:
+    raise ValueError(f"data.max_prompt_len + data.max_answer_len = "
+                     f"{data.max_prompt_len + data.max_answer_len} exceeds model.max_len="
+                     f"{config.model.max_len}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) KTO or DPO in `workdir`. Returns the last logged metrics, the last
+  held-out metrics, and the held-out metrics before training under eval/<kind>/initial/*."""
+  check_config(config)
+  kind = config.trainer
+  objective_from_config(config)  # bad β or weights fail before any data is read
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.get("axis_rules"))
+  n_shards = sharding.batch_shards(mesh, rules)
+  data_cfg = config.data
+  if data_cfg.batch_size % n_shards:
+    raise ValueError(f"data.batch_size={data_cfg.batch_size} must be a multiple of the batch "
+                     f"shards ({n_shards})")
+
+  data_dir = data_cfg.data_dir or None
+  data = pref_inputs.PreferenceData(kind, data_cfg.names, data_cfg.split, data_dir)
+  counts = None
+  if kind == "kto":
+    data.check_feedback()
+    counts = data.label_counts()
+  objective = objective_from_config(config, counts)
+
+  tokenizer = load_tokenizer(config, workdir)
+  model = lm_trainer.build_model(config, tokenizer.vocab_size)
+  model_config = model.config
+  total_steps = config.train.steps or rm_inputs.steps_per_epochs(
+      len(data.table), data_cfg.batch_size, jax.process_count(), data_cfg.epochs)
+  log.info("%s: %d elements of %s[%s]; %d steps of %d", kind, len(data.table), data_cfg.names,
+           data_cfg.split, total_steps, data_cfg.batch_size)
+  schedule = optim.make_schedule(config.optim, total_steps)
+  tx = optim.make_optimizer(config.optim, total_steps)
+  seq_len = data_cfg.max_prompt_len + data_cfg.max_answer_len
+  init_fn = lm_trainer._init_params_fn(model, seq_len)
+  # The reference is the starting policy, whatever step a resumed run is at; the policy and
+  # its optimizer state are built from it (a random init would only be thrown away).
+  if config.init_from:
+    check_init_shapes(config.init_from, jax.eval_shape(init_fn, jax.random.key(0)))
+    state_shardings = train_state_shardings(init_fn, tx, mesh, rules)
+    like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        nn.unbox(jax.eval_shape(init_fn, jax.random.key(0))),
+                        state_shardings.params)
+    reference = ckpt_lib.restore_params(checkpoint_dir(config.init_from), like)
+    state = state_from_params(reference, tx, state_shardings, config.seed)
+  else:
+    log.warning("no init_from: the policy and the reference start from random params")
+    state, state_shardings = create_train_state(init_fn, tx, mesh, rules, config.seed)
+    reference = copy_tree(state.params, state_shardings.params)
+  log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
+
+  encoder = pref_inputs.PreferenceEncoder(tokenizer, kind=kind,
+                                          max_prompt_len=data_cfg.max_prompt_len,
+                                          max_answer_len=data_cfg.max_answer_len)
+  data_iter = pref_inputs.make_batches(
+      data, encoder, batch_size=data_cfg.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_epochs=None if config.train.steps else data_cfg.epochs)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=config.train.max_to_keep)
+  start = ckpt.latest_step()
+  if start is not None:
+    params, train_items, data_state, _ = ckpt.restore(start, state.params, state.train_items())
+    state = state.replace(params=params, **train_items)
+    if data_state:
+      data_iter.set_state(data_state)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  start = int(state.step)
+
+  held_out = None
+  if config.eval.split:
+    try:
+      held_out = HeldOut(config, tokenizer, objective, mesh, rules, state_shardings.params)
+    except ValueError as e:
+      log.warning("no held-out evaluation: %s", e)
+  results: dict = {}
+  initial: dict = {}
+  if start == 0:
+    if held_out is not None:
+      initial = held_out.evaluate(reference, reference)  # the policy starts as the reference
+      log.info("held-out before training: %s", _brief(initial))
+    from rlhf_jax.metrics import MetricWriter
+    writer = MetricWriter(workdir)
+    writer.write(0, {**initial, **settings_metrics(objective)})
+    writer.close()
+  eval_every = config.eval.every
+
+  def after_step(done, current):
+    box["state"] = current
+    if held_out is None or not (done == total_steps or (eval_every and done % eval_every == 0)):
+      return {}
+    metrics = held_out.evaluate(current.params, reference)
+    results.update(metrics)
+    return metrics
+
+  def summarize(host, steps, seconds):
+    host["train/elements_per_s"] = host["train/elements"] * steps / seconds
+    host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
+    host.update({f"data/{k}": float(v) for k, v in data_iter.stats.items()})
+    host = {k: v for k, v in host.items() if np.isfinite(v) or not k.startswith(kind)}
+    return host, {"loss": f"{host[f'{kind}/loss']:.3f}",
+                  "el_s": f"{host['train/elements_per_s']:.1f}"}
+
+  batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
+                     for k, v in encoder.empty(1).items() if k in BATCH_KEYS}
+
+  def make_batch(local):
+    return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
+
+  box: dict = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jitted = make_jitted_step(model_config, tx, schedule, objective, state_shardings,
+                              state_shardings.params, batch_shardings)
+
+    def step_fn(current, batch):
+      return jitted(current, reference, batch)
+
+    last = run_train_loop(config, workdir, state, step_fn, data_iter, ckpt, make_batch,
+                          start=start, total=total_steps, loss_key=f"{kind}/loss",
+                          summarize=summarize, after_step=after_step)
+  if held_out is not None and start == total_steps and not results:
+    results.update(held_out.evaluate(box.get("state", state).params, reference))
+  if results:
+    log.info("held-out after %d steps: %s", total_steps, _brief(results))
+  out = {**last, **results}
+  out.update({k.replace(f"eval/{kind}/", f"eval/{kind}/initial/"): v for k, v in initial.items()})
+  out.update(settings_metrics(objective))
+  return out
+
+
+def settings_metrics(objective: Objective) -> dict[str, float]:
+  """The loss settings a run used (KTO's λ_U may come from the data), logged at step 0."""
+  if objective.kind == "kto":
+    return {"kto/beta": objective.beta, "kto/desirable_weight": objective.desirable_weight,
+            "kto/undesirable_weight": objective.undesirable_weight}
+  return {"dpo/beta": objective.beta, "dpo/label_smoothing": objective.label_smoothing}
+
+
+def _brief(metrics: dict) -> str:
+  return ", ".join(f"{k.split('/', 2)[-1]}={v:.4g}" for k, v in sorted(metrics.items())
+                   if "/" not in k.split("/", 2)[-1])
