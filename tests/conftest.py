@@ -76,3 +76,7 @@ def bundled_tokenizer():
       tok_lib.train_tokenizer(tokenizer_corpus(), str(model)[:-len(".model")], 2048,
                               character_coverage=0.995)
   return str(model)
+
+
+# The tiny pipeline, run once per session (tests/pipeline_fixture.py).
+from pipeline_fixture import tiny_pipeline_workdir  # noqa: E402,F401

@@ -1,0 +1,112 @@
+r"""The whole recipe in one config: tokenizer -> pretrain -> SFT -> comparisons -> RM -> PPO ->
+KTO -> DPO -> evaluation -> report (`python -m rlhf_jax.pipeline`, `make demo`).
+
+  python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=W
+  python -m rlhf_jax.pipeline --config=configs/pipeline.py:size=tiny,smoke=1 --workdir=W
+  python -m rlhf_jax.pipeline --config=configs/pipeline.py --config.ppo.kl.coef=0.1 \
+      --workdir=W2 --upstream=W --from=ppo
+
+Each stage section IS that stage's own config (configs/pretrain.py, sft.py, reward.py, ppo.py,
+kto.py, dpo.py), so every field of a stage can be overridden as `--config.<stage>.<field>=...`. The
+paths between stages (tokenizer.path, init_from, sft_dir, rm_dir, the comparisons' data_dir)
+are filled in by the pipeline when it runs a stage; whatever a section holds there is ignored.
+The model's shape is the pretrain section's `model`: later stages take its shape fields from
+there (their own dtype and remat stay theirs).
+
+Arguments: size (tiny | small | ...), smoke (a few steps per stage and a handful of prompts:
+tests and notebooks), and the step counts pretrain_steps, sft_steps, ppo_steps, kto_steps,
+dpo_steps (0 = the preset's), which also set each stage's warm-up and checkpoint interval.
+
+Top-level fields: langs ('en,zh', 'en' or 'zh'), data_dir (TFDS dir of the bundled data;
+'' = ~/.cache/rlhf_jax/tfds, prepared on first use), seed (added to every stage's own seed).
+"""
+import os
+
+import ml_collections
+
+from rlhf_jax import config_util
+
+# Step counts per preset: (pretrain, sft, ppo, kto, dpo). The default preset fits `make demo` in
+# about 12 minutes of compute on a 2-core CPU (README, "Demo").
+STEPS = {"tiny": (600, 300, 60, 60, 60), "small": (300, 150, 20, 20, 20)}
+SMOKE_STEPS = (3, 3, 2, 2, 2)
+
+
+def _stage(name: str, arg: str) -> ml_collections.ConfigDict:
+  """configs/<name>.py's config, unlocked (the pipeline config is locked as a whole)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  config = config_util.load_config(os.path.join(here, f"{name}.py") + f":{arg}")
+  config.unlock()
+  return config
+
+
+def get_config(arg=None):
+  arg = config_util.parse_arg(arg, size="tiny", smoke=False, pretrain_steps=0, sft_steps=0,
+                              ppo_steps=0, kto_steps=0, dpo_steps=0)
+  tiny = arg.size == "tiny"
+  defaults = SMOKE_STEPS if arg.smoke else STEPS.get(arg.size, STEPS["small"])
+  pretrain_steps, sft_steps, ppo_steps, kto_steps, dpo_steps = (
+      given or default for given, default in zip(
+          (arg.pretrain_steps, arg.sft_steps, arg.ppo_steps, arg.kto_steps, arg.dpo_steps),
+          defaults))
+
+  config = ml_collections.ConfigDict()
+  config.size = arg.size
+  config.langs = "en,zh"
+  config.data_dir = ""  # the bundled TFDS datasets; '' = ~/.cache/rlhf_jax/tfds
+  config.seed = 0
+  config.skip = ""  # stages to leave out, of ppo, kto and dpo (e.g. 'kto,dpo')
+
+  config.tokenizer = ml_collections.ConfigDict(dict(
+      path="",  # an existing sentencepiece .model to use instead of training one
+      vocab_size=2048 if tiny else 8192,
+      character_coverage=0.995 if tiny else 0.9995))
+
+  config.pretrain = _stage("pretrain", f"size={arg.size},steps={pretrain_steps}")
+  config.sft = _stage("sft", f"size={arg.size},steps={sft_steps}")
+
+  config.comparisons = ml_collections.ConfigDict(dict(
+      name="round0",  # rlhf_comparisons/<name> in <workdir>/comparisons/tfds
+      prompts_per_lang=12 if arg.smoke else 600,  # training prompts
+      heldout_per_lang=8 if arg.smoke else 64,  # validation prompts: the RM's held-out accuracy
+      k=4,  # answers sampled per prompt
+      max_new_tokens=16 if tiny else 32,
+      temperature=1.0, top_p=1.0,
+      max_prompt_tokens=32 if tiny else 64,
+      agreement=0.726,  # two simulated annotators agree this often (InstructGPT's labelers)
+      label="grades",  # grades (good / average / poor) | ranking
+      batch_size=16 if arg.smoke else 64))
+
+  config.rm = _stage("reward", f"size={arg.size},k={config.comparisons.k}")
+  # The RM is normalised on the comparisons' answers: they are the SFT policy's own samples,
+  # drawn as PPO draws them, so sampling afresh would only cost time.
+  config.rm.normalize.source = "responses"
+  config.ppo = _stage("ppo", f"size={arg.size},lang=both,steps={ppo_steps}")
+  # A few held-out evaluations along the run: the gold / proxy vs sqrt(KL) curve of the report.
+  config.ppo.eval.every = max(ppo_steps // 5, 1)
+  config.kto = _stage("kto", f"size={arg.size},steps={kto_steps}")
+  # DPO on the same comparisons the RM learns from (every pair their grades imply).
+  config.dpo = _stage("dpo", f"size={arg.size},steps={dpo_steps}")
+
+  config.evaluate = ml_collections.ConfigDict(dict(
+      prompts_per_lang=8 if arg.smoke else 64,  # held-out: the validation split of rlhf_prompts
+      max_new_tokens=config.ppo.sampling.max_new_tokens,
+      temperature=1.0, top_p=1.0,  # as the policies were trained to sample
+      seed=1234,  # one sampling key for every policy
+      samples_per_lang=4))  # answers shown side by side in the report
+
+  if arg.smoke:
+    _shrink(config)
+  return config
+
+
+def _shrink(config) -> None:
+  """Smoke-run settings: tiny batches, one evaluation at the end, few held-out items."""
+  for section in (config.pretrain, config.sft, config.rm, config.kto, config.dpo):
+    section.data.batch_size = 8
+    section.train.log_every = 1
+  config.rm.eval.max_comparisons = 16
+  config.rm.normalize.num_prompts = 8
+  config.rm.normalize.batch_size = 8
+  config.dpo.eval.max_examples = 16
+  config.ppo.eval.every = 1

@@ -1,0 +1,31 @@
+"""KL penalty sweep: fixed beta in {0, 0.01, 0.05, 0.2} and the adaptive controller.
+
+Each run redoes PPO (and the stages after it) from the same SFT model and reward model, so the
+runs differ only in how hard the policy is held near SFT. Plotted: held-out gold score against
+KL(policy || SFT) -- the frontier of what each nat of KL buys under the gold scorer.
+
+  python -m rlhf_jax.sweep experiments/kl_sweep/sweep.py --workdir=workdirs/kl_sweep
+"""
+from rlhf_jax.sweep import product
+
+BASE = "configs/pipeline.py:size=small"
+START = "ppo"
+
+# Means over languages ("*"); PPO's own held-out evaluation at its last iteration gives KL and
+# proxy score, the evaluate stage gives gold score and win rate against SFT on its prompts.
+METRICS = {
+    "kl": "ppo:eval/*/kl",
+    "gold_ppo_eval": "ppo:eval/*/gold",
+    "proxy": "ppo:eval/*/proxy",
+    "beta_last": "ppo:objective/kl_coef",
+    "gold": "results:metrics.ppo.*.gold",
+    "win_rate": "results:metrics.ppo.*.win_rate",
+}
+PLOT = ("kl", "gold")
+
+
+def get_sweep():
+  fixed = product({"ppo.kl.coef": [0.0, 0.01, 0.05, 0.2], "ppo.kl.adaptive": [False]})
+  # Ziegler et al.'s controller, from the same start as TRL's default beta.
+  adaptive = [{"ppo.kl.coef": 0.05, "ppo.kl.adaptive": True}]
+  return fixed + adaptive

@@ -1,0 +1,106 @@
+"""Held-out comparison of finished policies: gold score and win rate against SFT, per language.
+
+Every policy answers the same held-out prompts (the validation split of rlhf_prompts, which no
+stage trains on) with the same sampling key, so two policies' answers to a prompt differ only
+by the policy. The gold scorer (rlhf_jax/data/labelers.py) stands in for people; win rate is
+P(policy's answer scores higher than SFT's to the same prompt), a tie counting half, so SFT
+against itself is exactly 0.5.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rlhf_jax.data import labelers
+from rlhf_jax.rl.evaluation import win_rate
+
+BASELINE = "sft"
+
+
+def held_out_prompts(tokenizer, langs: Sequence[str], n: int, *, data_dir: str | None,
+                     max_prompt_len: int, split: str = "validation") -> dict[str, list[str]]:
+  """The first n prompts per language of rlhf_prompts[split] whose rendering fits."""
+  from rlhf_jax.data import pipeline
+  from rlhf_jax.rl import prompts as prompts_lib
+  records = prompts_lib.read_records(pipeline.load_source("rlhf_prompts", split, data_dir))
+  out = {lang: prompts_lib.eval_prompts(records, tokenizer, lang, n, max_prompt_len)
+         for lang in langs}
+  for lang, prompts in out.items():
+    if not prompts:
+      raise ValueError(f"no {lang} prompt of rlhf_prompts[{split}] fits in {max_prompt_len} "
+                       "tokens")
+  return out
+
+
+def sample_policy(policy_dir: str, tokenizer, prompts: Mapping[str, Sequence[str]], *, seed: int,
+                  max_new_tokens: int, temperature: float, top_p: float) -> dict[str, list[str]]:
+  """{lang: answers} of the policy trained in policy_dir; the key depends on the language
+  only, never on the policy."""
+  import jax
+
+  from rlhf_jax import respond
+  from rlhf_jax.comparisons import load_policy
+  params, model_config, _ = load_policy(policy_dir)
+  key = jax.random.key(seed)
+  return {lang: respond.answer(params, model_config, tokenizer, list(ps),
+                               rng=jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p)
+          for i, (lang, ps) in enumerate(prompts.items())}
+
+
+def compare(answers: Mapping[str, Mapping[str, Sequence[str]]],
+            prompts: Mapping[str, Sequence[str]], *, samples_per_lang: int = 4,
+            scorer: str = "gold") -> dict:
+  """Scores {policy: {lang: answers}} and compares each policy with the baseline (SFT).
+
+  Returns {"policies", "langs", "metrics": {policy: {lang: {gold, gold_std, win_rate,
+  answer_length, n}}}, "samples": {lang: [{prompt, answers: {policy: text}, gold: {policy:
+  score}}]}}.
+  """
+  if BASELINE not in answers:
+    raise ValueError(f"the baseline policy {BASELINE!r} is missing (got {sorted(answers)})")
+  langs = list(prompts)
+  gold = {name: {lang: labelers.score(list(by_lang[lang]), lang, scorer) for lang in langs}
+          for name, by_lang in answers.items()}
+  metrics: dict = {}
+  for name in answers:
+    metrics[name] = {}
+    for lang in langs:
+      g, base = gold[name][lang], gold[BASELINE][lang]
+      metrics[name][lang] = {
+          "gold": float(np.mean(g)), "gold_std": float(np.std(g)),
+          "win_rate": win_rate(g, base),
+          "answer_length": float(np.mean([len(a) for a in answers[name][lang]])),
+          "n": int(len(g))}
+  samples = {lang: [{"prompt": prompts[lang][i],
+                     "answers": {name: answers[name][lang][i] for name in answers},
+                     "gold": {name: float(gold[name][lang][i]) for name in answers}}
+                    for i in range(min(samples_per_lang, len(prompts[lang])))]
+             for lang in langs}
+  return {"policies": list(answers), "langs": langs, "metrics": metrics, "samples": samples}
+
+
+def evaluate_policies(policies: Mapping[str, str], tokenizer_path: str, langs: Sequence[str], *,
+                      data_dir: str | None, prompts_per_lang: int, max_prompt_len: int,
+                      max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                      samples_per_lang: int = 4) -> dict:
+  """{policy name: run dir} -> `compare`'s results, plus the prompts and settings used."""
+  from tqdm.auto import tqdm
+
+  from rlhf_jax import tokenizer as tok_lib
+  tokenizer = tok_lib.Tokenizer.load(tokenizer_path)
+  prompts = held_out_prompts(tokenizer, langs, prompts_per_lang, data_dir=data_dir,
+                             max_prompt_len=max_prompt_len)
+  answers = {}
+  for name in tqdm(list(policies), desc="evaluate", file=sys.stderr):
+    answers[name] = sample_policy(policies[name], tokenizer, prompts, seed=seed,
+                                  max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p)
+  results = compare(answers, prompts, samples_per_lang=samples_per_lang)
+  results["settings"] = {"prompts_per_lang": {lang: len(p) for lang, p in prompts.items()},
+                         "split": "validation", "max_new_tokens": max_new_tokens,
+                         "temperature": temperature, "top_p": top_p, "seed": seed,
+                         "scorer": "gold", "policies": dict(policies)}
+  return results
