@@ -13,18 +13,24 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
+import os
 import statistics
+import sys
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_jax.models import Transformer, init_cache, model_config
-from rlhf_jax.sampling import SamplingParams, decode_step, make_generate_fn, prefill
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from rlhf_jax.models import Transformer, init_cache, model_config  # noqa: E402
+from rlhf_jax.sampling import SamplingParams, decode_step, make_generate_fn, prefill  # noqa: E402
 
 
 def parse_args():
@@ -38,19 +44,8 @@ def parse_args():
   p.add_argument("--cache_len", type=int, default=640, help="slots for the step timing")
   p.add_argument("--positions", default="32,512", help="two cache indices to compare")
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--json_out", default="", help="also write the JSON object to this path")
   return p.parse_args()
-
-
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-  """Median wall seconds of fn(), which must block until its result is ready."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def init_params(cfg, seed: int = 0):
@@ -74,12 +69,12 @@ def time_generate(cfg, params, args) -> dict:
   jax.block_until_ready(fn(params, tokens, mask, jax.random.key(0)))
   compile_s = time.perf_counter() - start
   repeats = max(3, args.repeats // 4)
-  seconds = median_time(
+  seconds, _ = common.median_seconds(
       lambda: jax.block_until_ready(fn(params, tokens, mask, jax.random.key(1))), repeats, 1)
   # The prefill alone, on a cache of the same size, to split decode time from prompt time.
   run_prefill = jax.jit(functools.partial(prefill, model_config=cfg))
   cache = init_cache(cfg, args.batch, args.prompt_len + args.new_tokens)
-  prefill_s = median_time(
+  prefill_s, _ = common.median_seconds(
       lambda: jax.block_until_ready(run_prefill(params, tokens, mask, cache)), repeats, 1)
   # generate samples the first token from the prefill's logits: new_tokens - 1 decode steps.
   decode_steps = args.new_tokens - 1
@@ -129,23 +124,31 @@ def main():
   args = parse_args()
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
   cfg = model_config(args.size, vocab_size=args.vocab)
+  load_before = os.getloadavg()[0]
   results = {
       "benchmark": "generate", "size": args.size, "vocab": args.vocab, "batch": args.batch,
       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
       "cache_len": args.cache_len, "params": cfg.param_count(),
       "backend": jax.default_backend(), "devices": jax.device_count(),
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "results": [bench_dtype(args, d) for d in dtypes],
   }
+  results["machine"] = {**common.machine_info(), "jax": jax.__version__,
+                        "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
   print(json.dumps(results))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=2)
   lo, hi = args.positions.split(",")
   print(f"\n{args.size} (vocab {args.vocab}), batch {args.batch}, "
-        f"prompt {args.prompt_len} + {args.new_tokens} new tokens; step cache {args.cache_len}")
-  print(f"{'dtype':<9} {'generate tok/s':>15} {'decode tok/s':>13} {'step ms @' + lo:>12} "
-        f"{'step ms @' + hi:>13} {'ratio':>6}")
-  for r in results["results"]:
-    print(f"{r['dtype']:<9} {r['tokens_per_s']:>15,.0f} {r['decode_tokens_per_s']:>13,.0f} "
-          f"{r[f'step_ms_at_{lo}']:>12.2f} {r[f'step_ms_at_{hi}']:>13.2f} "
-          f"{r['step_ratio']:>6.2f}")
+        f"prompt {args.prompt_len} + {args.new_tokens} new tokens; step cache {args.cache_len}\n")
+  print(common.markdown_table(
+      ["dtype", "generate tok/s", "decode tok/s", f"step ms @{lo}", f"step ms @{hi}",
+       f"ratio @{hi}/@{lo}"],
+      [[r["dtype"], f"{r['tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.0f}",
+        f"{r[f'step_ms_at_{lo}']:.2f}", f"{r[f'step_ms_at_{hi}']:.2f}",
+        f"{r['step_ratio']:.2f}"] for r in results["results"]]))
+
 
 if __name__ == "__main__":
   main()

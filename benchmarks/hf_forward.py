@@ -18,11 +18,9 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from rlhf_jax.models import hf_export, hf_import, pretrained  # noqa: E402
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
 
@@ -45,12 +44,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def jax_forward(model_config, params, dtype: str):
   import dataclasses
   cfg = dataclasses.replace(model_config, dtype=dtype)
@@ -60,17 +53,11 @@ def jax_forward(model_config, params, dtype: str):
 
 
 def peak_matmuls(dtype: str, n: int, torch) -> dict:
-  """{name: callable} square matmuls in `dtype` for JAX (f32 and native output) and torch."""
-  rng = np.random.default_rng(0)
-  a_np, b_np = rng.standard_normal((n, n)), rng.standard_normal((n, n))
-  a, b = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
-  f32_out = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  native = jax.jit(jnp.dot)  # jitted once: a timing must never include a compile
-  out = {"jax_f32_out": lambda: f32_out(a, b).block_until_ready()}
-  if dtype != "float32":
-    out["jax_native"] = lambda: native(a, b).block_until_ready()
+  """{name: callable} square matmuls in `dtype`: JAX's forms (common.jax_peak_matmuls), torch."""
+  out = {f"jax_{name}": call for name, call in common.jax_peak_matmuls(dtype, n).items()}
+  gen = torch.Generator().manual_seed(0)
   tdtype = getattr(torch, dtype)
-  ta, tb = torch.tensor(a_np, dtype=tdtype), torch.tensor(b_np, dtype=tdtype)
+  ta, tb = (torch.randn(n, n, generator=gen).to(tdtype) for _ in range(2))
   out["torch"] = lambda: torch.mm(ta, tb)
   return out
 
@@ -81,6 +68,7 @@ def main(argv=None):
   import transformers
   torch.set_num_threads(os.cpu_count() or 1)
   dtypes = args.dtypes.split(",")
+  load_before = os.getloadavg()[0]
   gguf = pretrained.smollm2_135m_path()
   model_config, params = hf_import.load_pretrained(gguf)
   tmp = tempfile.mkdtemp()
@@ -94,7 +82,7 @@ def main(argv=None):
   runs, compile_s = {}, {}
   for d in dtypes:
     fn = jax_forward(model_config, params, d)
-    compile_s[d] = _timed(lambda: fn(params, jax_tokens).block_until_ready())
+    compile_s[d] = common.timed(lambda: fn(params, jax_tokens).block_until_ready())
     runs[("ours", d)] = lambda fn=fn: fn(params, jax_tokens).block_until_ready()
 
     def torch_run(m=hf_models[d]):
@@ -108,17 +96,17 @@ def main(argv=None):
   for r in range(args.rounds + 1):  # round 0 warms up
     for d in dtypes:
       for name, mm in peaks[d].items():
-        t = _timed(mm)
+        t = common.timed(mm)
         if r:
           peak_times[d][name].append(t)
     for key, run in runs.items():
-      t = _timed(run)
+      t = common.timed(run)
       if r:
         times[key].append(t)
 
   n_tokens = args.batch * args.seq_len
   flops = model_config.flops_per_token(args.seq_len) * n_tokens
-  peak = {d: max(2.0 * args.matmul_n ** 3 / statistics.median(v)
+  peak = {d: max(common.matmul_flops(args.matmul_n) / statistics.median(v)
                  for v in peak_times[d].values()) for d in dtypes}
   rows = []
   for (side, d), ts in times.items():
@@ -134,7 +122,7 @@ def main(argv=None):
                                                                  peak.items()},
       jax_compile_s=compile_s, versions=dict(jax=jax.__version__, torch=torch.__version__,
                                              transformers=transformers.__version__),
-      machine=dict(cpus=os.cpu_count(), platform=platform.platform()),
+      machine={**common.machine_info(), "loadavg_1m_before": load_before},
       when=datetime.datetime.now().isoformat(timespec="seconds"))
   print(json.dumps(result))
   if args.json_out:

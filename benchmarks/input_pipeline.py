@@ -5,8 +5,8 @@
 For rlhf_text (pretraining) and rlhf_dialogues (SFT), with a byte-level tokenize_fn and, when
 rlhf_jax/tokenizer.py is present, a sentencepiece tokenizer trained here on the text train
 split. Reports real (non-pad) tokens/s, loss tokens/s, batches/s and packing density, measured
-after one warm-up batch (which opens the files). Prints a table, then one JSON line. Timings
-are never asserted: a shared machine makes them noisy, so the load average is printed too.
+after one warm-up batch (which opens the files). Prints one JSON line, then a Markdown table.
+Timings are never asserted: a shared machine makes them noisy, so the load average is printed.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import common  # noqa: E402
 from rlhf_jax.data import builders, pipeline  # noqa: E402
 
 
@@ -81,6 +82,7 @@ def main() -> None:
   parser.add_argument("--read_threads", type=int, default=2)
   parser.add_argument("--vocab_size", type=int, default=8192)
   parser.add_argument("--no_spm", action="store_true", help="byte tokenizer only")
+  parser.add_argument("--json_out", default="", help="also write the JSON object to this path")
   args = parser.parse_args()
   args.data_dir = builders.resolve_data_dir(args.data_dir)
   builders.prepare(["rlhf_text", "rlhf_dialogues"], data_dir=args.data_dir)
@@ -103,12 +105,14 @@ def main() -> None:
 
   cols = ("dataset", "tokenizer", "pack", "tokens_per_s", "loss_tokens_per_s", "batches_per_s",
           "density", "examples_per_batch", "truncated")
-  print(f"input pipeline, batch {args.batch_size} x {args.seq_len}, {args.batches} batches, "
-        f"load average {results['load_average']:.1f} on {results['cpus']} cpus")
-  print(" ".join(f"{c:>17}" for c in cols))
-  for row in results["runs"]:
-    print(" ".join(f"{str(row[c]):>17}" for c in cols))
+  results["machine"] = {**common.machine_info(), "loadavg_1m_after": os.getloadavg()[0]}
   print(json.dumps(results))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+  print(f"\ninput pipeline, batch {args.batch_size} x {args.seq_len}, {args.batches} batches, "
+        f"load average {results['load_average']:.1f} on {results['cpus']} cpus\n")
+  print(common.markdown_table(list(cols), [[row[c] for c in cols] for row in results["runs"]]))
 
 
 if __name__ == "__main__":

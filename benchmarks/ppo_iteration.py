@@ -7,9 +7,10 @@ stop; RM score, per-token KL, GAE; 4 epochs x 4 minibatches. The functions timed
 trainer's own (rl/rollout.py, rl/ppo.py) with configs/ppo.py's optimizer; only the data is
 random (prompts and params drawn in numpy: values do not change the cost).
 
-MFU is measured against a large matmul timed in the same run at the same dtype (bfloat16
-inputs accumulate in float32), never against a datasheet: on a shared CPU the absolute numbers
-move with the load, the ratio much less. Model FLOPs count matmuls only
+MFU is measured against a large matmul timed in the same run at the same dtype
+(`common.jax_matmul_peak`: the faster of float32 and native output), never against a
+datasheet: on a shared CPU the absolute numbers move with the load, the ratio much less. Each
+phase is also timed in process CPU-seconds (all threads), which other jobs disturb less. Model FLOPs count matmuls only
 (`ModelConfig.flops_per_token`); a training forward+backward is 3x the forward. The update's
 FLOPs per epoch: the policy over all B x (P + N) positions with the vocabulary projection on
 the N answer positions only, and the critic with none.
@@ -19,7 +20,11 @@ At bfloat16 compute, log pi_old is recomputed by a policy forward pass in the sc
 full pass, so the sampler's log-probs would start the ratio away from 1.
 
   XLA_FLAGS= .venv/bin/python benchmarks/ppo_iteration.py [--dtypes float32,bfloat16]
-      [--iterations 3] [--json_out FILE]
+      [--iterations 3] [--peer_json TRL.json] [--json_out FILE]
+
+The speed-up column compares with TRL's PPO trainer on the same workload: the JSON that
+benchmarks/peers/trl_ppo.py wrote in the same session when --peer_json is given (run the two
+back to back), else DESIGN.md's figure for a quiet machine.
 
 Prints one JSON object, then a Markdown table. Timings are never asserted.
 """
@@ -30,7 +35,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from rlhf_jax import config_util  # noqa: E402
 from rlhf_jax.models import ScalarModel, Transformer, model_config  # noqa: E402
 from rlhf_jax.rl import ppo  # noqa: E402
@@ -67,24 +72,11 @@ def parse_args(argv=None):
   p.add_argument("--matmul_repeats", type=int, default=10)
   p.add_argument("--old_logprobs", default="auto", choices=["auto", "sampler", "recompute"],
                  help="configs/ppo.py's ppo.old_logprobs")
+  p.add_argument("--peer_json", default="",
+                 help="the JSON of benchmarks/peers/trl_ppo.py from the same session: the "
+                      "speed-up is then against that measurement, not DESIGN.md's figure")
   p.add_argument("--json_out", default="")
   return p.parse_args(argv)
-
-
-def measure_matmul_peak(dtype: str, n: int, repeats: int) -> float:
-  """FLOP/s of a jitted [n, n] @ [n, n] in `dtype`, float32 accumulation (median)."""
-  rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
-  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
-  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  for _ in range(2):
-    dot(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2.0 * n ** 3 / statistics.median(times)
 
 
 def random_params(module, seed: int):
@@ -156,33 +148,40 @@ def run_dtype(args, dtype: str) -> dict:
 
   # The peak is timed before and after the iterations and the higher one used: on a shared
   # machine a single reading can land in a busy moment and flatter the MFU.
-  peaks = [measure_matmul_peak(dtype, args.matmul_n, args.matmul_repeats)]
+  def peak():
+    return common.jax_matmul_peak(dtype, args.matmul_n, args.matmul_repeats)["flops_per_s"]
+
+  peaks = [peak()]
   phases = {"generate": [], "score": [], "update": []}
+  cpu_phases = {k: [] for k in phases}
   first = {}
   for it in range(args.iterations + 1):
     key = jax.random.fold_in(state.key(), 0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ro = jax.block_until_ready(rollout_fn({"params": state.params["policy"]}, prompts,
                                           prompt_mask, key))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     exp, metrics = jax.block_until_ready(experience_fn(state.params, frozen, ro, state.kl_coef))
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     state, stats = jax.block_until_ready(update_fn(state, exp, None))
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     split = {"generate": t1 - t0, "score": t2 - t1, "update": t3 - t2}
+    cpu_split = {"generate": c1 - c0, "score": c2 - c1, "update": c3 - c2}
     if it == 0:  # compiles included
       first = split
       assert float(np.asarray(ro.answer_mask).sum()) == args.prompts * args.new_tokens
       continue
     for k, v in split.items():
       phases[k].append(v)
+      cpu_phases[k].append(cpu_split[k])
 
   med = {k: statistics.median(v) for k, v in phases.items()}
   iteration = sum(med.values())
   flops = workload_flops(cfg, args.prompts, args.prompt_len, args.new_tokens, args.epochs,
                          hyper.recompute_old_logprobs)
-  peaks.append(measure_matmul_peak(dtype, args.matmul_n, args.matmul_repeats))
+  peaks.append(peak())
   peak = max(peaks)
+  cpu_med = {k: statistics.median(v) for k, v in cpu_phases.items()}
   return {
       "dtype": dtype,
       "old_logprobs": "recompute" if hyper.recompute_old_logprobs else "sampler",
@@ -196,25 +195,50 @@ def run_dtype(args, dtype: str) -> dict:
       "model_flops": flops,
       "mfu": {k: flops[k] / med[k] / peak for k in med},
       "update_model_flops_per_s": flops["update"] / med["update"],
-      "speedup_vs_trl_reference": TRL_REFERENCE["iteration_s"] / iteration,
+      "cpu_seconds": cpu_med,
+      "cpu_iteration_s": sum(cpu_med.values()),
       "all_seconds": phases,
+      "all_cpu_seconds": cpu_phases,
   }
+
+
+def peer_figures(path: str) -> dict:
+  """{"iteration_s", "cpu_iteration_s", "source"} of TRL at float32: from the peer script's JSON
+  when given (a measurement of this session), else DESIGN.md's quiet-machine figure."""
+  if not path:
+    return {"iteration_s": TRL_REFERENCE["iteration_s"], "cpu_iteration_s": None,
+            "source": "DESIGN.md (TRL 1.9.0 + torch 2.13, float32, same kind of 2-core CPU, "
+                      "quiet); not measured here"}
+  with open(path) as f:
+    peer = json.load(f)
+  rows = [r for r in peer.get("results", []) if r.get("dtype") == "float32"]
+  if peer.get("benchmark") != "trl_ppo" or not rows:
+    raise ValueError(f"{path}: not a float32 result of benchmarks/peers/trl_ppo.py")
+  v = peer["versions"]
+  return {"iteration_s": rows[0]["iteration_s"], "cpu_iteration_s": rows[0]["cpu_iteration_s"],
+          "source": f"{path}: TRL {v['trl']} / torch {v['torch']}, float32, measured "
+                    f"{peer['date']} (load {peer['machine']['loadavg_1m_before_after']})"}
 
 
 def main(argv=None):
   args = parse_args(argv)
+  load_before = os.getloadavg()[0]
+  peer = peer_figures(args.peer_json)
   results = [run_dtype(args, d.strip()) for d in args.dtypes.split(",") if d.strip()]
+  for r in results:
+    r["speedup_vs_trl"] = peer["iteration_s"] / r["iteration_s"]
+    if peer["cpu_iteration_s"]:
+      r["cpu_speedup_vs_trl"] = peer["cpu_iteration_s"] / r["cpu_iteration_s"]
   out = {
       "benchmark": "ppo_iteration",
       "workload": {"size": args.size, "prompts": args.prompts, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "epochs": args.epochs,
                    "minibatches": args.minibatches, "early_stop": False},
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                  "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-                  "loadavg_1m": os.getloadavg()[0]},
-      "trl_reference": {**TRL_REFERENCE, "source": "DESIGN.md (TRL 1.9.0 + torch 2.13, "
-                        "float32, same kind of 2-core CPU); not measured here"},
+      "machine": {**common.machine_info(), "devices": [str(d) for d in jax.devices()],
+                  "jax": jax.__version__,
+                  "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]},
+      "trl": peer,
       "results": results,
   }
   print(json.dumps(out, indent=1))
@@ -222,18 +246,17 @@ def main(argv=None):
     with open(args.json_out, "w") as f:
       json.dump(out, f, indent=1)
   print()
-  print("| dtype | log pi_old | iteration s | episodes/s | generate s (%) | score s (%) | "
-        "update s (%) | update MFU | update GFLOP/s | matmul peak GFLOP/s | vs TRL 14.6 s |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in results:
-    s, f = r["seconds"], r["fraction"]
-    print(f"| {r['dtype']} | {r['old_logprobs']} | {r['iteration_s']:.2f} | "
-          f"{r['episodes_per_s']:.1f} | {s['generate']:.2f} ({100 * f['generate']:.0f}%) | "
-          f"{s['score']:.2f} ({100 * f['score']:.0f}%) | "
-          f"{s['update']:.2f} ({100 * f['update']:.0f}%) | {100 * r['mfu']['update']:.0f}% | "
-          f"{r['update_model_flops_per_s'] / 1e9:.0f} | "
-          f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} | "
-          f"{r['speedup_vs_trl_reference']:.2f}x |")
+  print(common.markdown_table(
+      ["dtype", "log pi_old", "iteration s", "episodes/s", "generate s (%)", "score s (%)",
+       "update s (%)", "update MFU", "update GFLOP/s", "matmul peak GFLOP/s", "iteration CPU-s",
+       f"vs TRL {peer['iteration_s']:.1f} s"],
+      [[r["dtype"], r["old_logprobs"], f"{r['iteration_s']:.2f}", f"{r['episodes_per_s']:.1f}",
+        *(f"{r['seconds'][k]:.2f} ({100 * r['fraction'][k]:.0f}%)"
+          for k in ("generate", "score", "update")),
+        f"{100 * r['mfu']['update']:.0f}%", f"{r['update_model_flops_per_s'] / 1e9:.0f}",
+        f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}", f"{r['cpu_iteration_s']:.1f}",
+        f"{r['speedup_vs_trl']:.2f}x"] for r in results]))
+  print(f"\nTRL: {peer['source']}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import datetime
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -30,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from rlhf_jax import config_util, optim, sharding  # noqa: E402
 from rlhf_jax.models import ScalarModel, model_config  # noqa: E402
 from rlhf_jax.trainers import reward as rm  # noqa: E402
@@ -52,27 +50,6 @@ def parse_args(argv=None):
   p.add_argument("--matmul_repeats", type=int, default=10)
   p.add_argument("--json_out", default="")
   return p.parse_args(argv)
-
-
-def _median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
-
-
-def measure_matmul_peak(dtype: str, n: int, repeats: int) -> dict:
-  """FLOP/s of one jitted [n, n] @ [n, n] in `dtype` with float32 accumulation."""
-  rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
-  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
-  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  seconds, _ = _median_seconds(lambda: dot(a, b).block_until_ready(), repeats)
-  return {"dtype": dtype, "n": n, "seconds": seconds, "flops_per_s": 2.0 * n ** 3 / seconds}
 
 
 def random_batch(b: int, k: int, t: int, vocab: int, seed: int) -> dict:
@@ -122,7 +99,7 @@ def measure_step(size: str, dtype: str, layout: str, b: int, k: int, seq_len: in
       jax.block_until_ready((box["state"], metrics))
       box["loss"] = metrics["rm/loss"]
 
-    seconds, times = _median_seconds(one_step, steps)
+    seconds, times = common.median_seconds(one_step, steps)
   rows = b * k
   flops = 3.0 * cfg.flops_per_token(seq_len, with_logits=False) * rows * seq_len
   pairs = b * math.comb(k, 2)
@@ -154,7 +131,8 @@ def main(argv=None):
     name, shape = item.split(":")
     b, k = (int(x) for x in shape.split("x"))
     layouts.append((name, b, k))
-  peaks = {d: measure_matmul_peak(d, args.matmul_n, args.matmul_repeats) for d in dtypes}
+  load_before = os.getloadavg()[0]
+  peaks = {d: common.jax_matmul_peak(d, args.matmul_n, args.matmul_repeats) for d in dtypes}
   runs = []
   for name, b, k in layouts:
     for dtype in dtypes:
@@ -166,9 +144,9 @@ def main(argv=None):
   result = {
       "benchmark": "reward_step",
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
-                  "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+      "machine": {**common.machine_info(), "device": str(jax.devices()[0]),
+                  "jax": jax.__version__, "loadavg_1m_before_after": [load_before,
+                                                                      os.getloadavg()[0]]},
       "model": {"size": args.size,
                 "flops_per_token_fwd_no_logits": cfg.flops_per_token(args.seq_len, False)},
       "matmul_peak": list(peaks.values()),

@@ -3,7 +3,7 @@
 MFU only means something against a peak measured on the same machine in the same run, and on a
 shared CPU the load changes from second to second: a peak timed once at the start and a step
 timed a minute later can differ by 3x for reasons that have nothing to do with the model. So
-the peak matmul (a jitted [n, n] @ [n, n] in the compute dtype, see `make_peak_matmuls`) is
+the peak matmul (a jitted [n, n] @ [n, n] in the compute dtype, `common.jax_peak_matmuls`) is
 timed between every two train steps, and MFU is the step's model FLOP/s over the median of
 those interleaved peak timings. The step is the real jitted `rlhf_jax.trainers.lm.train_step`
 (forward, backward, AdamW with the trainer's own defaults) on synthetic tokens.
@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from rlhf_jax import config_util, optim, sharding  # noqa: E402
 from rlhf_jax.data.synthetic import SyntheticLMIterator  # noqa: E402
 from rlhf_jax.models import model_config  # noqa: E402
@@ -53,31 +54,6 @@ def parse_args(argv=None):
   p.add_argument("--matmul_n", type=int, default=2048, help="side of the square peak matmul")
   p.add_argument("--json_out", default="", help="also write the JSON object to this path")
   return p.parse_args(argv)
-
-
-def make_peak_matmuls(dtype: str, n: int) -> dict:
-  """{form: no-argument callable running one jitted [n, n] @ [n, n] matmul in `dtype`}.
-
-  Default precision, inputs already on the device: what XLA's CPU backend reaches on a large,
-  well-shaped matmul, the fair ceiling for the matmuls a train step is made of. Low-precision
-  dtypes get two forms, f32 output (`preferred_element_type`) and output in the dtype, because
-  on CPUs without native bf16 arithmetic (AVX2) XLA runs the second by upcasting to float32,
-  which can beat its bf16-input kernel; the peak is the faster form, so MFU never credits the
-  model for a slow reference.
-  """
-  rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
-  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
-  forms = {"f32_out": jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))}
-  if jnp.dtype(dtype) != jnp.float32:
-    forms[f"{jnp.dtype(dtype).name}_out"] = jax.jit(jnp.dot)
-  return {name: (lambda f=f: f(a, b).block_until_ready()) for name, f in forms.items()}
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def _lm_config(size: str, batch: int, seq_len: int, vocab: int, dtype: str):
@@ -115,7 +91,7 @@ def measure_train_step(size: str, dtype: str, batch: int, seq_len: int, vocab: i
                        steps: int, matmul_n: int) -> dict:
   """Median step seconds and MFU, the peak matmul timed between every two steps."""
   compiled, state, batch_arrays, cfg, compile_s = build_step(size, dtype, batch, seq_len, vocab)
-  peak_matmuls = make_peak_matmuls(dtype, matmul_n)
+  peak_matmuls = common.jax_peak_matmuls(dtype, matmul_n)
   box = {"state": state}
 
   def one_step():
@@ -123,18 +99,16 @@ def measure_train_step(size: str, dtype: str, batch: int, seq_len: int, vocab: i
     jax.block_until_ready(box)
 
   one_step()  # warm-up: first-run allocations
-  for matmul in peak_matmuls.values():
-    matmul()
   step_times, matmul_times = [], {name: [] for name in peak_matmuls}
   for _ in range(steps):
     for name, matmul in peak_matmuls.items():
-      matmul_times[name].append(_timed(matmul))
-    step_times.append(_timed(one_step))
+      matmul_times[name].append(common.timed(matmul))
+    step_times.append(common.timed(one_step))
 
   tokens = batch * seq_len
   flops = 3.0 * cfg.flops_per_token(seq_len) * tokens
   step_s = statistics.median(step_times)
-  peaks = {name: 2.0 * matmul_n ** 3 / statistics.median(times)
+  peaks = {name: common.matmul_flops(matmul_n) / statistics.median(times)
            for name, times in matmul_times.items()}
   peak = max(peaks.values())
   return {"size": size, "dtype": dtype, "batch": batch, "seq_len": seq_len, "vocab": vocab,
@@ -168,7 +142,7 @@ def main(argv=None):
   result = {
       "benchmark": "train_step",
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+      "machine": {"platform": platform.platform(), "processor": common.cpu_name(),
                   "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
                   "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]]},
@@ -186,18 +160,6 @@ def main(argv=None):
     with open(args.json_out, "w") as f:
       json.dump(result, f, indent=2)
   return result
-
-
-def _cpu_name() -> str:
-  """The CPU model from /proc/cpuinfo (platform.processor() is empty on most Linux)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""What every benchmark shares: the same-run matmul peak, timers, machine facts, the table.
+
+MFU only means something against a peak measured on the same machine in the same run (on a
+shared CPU the load moves the absolute numbers by 3x from one minute to the next), so each
+benchmark times a square matmul here, in the compute dtype, and divides by it.
+
+No framework is imported at module level: the torch-only peer scripts in benchmarks/peers/
+run in their own virtual environment, without JAX, and import this module too.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+
+def matmul_flops(n: int) -> float:
+  """FLOPs of one [n, n] @ [n, n]: n^3 multiply-adds, 2 FLOPs each."""
+  return 2.0 * n ** 3
+
+
+def timed(fn) -> float:
+  """Seconds one call of fn() takes (fn must block until its result is ready)."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+  """(median, all samples) of `repeats` timed calls after `warmup` untimed ones."""
+  for _ in range(warmup):
+    fn()
+  times = [timed(fn) for _ in range(repeats)]
+  return statistics.median(times), times
+
+
+def jax_peak_matmuls(dtype: str, n: int) -> dict:
+  """{form: no-argument callable running one jitted [n, n] @ [n, n] in `dtype`}, compiled.
+
+  Default precision, inputs already on the device: what XLA reaches on a large, well-shaped
+  matmul, the fair ceiling for the matmuls a model step is made of. A low-precision dtype gets
+  two forms, float32 output (`preferred_element_type`) and output in the dtype, because on CPUs
+  without native bf16 arithmetic (AVX2) XLA runs the second by upcasting to float32, which can
+  beat its bf16-input kernel; the peak is the faster form, so MFU never credits a model for a
+  slow reference.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  b = jnp.asarray(rng.standard_normal((n, n)), dtype)
+  forms = {"f32_out": jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))}
+  if jnp.dtype(dtype) != jnp.float32:
+    forms[f"{jnp.dtype(dtype).name}_out"] = jax.jit(jnp.dot)
+  calls = {name: (lambda f=f: f(a, b).block_until_ready()) for name, f in forms.items()}
+  for call in calls.values():
+    call()  # compile now: a timing must never include a compile
+  return calls
+
+
+def jax_matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> dict:
+  """The JAX matmul peak in `dtype`: {"flops_per_s" (fastest form), "by_form", "dtype", "n"}."""
+  by_form = {name: matmul_flops(n) / median_seconds(call, repeats)[0]
+             for name, call in jax_peak_matmuls(dtype, n).items()}
+  return {"dtype": dtype, "n": n, "flops_per_s": max(by_form.values()), "by_form": by_form}
+
+
+def time_torch_matmul(torch, dtype: str, n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of torch.mm on two [n, n] tensors in `dtype` (median of `repeats`)."""
+  gen = torch.Generator().manual_seed(0)
+  a = torch.randn(n, n, generator=gen).to(getattr(torch, dtype))
+  b = torch.randn(n, n, generator=gen).to(getattr(torch, dtype))
+  return matmul_flops(n) / median_seconds(lambda: torch.mm(a, b), repeats)[0]
+
+
+def cpu_name() -> str:
+  """The CPU model from /proc/cpuinfo (platform.processor() is empty on most Linux)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def machine_info() -> dict:
+  """Facts that decide how to read a timing: CPU, cores, load now, XLA_FLAGS."""
+  return {"platform": platform.platform(), "processor": cpu_name(),
+          "cpu_count": os.cpu_count(), "loadavg_1m": os.getloadavg()[0],
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  """A Markdown table; cells are printed with str()."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
