@@ -3,6 +3,7 @@ the data (thumbs, pairs from thumbs and from grades), bad input, and short end-t
 a stand-in SFT checkpoint that must move the implicit reward the right way on their data."""
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -452,3 +453,35 @@ def test_tokenizer_is_found_through_a_ppo_run(tmp_path, bundled_tokenizer):
   found = pref.init_tokenizer_path(str(ppo_run / "checkpoints"))
   assert found == str(sft_run / "tokenizer" / "tokenizer.model")
   assert pref.checkpoint_dir(str(ppo_run)) == str(ppo_run / "checkpoints")
+
+
+@pytest.mark.slow
+def test_exported_chat_feedback_trains_kto(tmp_path, bundled_tokenizer, sft_dir):
+  """Clicks in the chat store -> `feedback export` -> rlhf_feedback/chat -> a few KTO steps."""
+  from rlhf_jax.data import feedback as feedback_lib
+  from rlhf_jax.trainers.rm_inputs import read_records
+  chat_dir = str(tmp_path / "chat")
+  os.makedirs(os.path.dirname(feedback_lib.default_path(chat_dir)), exist_ok=True)
+  with feedback_lib.FeedbackStore(feedback_lib.default_path(chat_dir)) as store:
+    for record in feedback_records(n_liked=12, n_disliked=12):
+      conversation = store.start_conversation("en")
+      store.add_message(conversation, "user", record["prompt"])
+      answer = store.add_message(conversation, "assistant", record["response"] + record["id"],
+                                 checkpoint_step=1)
+      store.add_feedback(answer, "like" if record["label"] else "dislike")
+  data_dir = str(tmp_path / "tfds")
+  counts = feedback_lib.export(chat_dir, data_dir=data_dir, config="chat")
+  assert (counts["likes"], counts["dislikes"]) == (12, 12)
+
+  train = read_records("rlhf_feedback/chat", "train", data_dir)
+  likes = sum(r["label"] for r in train)
+  assert 0 < likes < len(train)  # both kinds reached the training split
+  config = run_config("kto", "rlhf_feedback/chat", data_dir, bundled_tokenizer, sft_dir,
+                      steps=3, batch=8)
+  workdir = str(tmp_path / "kto")
+  metrics = launch.run(config, workdir)
+  # λ_U from the exported training split's own counts (λ_D·n_D / (λ_U·n_U) = 1): the trainer
+  # read exactly what the export wrote.
+  assert metrics["kto/undesirable_weight"] == pytest.approx(likes / (len(train) - likes))
+  losses = logged_losses(workdir, "kto/loss")
+  assert len(losses) == 3 and all(np.isfinite(losses))
