@@ -24,7 +24,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import losses, optim, sharding
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.trainers import inputs as inputs_lib
-from rlhf_jax.trainers.loop import run_train_loop
+from rlhf_jax.trainers.loop import resume, run_train_loop
 from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
 
 log = logging.getLogger(__name__)
@@ -132,14 +132,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                         jax.process_count())
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                max_to_keep=config.train.max_to_keep)
-  start = ckpt.latest_step()
-  if start is not None:
-    params, train_items, data_state, _ = ckpt.restore(start, state.params, state.train_items())
-    state = state.replace(params=params, **train_items)
-    if data_state:
-      data_iter.set_state(data_state)
-    log.info("resumed from %s at step %d", ckpt.directory, start)
-  elif config.get("init_from"):
+  state, start = resume(ckpt, state, data_iter)
+  if start is None and config.get("init_from"):
     state = state.replace(params=ckpt_lib.restore_params(config.init_from, state.params))
   start = int(state.step)
 

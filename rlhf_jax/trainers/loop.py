@@ -45,6 +45,21 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def resume(ckpt, state, data_iter):
+  """(state, start step): the latest checkpoint in `ckpt` restored into `state` (params,
+  optimizer, step, rng) and `data_iter` moved to its saved position; (state, None) when there
+  is none. One place for every trainer's resume."""
+  start = ckpt.latest_step()
+  if start is None:
+    return state, None
+  params, train_items, data_state, _ = ckpt.restore(start, state.params, state.train_items())
+  state = state.replace(params=params, **train_items)
+  if data_state:
+    data_iter.set_state(data_state)
+  log.info("resumed from %s at step %d", ckpt.directory, start)
+  return state, start
+
+
 def progress(total: int, initial: int, desc: str):
   """A tqdm bar on process 0 (to stderr), a silent stand-in elsewhere."""
   from tqdm.auto import tqdm

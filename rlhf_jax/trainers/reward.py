@@ -34,7 +34,7 @@ from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models.heads import ScalarModel, last_token_value
 from rlhf_jax.trainers import inputs as inputs_lib
 from rlhf_jax.trainers import rm_inputs
-from rlhf_jax.trainers.loop import run_train_loop
+from rlhf_jax.trainers.loop import resume, run_train_loop
 from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
 
 log = logging.getLogger(__name__)
@@ -385,14 +385,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_epochs=None if config.train.steps else data.epochs)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                max_to_keep=config.train.max_to_keep)
-  start = ckpt.latest_step()
-  if start is not None:
-    params, train_items, data_state, _ = ckpt.restore(start, state.params, state.train_items())
-    state = state.replace(params=params, **train_items)
-    if data_state:
-      data_iter.set_state(data_state)
-    log.info("resumed from %s at step %d", ckpt.directory, start)
-  elif config.init_from:
+  state, start = resume(ckpt, state, data_iter)
+  if start is None and config.init_from:
     policy = restore_policy(config.init_from, model_config, mesh, rules, data.seq_len)
     trunk = trunk_of(policy)
     ckpt_lib.check_shapes(trunk, state.params["trunk"], f"SFT checkpoint {config.init_from}")
