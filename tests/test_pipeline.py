@@ -26,22 +26,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The config.
 
 
+def _with(section: dict, **fields) -> dict:
+  """`section` with fields set, given as data__batch_size=32 for section['data']['batch_size']."""
+  for key, value in fields.items():
+    *path, name = key.split("__")
+    d = section
+    for part in path:
+      d = d[part]
+    d[name] = value
+  return section
+
+
 def test_stage_sections_are_the_stage_config_files():
+  """Every field of a stage section is its config file's, except the few the demo tunes, which
+  are listed here one by one (configs/pipeline.py says why for each)."""
   config = config_util.load_config("configs/pipeline.py:size=tiny")
 
   def stage(spec):
     return config_util.load_config(spec).to_dict()
 
   steps = {s: config[s].train.steps for s in ("pretrain", "sft", "ppo", "kto", "dpo")}
-  assert config.pretrain.to_dict() == stage(f"configs/pretrain.py:size=tiny,steps={steps['pretrain']}")
-  assert config.sft.to_dict() == stage(f"configs/sft.py:size=tiny,steps={steps['sft']}")
-  rm = stage(f"configs/reward.py:size=tiny,k={config.comparisons.k}")
-  rm["normalize"]["source"] = "responses"  # the comparisons' answers are SFT samples already
+  assert config.pretrain.to_dict() == _with(
+      stage(f"configs/pretrain.py:size=tiny,steps={steps['pretrain']}"), data__batch_size=32)
+  assert config.sft.to_dict() == _with(
+      stage(f"configs/sft.py:size=tiny,steps={steps['sft']}"), data__batch_size=32)
+  rm = _with(stage(f"configs/reward.py:size=tiny,k={config.comparisons.k}"),
+             normalize__source="responses",  # the comparisons' answers are SFT samples already
+             optim__learning_rate=1e-3, data__epochs=2,
+             eval__max_comparisons=2 * config.comparisons.heldout_per_lang)
   assert config.rm.to_dict() == rm
-  assert config.kto.to_dict() == stage(f"configs/kto.py:size=tiny,steps={steps['kto']}")
-  assert config.dpo.to_dict() == stage(f"configs/dpo.py:size=tiny,steps={steps['dpo']}")
-  ppo = stage(f"configs/ppo.py:size=tiny,lang=both,steps={steps['ppo']}")
-  ppo["eval"]["every"] = max(steps["ppo"] // 5, 1)  # the one field the pipeline sets
+  for name in ("kto", "dpo"):
+    assert config[name].to_dict() == _with(
+        stage(f"configs/{name}.py:size=tiny,steps={steps[name]}"), optim__learning_rate=3e-4)
+  ppo = _with(stage(f"configs/ppo.py:size=tiny,lang=both,steps={steps['ppo']}"),
+              eval__every=max(steps["ppo"] // 5, 1), data__batch_size=16,
+              optim__learning_rate=3e-4, kl__target=4.0, kl__horizon=500.0)
   assert config.ppo.to_dict() == ppo
   small = config_util.load_config("configs/pipeline.py:size=small,ppo_steps=7")
   assert small.pretrain.model.d_model == 256 and small.ppo.train.steps == 7
@@ -139,6 +158,22 @@ def test_upstream_without_the_needed_stage_names_it(tiny_config, tmp_path):
     pipeline.run_pipeline(tiny_config, str(tmp_path / "w"), start="comparisons",
                           upstream=str(upstream))
   assert not os.path.exists(tmp_path / "w" / "comparisons" / pipeline.DONE)
+
+
+def test_a_stage_finished_here_earlier_wins_over_the_upstreams(tiny_config, tmp_path):
+  """`--only=rm` then `--only=ppo` in one workdir with an upstream: PPO must read this
+  workdir's new RM, not the upstream's old one."""
+  upstream, here = tmp_path / "w0", tmp_path / "w"
+  for stage_dir in (upstream / "rm", upstream / "sft", here / "rm"):
+    os.makedirs(stage_dir)
+    with open(stage_dir / pipeline.DONE, "w") as f:
+      json.dump({}, f)
+  os.makedirs(here / "sft")  # started here but never finished: the upstream's is used
+  ctx = pipeline.Context(config=tiny_config, workdir=str(here), upstream=str(upstream),
+                         local=frozenset({"ppo"}))
+  assert ctx.require("rm") == str(here / "rm")
+  assert ctx.require("sft") == str(upstream / "sft")
+  assert ctx.stage_dir("ppo") == str(here / "ppo")
 
 
 # ---------------------------------------------------------------------------------------------
