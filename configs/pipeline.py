@@ -80,7 +80,10 @@ def get_config(arg=None):
       temperature=1.0, top_p=1.0,
       max_prompt_tokens=32 if tiny else 64,
       agreement=0.726,  # two simulated annotators agree this often (InstructGPT's labelers)
-      label="grades",  # grades (good / average / poor) | ranking
+      # ranking (a full order of the K answers, InstructGPT's labels: all C(K,2) pairs, the RM's
+      # K-wise loss) | grades (good / average / poor: ties inside a grade give no pair). On the
+      # demo's data: RM gold accuracy en 0.79 / zh 0.76 from rankings, 0.77 / 0.75 from grades.
+      label="ranking",
       batch_size=16 if arg.smoke else 64))
 
   config.rm = _stage("reward", f"size={arg.size},k={config.comparisons.k}")
