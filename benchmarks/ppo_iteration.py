@@ -12,8 +12,9 @@ MFU is measured against a large matmul timed in the same run at the same dtype
 datasheet: on a shared CPU the absolute numbers move with the load, the ratio much less. Each
 phase is also timed in process CPU-seconds (all threads), which other jobs disturb less. Model FLOPs count matmuls only
 (`ModelConfig.flops_per_token`); a training forward+backward is 3x the forward. The update's
-FLOPs per epoch: the policy over all B x (P + N) positions with the vocabulary projection on
-the N answer positions only, and the critic with none.
+FLOPs per epoch: the policy and the critic over all B x (P + N) positions in every layer but
+the last, which runs its queries, attention and MLP on the N answer columns only; the
+vocabulary projection on the N answer positions only for the policy, none for the critic.
 
 At bfloat16 compute, log pi_old is recomputed by a policy forward pass in the score phase
 (configs/ppo.py's old_logprobs="auto"): a bfloat16 KV-cache decode rounds differently from a
@@ -101,15 +102,20 @@ def workload_flops(cfg, batch: int, prompt_len: int, new_tokens: int, epochs: in
   """Matmul FLOPs of each phase of one iteration (see the module docstring)."""
   s = prompt_len + new_tokens
   trunk = cfg.flops_per_token(s, with_logits=False) * batch * s  # one trunk over all positions
+  # The policy and the critic read the N answer columns only (`answer_columns`): their last
+  # layer computes keys and values everywhere but queries, attention output and MLP there.
+  per_layer = (cfg.flops_per_token(s, with_logits=False)) / cfg.n_layers
+  kv = 2 * 2 * cfg.d_model * cfg.dim_per_head * cfg.n_kv_heads
+  read_trunk = trunk - (per_layer - kv) * batch * (s - new_tokens)
   logits = 2 * cfg.d_model * cfg.vocab_size * batch * new_tokens  # answer positions only
-  policy_fwd = trunk + logits
+  policy_fwd = read_trunk + logits
   # Generation: prefill (last position projected), then one token per step, attending over
   # the whole cache of s slots.
   generate = (cfg.flops_per_token(s, with_logits=False) * batch * prompt_len
               + 2 * cfg.d_model * cfg.vocab_size * batch
               + cfg.flops_per_token(s, with_logits=True) * batch * (new_tokens - 1))
-  score = policy_fwd + 2 * trunk + (policy_fwd if recompute else 0)  # ref, critic, RM
-  update = epochs * 3 * (policy_fwd + trunk)
+  score = policy_fwd + read_trunk + trunk + (policy_fwd if recompute else 0)  # ref, critic, RM
+  update = epochs * 3 * (policy_fwd + read_trunk)
   return {"generate": generate, "score": score, "update": update}
 
 
@@ -203,21 +209,24 @@ def run_dtype(args, dtype: str) -> dict:
 
 
 def peer_figures(path: str) -> dict:
-  """{"iteration_s", "cpu_iteration_s", "source"} of TRL at float32: from the peer script's JSON
-  when given (a measurement of this session), else DESIGN.md's quiet-machine figure."""
+  """{"iteration_s", "cpu_iteration_s", "source", "by_dtype"} of TRL: float32 (the W1 workload)
+  from the peer script's JSON when given (a measurement of this session), else DESIGN.md's
+  quiet-machine figure; `by_dtype` holds every dtype the JSON measured."""
   if not path:
-    return {"iteration_s": TRL_REFERENCE["iteration_s"], "cpu_iteration_s": None,
+    return {"iteration_s": TRL_REFERENCE["iteration_s"], "cpu_iteration_s": None, "by_dtype": {},
             "source": "DESIGN.md (TRL 1.9.0 + torch 2.13, float32, same kind of 2-core CPU, "
                       "quiet); not measured here"}
   with open(path) as f:
     peer = json.load(f)
-  rows = [r for r in peer.get("results", []) if r.get("dtype") == "float32"]
-  if peer.get("benchmark") != "trl_ppo" or not rows:
+  by_dtype = {r["dtype"]: r for r in peer.get("results", [])}
+  if peer.get("benchmark") != "trl_ppo" or "float32" not in by_dtype:
     raise ValueError(f"{path}: not a float32 result of benchmarks/peers/trl_ppo.py")
   v = peer["versions"]
-  return {"iteration_s": rows[0]["iteration_s"], "cpu_iteration_s": rows[0]["cpu_iteration_s"],
-          "source": f"{path}: TRL {v['trl']} / torch {v['torch']}, float32, measured "
-                    f"{peer['date']} (load {peer['machine']['loadavg_1m_before_after']})"}
+  return {"iteration_s": by_dtype["float32"]["iteration_s"],
+          "cpu_iteration_s": by_dtype["float32"]["cpu_iteration_s"],
+          "by_dtype": {d: r["iteration_s"] for d, r in by_dtype.items()},
+          "source": f"{path}: TRL {v['trl']} / torch {v['torch']}, {', '.join(by_dtype)}, "
+                    f"measured {peer['date']} (load {peer['machine']['loadavg_1m_before_after']})"}
 
 
 def main(argv=None):
@@ -229,6 +238,8 @@ def main(argv=None):
     r["speedup_vs_trl"] = peer["iteration_s"] / r["iteration_s"]
     if peer["cpu_iteration_s"]:
       r["cpu_speedup_vs_trl"] = peer["cpu_iteration_s"] / r["cpu_iteration_s"]
+    if r["dtype"] in peer["by_dtype"]:  # TRL at the same compute dtype (its bf16 autocast)
+      r["speedup_vs_trl_same_dtype"] = peer["by_dtype"][r["dtype"]] / r["iteration_s"]
   out = {
       "benchmark": "ppo_iteration",
       "workload": {"size": args.size, "prompts": args.prompts, "prompt_len": args.prompt_len,
@@ -249,13 +260,15 @@ def main(argv=None):
   print(common.markdown_table(
       ["dtype", "log pi_old", "iteration s", "episodes/s", "generate s (%)", "score s (%)",
        "update s (%)", "update MFU", "update GFLOP/s", "matmul peak GFLOP/s", "iteration CPU-s",
-       f"vs TRL {peer['iteration_s']:.1f} s"],
+       f"vs TRL float32 {peer['iteration_s']:.1f} s", "vs TRL same dtype"],
       [[r["dtype"], r["old_logprobs"], f"{r['iteration_s']:.2f}", f"{r['episodes_per_s']:.1f}",
         *(f"{r['seconds'][k]:.2f} ({100 * r['fraction'][k]:.0f}%)"
           for k in ("generate", "score", "update")),
         f"{100 * r['mfu']['update']:.0f}%", f"{r['update_model_flops_per_s'] / 1e9:.0f}",
         f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}", f"{r['cpu_iteration_s']:.1f}",
-        f"{r['speedup_vs_trl']:.2f}x"] for r in results]))
+        f"{r['speedup_vs_trl']:.2f}x",
+        f"{r['speedup_vs_trl_same_dtype']:.2f}x" if "speedup_vs_trl_same_dtype" in r else "-"]
+       for r in results]))
   print(f"\nTRL: {peer['source']}")
 
 

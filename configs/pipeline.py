@@ -76,6 +76,7 @@ def get_config(arg=None):
       prompts_per_lang=12 if arg.smoke else 1500,  # training prompts (about all English has)
       heldout_per_lang=8 if arg.smoke else 128,  # validation prompts: the RM's held-out accuracy
       k=4,  # answers sampled per prompt
+      rounds=1,  # times each training prompt is answered and ranked (fresh answers each time)
       max_new_tokens=16 if tiny else 32,
       temperature=1.0, top_p=1.0,
       max_prompt_tokens=32 if tiny else 64,

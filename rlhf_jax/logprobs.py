@@ -8,8 +8,8 @@ right-padded answer in N columns,
     answer_mask                                     |  1  1  ...   1     0     [B, N]
 
 so the output at column P-1+t is the distribution of answer token t for every row alike: only
-the N answer columns go through the vocabulary projection (one static slice, `answer_view`),
-not the whole row. The answer is the chat template's assistant turn, <|end|> included: that the
+the N answer columns go through the vocabulary projection (one static column range,
+`answer_columns`, which also spares the last layer the prompt's columns), not the whole row. The answer is the chat template's assistant turn, <|end|> included: that the
 model stops there is part of what a like or a preference rewards.
 
 Building the rows is host work (`encode_prompt_answer`, `layout_rows`); the log-probs are a pure
@@ -25,7 +25,7 @@ import numpy as np
 
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
-from rlhf_jax.rl.rollout import answer_view
+from rlhf_jax.rl.rollout import answer_columns
 
 Array = jax.Array
 
@@ -95,9 +95,9 @@ def sequence_logprobs(params, tokens: Array, positions: Array, segment_ids: Arra
   model = Transformer(model_config)
   n = answer_mask.shape[-1]
   hidden, _ = model.apply({"params": params}, tokens, positions, segment_ids,
-                          method=Transformer.hidden_states)  # [R, P + N, D]
-  logits = model.apply({"params": params}, answer_view(hidden, n),
-                       method=Transformer.project)  # [R, N, V]
+                          columns=answer_columns(tokens.shape[1], n),
+                          method=Transformer.hidden_states)  # [R, N, D]
+  logits = model.apply({"params": params}, hidden, method=Transformer.project)  # [R, N, V]
   logp = token_logprobs(logits, tokens[:, -n:])  # [R, N]
   return jnp.sum(logp * answer_mask.astype(jnp.float32), axis=-1)
 

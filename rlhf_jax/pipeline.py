@@ -278,19 +278,23 @@ def run_comparisons(ctx: Context):
   from rlhf_jax import tokenizer as tok_lib
   from rlhf_jax.data import builders
   cfg, langs = ctx.config.comparisons, ctx.langs
+  if cfg.rounds < 1:
+    raise ValueError(f"config.comparisons.rounds must be >= 1, got {cfg.rounds}")
   sft_dir = ctx.require("sft")
   tokenizer = tok_lib.Tokenizer.load(ctx.tokenizer_path)
   params, model_config, _ = comparisons.load_policy(sft_dir)
   prompts, prompt_langs = [], []
   # Training prompts, then held-out ones: the comparisons keep their prompt's split, so the
   # RM's held-out accuracy is measured on prompts it never trained on.
-  for splits, per_lang in ((("train",), cfg.prompts_per_lang),
-                           (("validation",), cfg.heldout_per_lang)):
+  # Each training prompt is answered `rounds` times (K fresh answers, ranked afresh each time):
+  # more comparisons when the prompts run out. Held-out prompts are answered once.
+  for splits, per_lang, rounds in ((("train",), cfg.prompts_per_lang, cfg.rounds),
+                                   (("validation",), cfg.heldout_per_lang, 1)):
     ps, ls = comparisons.choose_prompts(tokenizer, per_lang, data_dir=ctx.data_dir,
                                         seed=ctx.config.seed, splits=splits, langs=langs,
                                         max_prompt_tokens=cfg.max_prompt_tokens)
-    prompts += ps
-    prompt_langs += ls
+    prompts += ps * rounds
+    prompt_langs += ls * rounds
   answers = comparisons.sample_answers(
       params, model_config, tokenizer, prompts, cfg.k, seed=ctx.config.seed,
       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,

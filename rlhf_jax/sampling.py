@@ -98,9 +98,10 @@ def prefill(params, prompt_tokens: Array, prompt_mask: Array, cache: Cache, *,
   """
   model = Transformer(model_config)
   mask = prompt_mask.astype(jnp.int32)
+  p = prompt_tokens.shape[1]
   hidden, cache = model.apply(params, prompt_tokens, positions_from_mask(mask), mask, cache,
-                              method=Transformer.hidden_states)  # [B, P, D]
-  logits = model.apply(params, hidden[:, -1], method=Transformer.project)  # [B, V]
+                              columns=(p - 1, p), method=Transformer.hidden_states)  # [B, 1, D]
+  logits = model.apply(params, hidden[:, 0], method=Transformer.project)  # [B, V]
   return logits, cache
 
 

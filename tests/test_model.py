@@ -168,6 +168,45 @@ def test_remat_gives_same_logits_and_grads(tiny_params):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), grads_r, reference)
 
 
+@pytest.mark.parametrize("variant", ["plain", "remat", "scan"])
+def test_read_columns_equal_the_full_pass_sliced(tiny_params, variant):
+  """hidden_states(columns=(a, b)) runs the last layer on columns a..b-1 only; its values and
+  the gradients of a loss on them equal the full pass sliced (remat / scan: sliced after)."""
+  cfg = model_config("tiny", vocab_size=V, remat=variant == "remat", scan_layers=variant == "scan")
+  params = _stack_layers(tiny_params, cfg.n_layers) if variant == "scan" else tiny_params
+  tokens, mask = _left_padded(np.random.RandomState(6), [11, 7, 3], 12)
+  positions = positions_from_mask(mask)
+  model = Transformer(cfg)
+  weights = jnp.asarray(np.random.RandomState(7).normal(size=(cfg.d_model,)), jnp.float32)
+
+  def loss(p, columns):
+    hidden, _ = model.apply(p, tokens, positions, mask, columns=columns,
+                            method=Transformer.hidden_states)
+    if columns is None:
+      hidden = hidden[:, 4:11]
+    return jnp.sum(jnp.tanh(hidden @ weights)), hidden
+
+  (full, h_full), g_full = jax.value_and_grad(loss, has_aux=True)(params, None)
+  (part, h_part), g_part = jax.value_and_grad(loss, has_aux=True)(params, (4, 11))
+  assert h_part.shape == (3, 7, cfg.d_model)
+  np.testing.assert_allclose(h_part, h_full, atol=1e-5)
+  np.testing.assert_allclose(part, full, rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), g_part, g_full)
+
+
+def test_read_columns_with_a_cache_fill_the_same_cache(tiny_params):
+  """A prefill that reads only the last column writes every column's keys and values."""
+  tokens, mask = _left_padded(np.random.RandomState(8), [9, 4], 9)
+  positions = positions_from_mask(mask)
+  model = Transformer(TINY)
+  outs = [model.apply(tiny_params, tokens, positions, mask, init_cache(TINY, 2, 16),
+                      columns=columns, method=Transformer.hidden_states)
+          for columns in (None, (8, 9))]
+  (h_full, cache_full), (h_last, cache_last) = outs
+  np.testing.assert_allclose(h_last, h_full[:, 8:9], atol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), cache_last, cache_full)
+
+
 def test_scanned_layers_have_the_same_param_count(tiny_params):
   scanned = _init(model_config("tiny", vocab_size=V, scan_layers=True))
   assert _n_params(scanned) == _n_params(tiny_params) == TINY.param_count()

@@ -392,6 +392,44 @@ def test_comparisons_killed_after_writing_are_redone_not_trusted(tiny_pipeline_w
   assert all(r["responses"] == answers for r in records)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("pipeline")
+def test_comparison_rounds_answer_each_training_prompt_again(tiny_pipeline_workdir, tmp_path,
+                                                             monkeypatch, bundled_data_dir,
+                                                             bundled_tokenizer):
+  """rounds=2: every training prompt is ranked twice, on fresh answers; held-out ones once."""
+  from rlhf_jax import comparisons
+  from rlhf_jax.trainers.rm_inputs import read_records
+  calls = []
+
+  def fake_answers(params, model_config, tokenizer, prompts, k, **kw):
+    calls.append(list(prompts))
+    # Answer j of occurrence i: distinct per occurrence, so the two rounds can be told apart.
+    return [[f"answer {j} to occurrence {i}" for j in range(k)] for i in range(len(prompts))]
+
+  monkeypatch.setattr(comparisons, "sample_answers", fake_answers)
+  config = tiny_pipeline_config(bundled_data_dir, bundled_tokenizer, **{"comparisons.rounds": 0})
+  with pytest.raises(ValueError, match="rounds must be >= 1"):
+    pipeline.run_pipeline(config, str(tmp_path / "bad"), only="comparisons",
+                          upstream=tiny_pipeline_workdir)
+  assert not calls  # refused before any sampling
+
+  config = tiny_pipeline_config(bundled_data_dir, bundled_tokenizer, **{"comparisons.rounds": 2})
+  w = str(tmp_path / "w")
+  pipeline.run_pipeline(config, w, only="comparisons", upstream=tiny_pipeline_workdir)
+  (prompts,) = calls
+  n_train = config.comparisons.prompts_per_lang * len(config.langs.split(","))
+  train, heldout = prompts[:2 * n_train], prompts[2 * n_train:]
+  assert train[:n_train] == train[n_train:]  # the same training prompts, twice
+  assert len(set(map(str, heldout))) == len(heldout) and not set(map(str, heldout)) & set(
+      map(str, train))
+  data_dir = os.path.join(w, "comparisons", "tfds")
+  records = [r for split in ("train", "validation", "test")
+             for r in _records_or_none(read_records, data_dir, split)]
+  assert len(records) == len(prompts)
+  assert len({tuple(r["responses"]) for r in records}) == len(records)  # fresh answers each time
+
+
 def _records_or_none(read_records, data_dir, split):
   try:
     return read_records("rlhf_comparisons/round0", split, data_dir)

@@ -37,8 +37,9 @@ class ScalarModel(nn.Module):
     self.trunk = Transformer(self.config)
     self.head = ScalarHead()
 
-  def __call__(self, tokens, positions, segment_ids):
-    hidden, _ = self.trunk.hidden_states(tokens, positions, segment_ids)
+  def __call__(self, tokens, positions, segment_ids, columns=None):
+    """columns: None, or a static (start, stop): values there only, [B, stop - start]."""
+    hidden, _ = self.trunk.hidden_states(tokens, positions, segment_ids, columns=columns)
     return self.head(hidden)
 
 

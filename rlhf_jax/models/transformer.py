@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.models.dot import dense
+
 Array = jax.Array
 Cache = dict  # {'k': [L, B, Hkv, S, Dh], 'v': [L, B, Hkv, S, Dh], 'segment': [B, S], 'index': []}
 
@@ -212,7 +214,7 @@ class HeadProjection(nn.Module):
     d = x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(d), self.axes),
                         (d, self.heads, self.head_dim), jnp.float32)
-    y = jnp.einsum("nd,dhk->nhk", _flat_tokens(x).astype(self.dtype), kernel.astype(self.dtype))
+    y = dense(_flat_tokens(x), kernel.reshape(d, -1), self.dtype)  # [B*T, heads*head_dim]
     y = y.reshape(*x.shape[:-1], self.heads, self.head_dim)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
@@ -232,20 +234,27 @@ class Attention(nn.Module):
   layer_index: Optional[int] = None  # None: layer_cache holds this layer's arrays only
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, columns=None):
     """x [B, T, D]; mask [B, T, S]; layer_cache (k, v): [L, B, Hkv, S, Dh] stacked (with
-    layer_index) or [B, Hkv, S, Dh]; None without a cache."""
+    layer_index) or [B, Hkv, S, Dh]; None without a cache. columns: None, or a static
+    (start, stop): only those columns ask queries (keys and values come from all T), and the
+    output is [B, stop - start, D]."""
     cfg = self.config
     dt = cfg.compute_dtype
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
 
-    def proj(name, heads, axis):
-      return HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(x)
+    def proj(inputs, name, heads, axis):
+      return HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(inputs)
 
     inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
-    q = rotary(proj("q", h, "heads"), positions, cfg.rope_theta, inv_freq)  # [B, T, H, Dh]
-    k = rotary(proj("k", hkv, "kv_heads"), positions, cfg.rope_theta, inv_freq)  # [B,T,Hkv,Dh]
-    v = proj("v", hkv, "kv_heads")
+    if columns is not None:
+      x_q, q_positions = x[:, columns[0]:columns[1]], positions[:, columns[0]:columns[1]]
+      mask = mask[:, columns[0]:columns[1]]
+    else:
+      x_q, q_positions = x, positions
+    q = rotary(proj(x_q, "q", h, "heads"), q_positions, cfg.rope_theta, inv_freq)  # [B,Tq,H,Dh]
+    k = rotary(proj(x, "k", hkv, "kv_heads"), positions, cfg.rope_theta, inv_freq)  # [B,T,Hkv,Dh]
+    v = proj(x, "v", hkv, "kv_heads")
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
 
     new_cache = None
@@ -262,7 +271,7 @@ class Attention(nn.Module):
         new_cache = (ck, cv)
         k, v = ck[self.layer_index], cv[self.layer_index]  # [B, Hkv, S, Dh]
 
-    b, t = x.shape[:2]
+    b, t = x_q.shape[:2]
     q = q.reshape(b, t, hkv, h // hkv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt)) * (dh ** -0.5)
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
@@ -271,8 +280,26 @@ class Attention(nn.Module):
     kernel = self.param("o", nn.with_logical_partitioning(_dense_init(h * dh),
                                                           ("heads", "kv", "embed")),
                         (h, dh, cfg.d_model), jnp.float32)
-    out = jnp.einsum("nhd,hde->ne", _flat_tokens(out, 2), kernel.astype(dt))
+    out = dense(out.reshape(b * t, h * dh), kernel.reshape(h * dh, -1), dt)  # [B*T, D]
     return out.reshape(b, t, cfg.d_model), new_cache
+
+
+class Linear(nn.Module):
+  """x [N, K] -> [N, features] without bias: params {'kernel': [K, features]}, as nn.Dense's.
+
+  The matmul is `dot.dense`: float32, or mixed precision (operands in `dtype`, float32
+  accumulation, result in `out_dtype`, default `dtype`).
+  """
+  features: int
+  dtype: Any
+  axes: tuple
+  out_dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(x.shape[-1]), self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
+    return dense(x, kernel, self.dtype, self.out_dtype)
 
 
 class MLP(nn.Module):
@@ -282,17 +309,12 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     dt = cfg.compute_dtype
-
-    def dense(name, features, axes, fan_in):
-      return nn.Dense(features, use_bias=False, dtype=dt, name=name,
-                      kernel_init=nn.with_logical_partitioning(_dense_init(fan_in), axes))
-
     tokens = _flat_tokens(x)  # [B*T, D]
-    gate = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(tokens)
-    up = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.d_model)(tokens)
+    gate = Linear(cfg.d_ff, dt, ("embed", "mlp"), name="gate")(tokens)
+    up = Linear(cfg.d_ff, dt, ("embed", "mlp"), name="up")(tokens)
     hidden = (jax.nn.silu(gate) * up).reshape(*x.shape[:-1], cfg.d_ff)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    out = dense("down", cfg.d_model, ("mlp", "embed"), cfg.d_ff)(_flat_tokens(hidden))
+    out = Linear(cfg.d_model, dt, ("mlp", "embed"), name="down")(_flat_tokens(hidden))
     return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
@@ -301,11 +323,14 @@ class Block(nn.Module):
   layer_index: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index):
+  def __call__(self, x, positions, mask, layer_cache, cache_index, columns=None):
+    """columns: None, or a static (start, stop): the block's output only there (see Attention)."""
     cfg = self.config
     attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
         RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
-        positions, mask, layer_cache, cache_index)
+        positions, mask, layer_cache, cache_index, columns)
+    if columns is not None:
+      x = x[:, columns[0]:columns[1]]
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -342,16 +367,21 @@ class Transformer(nn.Module):
       self.layers = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, name="lm_head",
-          kernel_init=nn.with_logical_partitioning(_dense_init(cfg.d_model), ("embed", "vocab")))
+      self.lm_head = Linear(cfg.vocab_size, cfg.compute_dtype, ("embed", "vocab"),
+                            out_dtype=jnp.float32, name="lm_head")
 
-  def hidden_states(self, tokens, positions, segment_ids, cache: Optional[Cache] = None):
+  def hidden_states(self, tokens, positions, segment_ids, cache: Optional[Cache] = None,
+                    columns: Optional[tuple[int, int]] = None):
     """Final-normed hidden states [B, T, D] and the updated cache (None without one).
 
     tokens, positions, segment_ids: [B, T] int. segment_ids: 0 = padding, equal ids attend to
     each other (packing). With a cache, the T new tokens are written at slots
     [cache['index'], cache['index'] + T) and attend to every earlier filled slot.
+
+    columns: a static (start, stop) when only those columns' outputs are read (a policy's
+    answer positions, a prompt's last token): the result is then [B, stop - start, D], and the
+    last layer asks queries and runs its MLP on those columns only, which saves that share of
+    the layer's work. Earlier layers still run everywhere (later keys need them).
     """
     cfg = self.config
     x = self.embed(tokens)  # [B, T, D]
@@ -368,13 +398,20 @@ class Transformer(nn.Module):
       mask = attention_mask(segment_ids, index + jnp.arange(t), k_segment)
       kv = (cache["k"], cache["v"])
 
+    sliced = False
     if cfg.scan_layers:
       x, new_kv = self.layers(x, kv, positions, mask, index)
     else:
-      for layer in self.layers:  # each writes its slots of the stacked cache in place
-        x, new = layer(x, positions, mask, kv, index)
+      for i, layer in enumerate(self.layers):  # each writes its slots of the stacked cache
+        # The last layer runs on the read columns only; a rematerialised block takes no
+        # static arguments, so it runs on all of them and is sliced below.
+        cols = columns if i == cfg.n_layers - 1 and not cfg.remat else None
+        x, new = layer(x, positions, mask, kv, index, cols)
         kv = new if kv is not None else None
+        sliced = cols is not None
       new_kv = kv
+    if columns is not None and not sliced:
+      x = x[:, columns[0]:columns[1]]
 
     x = self.final_norm(x)
     if cache is None:

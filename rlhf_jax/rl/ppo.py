@@ -39,7 +39,7 @@ from rlhf_jax import losses, reward
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
-from rlhf_jax.rl.rollout import Rollout, answer_view
+from rlhf_jax.rl.rollout import Rollout, answer_columns
 
 Array = jax.Array
 
@@ -138,9 +138,10 @@ def answer_logits(params, rollout: Rollout, *, model_config: ModelConfig,
                   temperature: float) -> Array:
   """Temperature-scaled float32 logits [B, N, V] for the answer tokens only."""
   model = Transformer(model_config)
+  columns = answer_columns(rollout.tokens.shape[1], rollout.answer_mask.shape[1])
   hidden, _ = model.apply({"params": params}, rollout.tokens, rollout.positions,
-                          rollout.segment_ids, method=Transformer.hidden_states)  # [B, S, D]
-  hidden = answer_view(hidden, rollout.answer_mask.shape[1])  # [B, N, D]
+                          rollout.segment_ids, columns=columns,
+                          method=Transformer.hidden_states)  # [B, N, D]
   return model.apply({"params": params}, hidden, method=Transformer.project) / temperature
 
 
@@ -153,9 +154,11 @@ def answer_logprobs(params, rollout: Rollout, *, model_config: ModelConfig,
 
 def answer_values(params, rollout: Rollout, *, model_config: ModelConfig) -> Array:
   """Critic values [B, N]: V before answer token t is read at column P-1+t. No vocab matmul."""
+  columns = answer_columns(rollout.tokens.shape[1], rollout.answer_mask.shape[1])
   values = ScalarModel(model_config).apply({"params": params}, rollout.tokens,
-                                           rollout.positions, rollout.segment_ids)  # [B, S]
-  return answer_view(values, rollout.answer_mask.shape[1]) * rollout.answer_mask
+                                           rollout.positions, rollout.segment_ids,
+                                           columns=columns)  # [B, N]
+  return values * rollout.answer_mask
 
 
 def reward_model_scores(frozen: Frozen, rollout: Rollout, *, model_config: ModelConfig) -> Array:

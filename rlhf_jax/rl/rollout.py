@@ -9,7 +9,7 @@ Layout of an episode row (P prompt columns, N answer columns, S = P + N):
 Prompts are left-padded (the sampler needs every row's last prompt token in column P-1) and
 answers right-padded, so a row is [left-padded prompt | right-padded answer] and column P-1+t
 is always the input that predicts answer token t: the policy, reference and critic read their
-answer-position outputs as one static slice, `answer_view`. Positions are `cumsum(mask) - 1`,
+answer-position outputs as one static column range, `answer_columns`. Positions are `cumsum(mask) - 1`,
 exactly what the sampler used, so a full forward pass reproduces the sampler's log-probs.
 
 Answers are truncated at the first stop token by the sampler itself (its mask is 1 up to and
@@ -63,11 +63,11 @@ def ends_with_stop(answer_tokens: Array, answer_mask: Array, stop_ids) -> Array:
   return (length > 0) & is_stop
 
 
-def answer_view(x: Array, n_answer: int) -> Array:
-  """The columns of a per-position output [B, S, ...] that predict the answer tokens: the
-  output at column P-1+t is about answer token t (for a policy: its distribution)."""
-  s = x.shape[1]
-  return x[:, s - n_answer - 1:s - 1]
+def answer_columns(seq_len: int, n_answer: int) -> tuple[int, int]:
+  """(start, stop) of the columns whose outputs predict the answer tokens: the output at
+  column P-1+t is about answer token t (for a policy: its distribution). Static."""
+  return seq_len - n_answer - 1, seq_len - 1
+
 
 
 def sample_rollout(params, prompt_tokens: Array, prompt_mask: Array, rng: Array, *,
