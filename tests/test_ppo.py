@@ -151,6 +151,27 @@ def test_first_minibatch_ratio_is_one_and_kl_to_reference_zero(runner):
   np.testing.assert_allclose(float(moved.kl_coef), expected, rtol=1e-6)  # ... β > 0 moves
 
 
+def test_nonfinite_minibatches_are_skipped_and_counted(runner):
+  """A minibatch whose loss or gradient is not finite changes nothing and is counted."""
+  state, frozen = _start(runner)
+  tokens, mask = S.prompts(32, seed=6)
+  _, _, exp, _, _ = runner.iteration(state, frozen, tokens, mask)
+  poisoned = exp._replace(advantages=exp.advantages.at[3].set(jnp.nan))  # one episode
+  new, stats = runner.update_fn(state, poisoned, None)
+  finite = np.asarray(stats["finite"])  # [epochs, minibatches]
+  assert (~finite).sum(axis=1).tolist() == [1] * HYPER.epochs  # its minibatch, every epoch
+  assert ppo.summarize_update(stats)["ppo/skipped_updates"] == HYPER.epochs
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(new.params))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params),
+                                                       jax.tree.leaves(state.params)))
+  all_nan = exp._replace(advantages=jnp.full_like(exp.advantages, jnp.nan))
+  same, stats = runner.update_fn(state, all_nan, None)
+  assert not np.asarray(stats["finite"]).any()
+  for a, b in zip(jax.tree.leaves((same.params, same.opt_state)),
+                  jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_adaptive_controller_hand_computed_steps():
   c = kl.KLController(init_coef=0.1, adaptive=True, target=6.0, horizon=10000.0)
   beta = 0.1

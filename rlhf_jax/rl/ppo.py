@@ -40,6 +40,7 @@ from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
 from rlhf_jax.rl.rollout import Rollout, answer_columns
+from rlhf_jax.trainers.state import apply_update_if
 
 Array = jax.Array
 
@@ -328,11 +329,8 @@ def ppo_update(state: PPOState, experience: Experience, ptx_batches: Optional[di
     batch, ptx = xs
     (loss, stats), grads = grad_fn(params, batch, ptx)
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_params, params)
-    opt_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_opt_state, opt_state)
+    params, opt_state = apply_update_if(finite, tx, grads, params, opt_state)
     if ema is not None:
       d = hyper.ema_decay
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params["policy"])

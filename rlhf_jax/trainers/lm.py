@@ -25,7 +25,7 @@ from rlhf_jax import losses, optim, sharding
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.trainers import inputs as inputs_lib
 from rlhf_jax.trainers.loop import resume, run_train_loop
-from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
+from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, apply_update_if
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,9 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
   loss = loss_sum / denom
   grads = jax.tree.map(lambda g: g / denom, grads)
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = state.replace(step=state.step + 1,
-                            params=tree_where(finite, params, state.params),
-                            opt_state=tree_where(finite, opt_state, state.opt_state))
+  params, opt_state = apply_update_if(finite, tx, grads, state.params, state.opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/tokens": count,
              "train/lr": schedule(state.step), "train/finite": finite}
   return new_state, metrics

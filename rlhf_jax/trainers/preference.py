@@ -54,7 +54,7 @@ from rlhf_jax.trainers import lm as lm_trainer
 from rlhf_jax.trainers import preference_inputs as pref_inputs
 from rlhf_jax.trainers import rm_inputs
 from rlhf_jax.trainers.loop import resume, run_train_loop
-from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
+from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, apply_update_if
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +163,11 @@ def train_step(state: TrainState, reference, batch, *, model_config, tx, schedul
       has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, reference, batch)
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   count = jnp.sum(batch["valid"])
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  apply = finite & (count > 0)
-  new_state = state.replace(step=state.step + 1,
-                            params=tree_where(apply, params, state.params),
-                            opt_state=tree_where(apply, opt_state, state.opt_state))
+  params, opt_state = apply_update_if(finite & (count > 0), tx, grads, state.params,
+                                      state.opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   prefix = objective.kind
   out = {f"{prefix}/loss": loss, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
   out.update({"train/grad_norm": grad_norm, "train/lr": schedule(state.step),

@@ -35,7 +35,7 @@ from rlhf_jax.models.heads import ScalarModel, last_token_value
 from rlhf_jax.trainers import inputs as inputs_lib
 from rlhf_jax.trainers import rm_inputs
 from rlhf_jax.trainers.loop import resume, run_train_loop
-from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, tree_where
+from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, apply_update_if
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,10 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-  apply = finite & (count > 0)
-  new_state = state.replace(step=state.step + 1,
-                            params=tree_where(apply, params, state.params),
-                            opt_state=tree_where(apply, opt_state, state.opt_state))
+  params, opt_state = apply_update_if(finite & (count > 0), tx, grads, state.params,
+                                      state.opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = step_metrics(jax.lax.stop_gradient(scores), batch, kind, reduction)
   metrics.update({
       "train/grad_norm": grad_norm, "train/lr": schedule(state.step), "train/finite": finite,

@@ -44,9 +44,18 @@ def create_train_state(init_params_fn, tx: optax.GradientTransformation, mesh, r
   return sharding.create_sharded(init, mesh, rules, jax.random.key(seed))
 
 
-def tree_where(cond, new, old):
-  """Elementwise select between two pytrees on a scalar condition."""
-  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+def apply_update_if(ok, tx, grads, params, opt_state):
+  """(params, opt_state) after one optimizer update when `ok` (a scalar bool), else unchanged.
+
+  A branch rather than a select of the new against the old trees: a select reads and writes
+  every parameter and moment once more per step (~5% of a small model's step on a CPU).
+  """
+  def update(params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.lax.cond(ok, update, lambda params, opt_state: (params, opt_state), params,
+                      opt_state)
 
 
 def param_count(params) -> int:
