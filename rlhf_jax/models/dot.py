@@ -14,7 +14,8 @@ the major axis of both operands. XLA:CPU's bf16 kernels take only a contraction 
 lhs's minor axis, so it turns that matmul back into a float32 one; and an explicit x.T is
 folded back into the dot by XLA's simplifier. Here the weight gradient is an ordinary
 [K, M]·[M, F] product whose x^T is made through a 3-D reshape and transpose that the
-simplifier leaves alone: 1.7-3.5x the transposed form on the W1 shapes (benchmarks/RESULTS.md).
+simplifier leaves alone: 1.2-2.8x the autodiff form's weight gradient at W1's shapes, and a
+whole projection step 1.5-1.9x (benchmarks/matmul_forms.py; figures in RESULTS.md there).
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ Layout of an episode row (P prompt columns, N answer columns, S = P + N):
 Prompts are left-padded (the sampler needs every row's last prompt token in column P-1) and
 answers right-padded, so a row is [left-padded prompt | right-padded answer] and column P-1+t
 is always the input that predicts answer token t: the policy, reference and critic read their
-answer-position outputs as one static column range, `answer_columns`. Positions are `cumsum(mask) - 1`,
-exactly what the sampler used, so a full forward pass reproduces the sampler's log-probs.
+answer-position outputs as one static column range, `answer_columns`. Positions are
+`cumsum(mask) - 1`, exactly what the sampler used, so a full forward pass reproduces the
+sampler's log-probs.
 
 Answers are truncated at the first stop token by the sampler itself (its mask is 1 up to and
 including the stop token); an answer that reached the length budget without one is flagged in
