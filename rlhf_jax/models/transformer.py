@@ -11,6 +11,8 @@ a key at slot `k` of segment `sk` iff `sk == sq`, `sk != 0` (0 marks padding) an
 Calls:
   logits, cache = model.apply(params, tokens, positions, segment_ids, cache=None)
   hidden, cache = model.apply(params, ..., method=Transformer.hidden_states)  # no vocab matmul
+  hidden, _     = model.apply(params, ..., columns=(a, b),  # only columns a..b-1 are read:
+                              method=Transformer.hidden_states)  # the last layer runs there
   logits        = model.apply(params, hidden, method=Transformer.project)
 """
 from __future__ import annotations
