@@ -9,7 +9,8 @@ right-padded answer in N columns,
 
 so the output at column P-1+t is the distribution of answer token t for every row alike: only
 the N answer columns go through the vocabulary projection (one static column range,
-`answer_columns`, which also spares the last layer the prompt's columns), not the whole row. The answer is the chat template's assistant turn, <|end|> included: that the
+`answer_columns`, which also spares the last layer the prompt's columns), not the whole row.
+The answer is the chat template's assistant turn, <|end|> included: that the
 model stops there is part of what a like or a preference rewards.
 
 Building the rows is host work (`encode_prompt_answer`, `layout_rows`); the log-probs are a pure

@@ -72,7 +72,7 @@ _mixed_dense.defvjp(_mixed_forward, _mixed_backward)
 
 
 def _token_block(m: int) -> int:
-  """The block of the token permutation: the largest of 16, 8, 4, 2 that divides m (1: none)."""
+  """Rows per block of the 3-D transpose: the largest of 16, 8, 4, 2 dividing m (1: none)."""
   return next((c for c in (16, 8, 4, 2) if m % c == 0), 1)
 
 
