@@ -23,6 +23,11 @@ full pass, so the sampler's log-probs would start the ratio away from 1.
   XLA_FLAGS= .venv/bin/python benchmarks/ppo_iteration.py [--dtypes float32,bfloat16]
       [--iterations 3] [--peer_json TRL.json] [--json_out FILE]
 
+The "matmuls alone" column is each phase's projection matmuls run back to back with nothing
+else (`phase_matmuls`, the forms the model uses), and "bound vs TRL" is TRL's iteration over
+that: no implementation doing this arithmetic in these matmul forms on this machine can be
+faster than that ratio.
+
 The speed-up column compares with TRL's PPO trainer on the same workload: the JSON that
 benchmarks/peers/trl_ppo.py wrote in the same session when --peer_json is given (run the two
 back to back), else DESIGN.md's figure for a quiet machine.
@@ -76,6 +81,8 @@ def parse_args(argv=None):
   p.add_argument("--peer_json", default="",
                  help="the JSON of benchmarks/peers/trl_ppo.py from the same session: the "
                       "speed-up is then against that measurement, not DESIGN.md's figure")
+  p.add_argument("--floor", type=int, default=1,
+                 help="also time each phase's projection matmuls alone (phase_matmuls)")
   p.add_argument("--json_out", default="")
   return p.parse_args(argv)
 
@@ -101,22 +108,88 @@ def workload_flops(cfg, batch: int, prompt_len: int, new_tokens: int, epochs: in
                    recompute: bool) -> dict:
   """Matmul FLOPs of each phase of one iteration (see the module docstring)."""
   s = prompt_len + new_tokens
-  trunk = cfg.flops_per_token(s, with_logits=False) * batch * s  # one trunk over all positions
-  # The policy and the critic read the N answer columns only (`answer_columns`): their last
-  # layer computes keys and values everywhere but queries, attention output and MLP there.
-  per_layer = (cfg.flops_per_token(s, with_logits=False)) / cfg.n_layers
+  per_layer = cfg.flops_per_token(s, with_logits=False) / cfg.n_layers  # per token
   kv = 2 * 2 * cfg.d_model * cfg.dim_per_head * cfg.n_kv_heads
-  read_trunk = trunk - (per_layer - kv) * batch * (s - new_tokens)
-  logits = 2 * cfg.d_model * cfg.vocab_size * batch * new_tokens  # answer positions only
-  policy_fwd = read_trunk + logits
-  # Generation: prefill (last position projected), then one token per step, attending over
-  # the whole cache of s slots.
-  generate = (cfg.flops_per_token(s, with_logits=False) * batch * prompt_len
-              + 2 * cfg.d_model * cfg.vocab_size * batch
-              + cfg.flops_per_token(s, with_logits=True) * batch * (new_tokens - 1))
-  score = policy_fwd + read_trunk + trunk + (policy_fwd if recompute else 0)  # ref, critic, RM
-  update = epochs * 3 * (policy_fwd + read_trunk)
+
+  def trunk(columns, read):
+    """`columns` per sequence through every layer but the last, which computes keys and
+    values on all of them and queries, attention and MLP on `read` columns only."""
+    return batch * (per_layer * (cfg.n_layers - 1) * columns + kv * columns
+                    + (per_layer - kv) * read)
+
+  logits = 2 * cfg.d_model * cfg.vocab_size * batch  # per column projected to the vocabulary
+  # The policy and the critic read the N answer columns (`answer_columns`), the RM every one.
+  policy_fwd = trunk(s, new_tokens) + logits * new_tokens
+  # Generation: prefill reading the last prompt column, then one token per step, attending
+  # over the whole cache of s slots.
+  generate = (trunk(prompt_len, 1) + logits
+              + (cfg.flops_per_token(s, with_logits=True) * batch * (new_tokens - 1)))
+  score = policy_fwd + trunk(s, new_tokens) + trunk(s, s) + (policy_fwd if recompute else 0)
+  update = epochs * 3 * (policy_fwd + trunk(s, new_tokens))
   return {"generate": generate, "score": score, "update": update}
+
+
+def phase_matmuls(cfg, batch: int, prompt_len: int, new_tokens: int, minibatches: int) -> dict:
+  """The projection matmuls of each phase as {phase: [(count, train, [(M, K, F), ...])]}.
+
+  The same shapes `workload_flops` counts, minus attention's two matmuls (about 4% of W1's
+  FLOPs): a `train` set also runs both backward matmuls. Timed alone, with nothing between
+  them, they give each phase's floor: the time no implementation that does this arithmetic in
+  this dtype on this machine can beat.
+  """
+  d, f, L = cfg.d_model, cfg.d_ff, cfg.n_layers
+  q, kv = cfg.n_heads * cfg.dim_per_head, cfg.n_kv_heads * cfg.dim_per_head
+  kv_part = [(d, kv), (d, kv)]
+  rest = [(d, q), (q, d), (d, f), (d, f), (f, d)]  # q, o, gate, up, down
+
+  def trunk(m_all, m_read):  # the last layer runs q, attention and MLP on m_read rows only
+    return ([(m_all, k, n) for _ in range(L - 1) for k, n in kv_part + rest]
+            + [(m_all, k, n) for k, n in kv_part] + [(m_read, k, n) for k, n in rest])
+
+  s, b = prompt_len + new_tokens, batch // minibatches
+  policy_mb = trunk(b * s, b * new_tokens) + [(b * new_tokens, d, cfg.vocab_size)]
+  critic_mb = trunk(b * s, b * new_tokens)
+  policy = trunk(batch * s, batch * new_tokens) + [(batch * new_tokens, d, cfg.vocab_size)]
+  return {
+      "generate": [(1, False, trunk(batch * prompt_len, batch) + [(batch, d, cfg.vocab_size)]),
+                   (new_tokens - 1, False, trunk(batch, batch) + [(batch, d, cfg.vocab_size)])],
+      # reference (policy-shaped), critic (answer columns), RM (every column)
+      "score": [(1, False, policy + trunk(batch * s, batch * new_tokens)
+                 + trunk(batch * s, batch * s))],
+      "update": [(minibatches, True, policy_mb + critic_mb)],
+  }
+
+
+def matmul_floor(cfg, args, dtype: str, repeats: int = 5) -> dict:
+  """{"seconds": {phase: s}, "flops": {phase: FLOPs}}: each phase's matmuls run back to back in
+  one jitted call per set, through `dense` (float32: plain dots and autodiff's backward; bf16:
+  the model's own mixed-precision forms), repeated as often as the phase runs them."""
+  from rlhf_jax.models.dot import dense
+  rng = np.random.default_rng(3)
+
+  def run_set(shapes, train):
+    xs = [jnp.asarray(rng.standard_normal((m, k)), jnp.float32) for m, k, _ in shapes]
+    ws = [jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+          for _, k, n in shapes]
+    gs = [jnp.asarray(rng.standard_normal((m, n)), dtype) for m, _, n in shapes]
+
+    def one(x, w, g):
+      if not train:
+        return dense(x.astype(dtype), w, dtype)
+      y, vjp = jax.vjp(lambda x, w: dense(x, w, dtype), x.astype(dtype), w)
+      return (y, *vjp(g))
+    fn = jax.jit(lambda xs, ws, gs: [one(*a) for a in zip(xs, ws, gs)])
+    call = lambda: jax.block_until_ready(fn(xs, ws, gs))  # noqa: E731
+    return common.median_seconds(call, repeats)[0]
+
+  seconds, flops = {}, {}
+  for phase, sets in phase_matmuls(cfg, args.prompts, args.prompt_len, args.new_tokens,
+                                   args.minibatches).items():
+    reps = args.epochs if phase == "update" else 1
+    seconds[phase] = sum(reps * count * run_set(shapes, train) for count, train, shapes in sets)
+    flops[phase] = sum(reps * count * (3 if train else 1) * sum(2 * m * k * n for m, k, n in shapes)
+                       for count, train, shapes in sets)
+  return {"seconds": seconds, "flops": flops}
 
 
 def run_dtype(args, dtype: str) -> dict:
@@ -185,6 +258,7 @@ def run_dtype(args, dtype: str) -> dict:
   iteration = sum(med.values())
   flops = workload_flops(cfg, args.prompts, args.prompt_len, args.new_tokens, args.epochs,
                          hyper.recompute_old_logprobs)
+  floor = matmul_floor(cfg, args, dtype) if args.floor else None
   peaks.append(peak())
   peak = max(peaks)
   cpu_med = {k: statistics.median(v) for k, v in cpu_phases.items()}
@@ -205,6 +279,8 @@ def run_dtype(args, dtype: str) -> dict:
       "cpu_iteration_s": sum(cpu_med.values()),
       "all_seconds": phases,
       "all_cpu_seconds": cpu_phases,
+      **({"matmul_floor_s": floor["seconds"], "matmul_floor_flops": floor["flops"],
+          "matmul_floor_iteration_s": sum(floor["seconds"].values())} if floor else {}),
   }
 
 
@@ -240,6 +316,8 @@ def main(argv=None):
       r["cpu_speedup_vs_trl"] = peer["cpu_iteration_s"] / r["cpu_iteration_s"]
     if r["dtype"] in peer["by_dtype"]:  # TRL at the same compute dtype (its bf16 autocast)
       r["speedup_vs_trl_same_dtype"] = peer["by_dtype"][r["dtype"]] / r["iteration_s"]
+    if "matmul_floor_iteration_s" in r:  # the most any implementation could gain on TRL
+      r["floor_speedup_bound_vs_trl"] = peer["iteration_s"] / r["matmul_floor_iteration_s"]
   out = {
       "benchmark": "ppo_iteration",
       "workload": {"size": args.size, "prompts": args.prompts, "prompt_len": args.prompt_len,
@@ -260,14 +338,17 @@ def main(argv=None):
   print(common.markdown_table(
       ["dtype", "log pi_old", "iteration s", "episodes/s", "generate s (%)", "score s (%)",
        "update s (%)", "update MFU", "update GFLOP/s", "matmul peak GFLOP/s", "iteration CPU-s",
-       f"vs TRL float32 {peer['iteration_s']:.1f} s", "vs TRL same dtype"],
+       f"vs TRL float32 {peer['iteration_s']:.1f} s", "vs TRL same dtype",
+       "matmuls alone s", "bound vs TRL float32"],
       [[r["dtype"], r["old_logprobs"], f"{r['iteration_s']:.2f}", f"{r['episodes_per_s']:.1f}",
         *(f"{r['seconds'][k]:.2f} ({100 * r['fraction'][k]:.0f}%)"
           for k in ("generate", "score", "update")),
         f"{100 * r['mfu']['update']:.0f}%", f"{r['update_model_flops_per_s'] / 1e9:.0f}",
         f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}", f"{r['cpu_iteration_s']:.1f}",
         f"{r['speedup_vs_trl']:.2f}x",
-        f"{r['speedup_vs_trl_same_dtype']:.2f}x" if "speedup_vs_trl_same_dtype" in r else "-"]
+        f"{r['speedup_vs_trl_same_dtype']:.2f}x" if "speedup_vs_trl_same_dtype" in r else "-",
+        f"{r['matmul_floor_iteration_s']:.2f}" if "matmul_floor_iteration_s" in r else "-",
+        f"{r['floor_speedup_bound_vs_trl']:.2f}x" if "floor_speedup_bound_vs_trl" in r else "-"]
        for r in results]))
   print(f"\nTRL: {peer['source']}")
 
