@@ -102,7 +102,8 @@ def base_lm_config(arg) -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=10, schedule="cosine", end_lr_fraction=0.1,
-      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum=1))
+      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum=1,
+      embed_lr_multiplier=1.0))
 
   config.train = ml_collections.ConfigDict(dict(
       steps=arg.steps, log_every=max(1, min(20, arg.steps // 10)),

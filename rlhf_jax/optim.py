@@ -38,4 +38,13 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
   parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
                            eps=optim_config.eps, weight_decay=optim_config.weight_decay,
                            mask=_decay_mask))
+  multiplier = optim_config.get("embed_lr_multiplier", 1.0)
+  if multiplier != 1.0:
+    parts.append(optax.masked(optax.scale(multiplier), _embedding_mask))
   return optax.chain(*parts)
+
+
+def _embedding_mask(params):
+  """The token-embedding tables ('embed' modules' 'embedding' params)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(k, "key", None) == "embedding" for k in path), params)

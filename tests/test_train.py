@@ -95,6 +95,31 @@ def test_params_are_sharded_as_the_rules_say():
   assert mu.sharding.spec == up.sharding.spec
 
 
+def test_embed_lr_multiplier_scales_only_the_embedding_updates():
+  """optim.embed_lr_multiplier: the token embeddings (a trunk's under a scalar head too) step
+  m times as far as plain AdamW would move them; every other parameter exactly as AdamW."""
+  config = tiny_lm_config()
+  config.optim.weight_decay = 0.1
+  rng = np.random.default_rng(0)
+  params = {"trunk": {"embed": {"embedding": rng.standard_normal((8, 4))},
+                      "layer_0": {"kernel": rng.standard_normal((4, 4))}},
+            "head": {"kernel": rng.standard_normal((4, 1)), "bias": np.zeros(1)}}
+  grads = jax.tree.map(lambda p: rng.standard_normal(p.shape), params)
+  plain = optim.make_optimizer(config.optim, 10)
+  config.optim.embed_lr_multiplier = 7.0
+  scaled = optim.make_optimizer(config.optim, 10)
+  p_state, s_state = plain.init(params), scaled.init(params)
+  for _ in range(3):  # past the warm-up's zero first step, with Adam's moments built up
+    p_updates, p_state = plain.update(grads, p_state, params)
+    s_updates, s_state = scaled.update(grads, s_state, params)
+  p_flat, s_flat = flat_params(p_updates), flat_params(s_updates)
+  assert any("embedding" in name for name in p_flat)
+  for name in p_flat:
+    factor = 7.0 if name.endswith("['embedding']") else 1.0
+    assert np.abs(p_flat[name]).max() > 0, name
+    np.testing.assert_allclose(s_flat[name], factor * p_flat[name], rtol=1e-6, err_msg=name)
+
+
 def test_grad_accumulation_equals_one_big_batch(single_device_run):
   ref_losses, ref_params, _ = single_device_run
   losses, params, _ = run_steps(tiny_lm_config(), {"data": 1}, jax.devices()[:1], grad_accum=4)
