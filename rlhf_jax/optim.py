@@ -1,5 +1,12 @@
 """optax optimisers from `config.optim`: AdamW, warmup + cosine/linear decay, gradient clipping.
 
+`embed_lr_multiplier` gives the token embeddings a larger step. Our embeddings start at N(0, 1),
+so an Adam step of lr ~1e-3 moves a row by about a thousandth of its size, and a row moves only
+on the steps where its token appears. A reward model fine-tuned from a small trunk must learn
+what single words are worth (the English gold scorer is a word lexicon), and at 1x its
+embeddings hardly move: the demo's tiny RM then trails a bag-of-words model on the same
+rankings (experiments/demo_tuning, section 7).
+
 Gradient accumulation lives in the train step (a scan over micro-batches), not in optax, so one
 step is always one optimizer update and the step counter means the same thing everywhere.
 """
