@@ -406,8 +406,10 @@ def _config_section(run: Run) -> list[str]:
     return c.get(stage, {}).get("train", {}).get("steps", "n/a")
 
   ppo = c.get("ppo", {})
+  epochs = c.get("rm", {}).get("data", {}).get("epochs", 1)  # the RM's length when steps = 0
+  rm = steps("rm") or f"{epochs} epoch{'' if epochs == 1 else 's'}"
   out = [f"size `{c.get('size')}`, languages `{c.get('langs')}`, seed {c.get('seed')}; steps: "
-         f"pretrain {steps('pretrain')}, SFT {steps('sft')}, RM {steps('rm') or '1 epoch'}, "
+         f"pretrain {steps('pretrain')}, SFT {steps('sft')}, RM {rm}, "
          f"PPO {steps('ppo')}, KTO {steps('kto')}, DPO {steps('dpo')}; comparisons: "
          f"{c.get('comparisons', {}).get('prompts_per_lang')} prompts per language × "
          f"K={c.get('comparisons', {}).get('k')}; PPO β {ppo.get('kl', {}).get('coef')} "

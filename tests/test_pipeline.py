@@ -52,7 +52,7 @@ def test_stage_sections_are_the_stage_config_files():
       stage(f"configs/sft.py:size=tiny,steps={steps['sft']}"), data__batch_size=32)
   rm = _with(stage(f"configs/reward.py:size=tiny,k={config.comparisons.k}"),
              normalize__source="responses",  # the comparisons' answers are SFT samples already
-             optim__learning_rate=1e-3, data__epochs=2,
+             optim__learning_rate=1e-3, optim__embed_lr_multiplier=20.0, data__epochs=2,
              eval__max_comparisons=2 * config.comparisons.heldout_per_lang)
   assert config.rm.to_dict() == rm
   for name in ("kto", "dpo"):
@@ -60,7 +60,7 @@ def test_stage_sections_are_the_stage_config_files():
         stage(f"configs/{name}.py:size=tiny,steps={steps[name]}"), optim__learning_rate=3e-4)
   ppo = _with(stage(f"configs/ppo.py:size=tiny,lang=both,steps={steps['ppo']}"),
               eval__every=max(steps["ppo"] // 5, 1), data__batch_size=16,
-              optim__learning_rate=3e-4, kl__target=4.0, kl__horizon=500.0)
+              optim__learning_rate=3e-4, kl__target=3.0, kl__horizon=500.0)
   assert config.ppo.to_dict() == ppo
   small = config_util.load_config("configs/pipeline.py:size=small,ppo_steps=7")
   assert small.pretrain.model.d_model == 256 and small.ppo.train.steps == 7
@@ -274,6 +274,10 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(tiny_pipeline_workdir,
     assert [float(x) for x in rows[lang]] == pytest.approx(
         [results["metrics"][p][lang]["win_rate"] for p in results["policies"]], abs=5e-4)
     assert results["samples"][lang][0]["prompt"][:40] in text
+  # The config line says how long the RM trained: its steps, or its epochs when steps = 0.
+  rm_length = (f"RM {config.rm.train.steps}," if config.rm.train.steps else
+               f"RM {config.rm.data.epochs} epoch{'' if config.rm.data.epochs == 1 else 's'},")
+  assert rm_length in text
   rm_rows = _table_rows(text, "| language | vs annotators")
   assert set(rm_rows) >= {"en", "zh"}
   ppo_eval = [r for r in read_metrics(os.path.join(w, "ppo")) if "eval/en/gold" in r]
