@@ -10,11 +10,12 @@ random (prompts and params drawn in numpy: values do not change the cost).
 MFU is measured against a large matmul timed in the same run at the same dtype
 (`common.jax_matmul_peak`: the faster of float32 and native output), never against a
 datasheet: on a shared CPU the absolute numbers move with the load, the ratio much less. Each
-phase is also timed in process CPU-seconds (all threads), which other jobs disturb less. Model FLOPs count matmuls only
-(`ModelConfig.flops_per_token`); a training forward+backward is 3x the forward. The update's
-FLOPs per epoch: the policy and the critic over all B x (P + N) positions in every layer but
-the last, which runs its queries, attention and MLP on the N answer columns only; the
-vocabulary projection on the N answer positions only for the policy, none for the critic.
+phase is also timed in process CPU-seconds (all threads), which other jobs disturb less.
+Model FLOPs count matmuls only (`ModelConfig.flops_per_token`); a training forward+backward is
+3x the forward. The update's FLOPs per epoch: the policy and the critic over all B x (P + N)
+positions in every layer but the last, which runs its queries, attention and MLP on the N
+answer columns only; the vocabulary projection on the N answer positions only for the policy,
+none for the critic.
 
 At bfloat16 compute, log pi_old is recomputed by a policy forward pass in the score phase
 (configs/ppo.py's old_logprobs="auto"): a bfloat16 KV-cache decode rounds differently from a
@@ -134,8 +135,8 @@ def phase_matmuls(cfg, batch: int, prompt_len: int, new_tokens: int, minibatches
 
   The same shapes `workload_flops` counts, minus attention's two matmuls (about 4% of W1's
   FLOPs): a `train` set also runs both backward matmuls. Timed alone, with nothing between
-  them, they give each phase's floor: the time no implementation that does this arithmetic in
-  this dtype on this machine can beat.
+  them, they give each phase's floor: no implementation that runs these matmuls (XLA's, at
+  these shapes and in this dtype) on this machine can be faster.
   """
   d, f, L = cfg.d_model, cfg.d_ff, cfg.n_layers
   q, kv = cfg.n_heads * cfg.dim_per_head, cfg.n_kv_heads * cfg.dim_per_head
@@ -187,8 +188,8 @@ def matmul_floor(cfg, args, dtype: str, repeats: int = 5) -> dict:
                                    args.minibatches).items():
     reps = args.epochs if phase == "update" else 1
     seconds[phase] = sum(reps * count * run_set(shapes, train) for count, train, shapes in sets)
-    flops[phase] = sum(reps * count * (3 if train else 1) * sum(2 * m * k * n for m, k, n in shapes)
-                       for count, train, shapes in sets)
+    flops[phase] = sum(reps * count * (3 if train else 1)
+                       * sum(2 * m * k * n for m, k, n in shapes) for count, train, shapes in sets)
   return {"seconds": seconds, "flops": flops}
 
 

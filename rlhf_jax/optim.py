@@ -1,8 +1,8 @@
 """optax optimisers from `config.optim`: AdamW, warmup + cosine/linear decay, gradient clipping.
 
 `embed_lr_multiplier` gives the token embeddings a larger step. Our embeddings start at N(0, 1),
-so an Adam step of lr ~1e-3 moves a row by about a thousandth of its size, and a row moves only
-on the steps where its token appears. A reward model fine-tuned from a small trunk must learn
+so an Adam step of lr ~1e-3 moves a row by about a thousandth of its size, and a row moves
+mostly on the steps where its token appears. A reward model fine-tuned from a small trunk must learn
 what single words are worth (the English gold scorer is a word lexicon), and at 1x its
 embeddings hardly move: the demo's tiny RM then trails a bag-of-words model on the same
 rankings (experiments/demo_tuning, section 7).
@@ -52,6 +52,7 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
 
 
 def _embedding_mask(params):
-  """The token-embedding tables ('embed' modules' 'embedding' params)."""
+  """The token-embedding tables ('embed' modules' 'embedding' params; with tied embeddings
+  that table is also the output projection)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: any(getattr(k, "key", None) == "embedding" for k in path), params)
