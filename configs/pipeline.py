@@ -99,7 +99,7 @@ def get_config(arg=None):
     config.rm.data.epochs = 2
     # The embeddings (N(0, 1) at init) hardly move at lr 1e-3, and the English gold scorer is a
     # word lexicon: at 1x the English RM trailed a bag-of-words model on the same rankings
-    # (0.76 vs 0.84). 20x: English 0.76 -> 0.82, Chinese 0.76 -> 0.75 (means over three seeds,
+    # (0.76 vs 0.84). 20x: English 0.76 -> 0.82, Chinese 0.76 -> 0.747 (means of three seeds,
     # experiments/demo_tuning section 7).
     config.rm.optim.embed_lr_multiplier = 20.0
   config.rm.eval.max_comparisons = 2 * config.comparisons.heldout_per_lang  # all held out
