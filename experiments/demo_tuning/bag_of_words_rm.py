@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from rlhf_jax.data.builders import comparison_pairs  # noqa: E402
-from rlhf_jax.evaluate_rm import gold_scores  # noqa: E402
+from rlhf_jax.evaluate_rm import comparison_metrics, gold_scores  # noqa: E402
 from rlhf_jax.tokenizer import Tokenizer  # noqa: E402
 from rlhf_jax.trainers.rm_inputs import read_records  # noqa: E402
 
@@ -54,15 +54,12 @@ def fit(x: np.ndarray, records, l2: float, steps: int, lr: float = 2.0) -> np.nd
 
 
 def gold_accuracy(scores: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
-  """(accuracy, untied pairs) of scores [N, K] against gold [N, K] (NaN: no answer)."""
-  right = []
-  for s, g in zip(scores, gold):
-    for i in range(K):
-      for j in range(i + 1, K):
-        if np.isnan(g[i]) or np.isnan(g[j]) or g[i] == g[j]:
-          continue
-        right.append((g[i] - g[j]) * (s[i] - s[j]) > 0)
-  return float(np.mean(right)), len(right)
+  """(accuracy, untied pairs) of scores [N, K] against gold [N, K] (NaN: no answer), counted
+  as the RM's evaluation counts them (`evaluate_rm.comparison_metrics`: a score tie is half)."""
+  n, k = scores.shape
+  metrics, _ = comparison_metrics(np.nan_to_num(scores), np.isfinite(gold), np.zeros((n, k, k)),
+                                  np.zeros(n, int), gold=gold)
+  return metrics["gold_accuracy"], int(metrics["gold_pairs"])
 
 
 def main(argv=None):
