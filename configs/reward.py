@@ -49,6 +49,9 @@ def get_config(arg=None):
   config.optim.learning_rate = 1e-4 if arg.size in ("tiny", "small") else 9e-6
   config.optim.warmup_steps = 10
   config.optim.weight_decay = 0.0
+  # > 0: keep an exponential moving average of the params (optim.param_ema) and end the run on
+  # it: the last checkpoint, the held-out metrics and the normalisation are the average's.
+  config.optim.ema_decay = 0.0
 
   config.train.log_every = 10
   config.train.checkpoint_every = 200 if not arg.steps else max(arg.steps // 4, 1)
@@ -57,7 +60,7 @@ def get_config(arg=None):
 
   config.eval = ml_collections.ConfigDict(dict(
       split="validation",  # '' = no held-out evaluation
-      every=0,  # steps between evaluations; 0 = only at the end
+      every=0,  # steps between evaluations (of the current iterate); 0 = only at the end
       max_comparisons=512 if not tiny else 64,
       batch_size=0,  # 0 = data.batch_size
       scorer="gold",  # gold scorer for accuracy against the noiseless ordering; '' = none

@@ -408,6 +408,9 @@ def _config_section(run: Run) -> list[str]:
   ppo = c.get("ppo", {})
   epochs = c.get("rm", {}).get("data", {}).get("epochs", 1)  # the RM's length when steps = 0
   rm = steps("rm") or f"{epochs} epoch{'' if epochs == 1 else 's'}"
+  ema = c.get("rm", {}).get("optim", {}).get("ema_decay", 0.0)
+  if ema:
+    rm += f" (ending on its moving average, decay {ema:g})"
   out = [f"size `{c.get('size')}`, languages `{c.get('langs')}`, seed {c.get('seed')}; steps: "
          f"pretrain {steps('pretrain')}, SFT {steps('sft')}, RM {rm}, "
          f"PPO {steps('ppo')}, KTO {steps('kto')}, DPO {steps('dpo')}; comparisons: "

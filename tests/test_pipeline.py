@@ -52,7 +52,8 @@ def test_stage_sections_are_the_stage_config_files():
       stage(f"configs/sft.py:size=tiny,steps={steps['sft']}"), data__batch_size=32)
   rm = _with(stage(f"configs/reward.py:size=tiny,k={config.comparisons.k}"),
              normalize__source="responses",  # the comparisons' answers are SFT samples already
-             optim__learning_rate=1e-3, optim__embed_lr_multiplier=20.0, data__epochs=2,
+             optim__learning_rate=1e-3, optim__embed_lr_multiplier=20.0, optim__ema_decay=0.997,
+             data__epochs=2,
              eval__max_comparisons=2 * config.comparisons.heldout_per_lang)
   assert config.rm.to_dict() == rm
   for name in ("kto", "dpo"):
@@ -274,10 +275,12 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(tiny_pipeline_workdir,
     assert [float(x) for x in rows[lang]] == pytest.approx(
         [results["metrics"][p][lang]["win_rate"] for p in results["policies"]], abs=5e-4)
     assert results["samples"][lang][0]["prompt"][:40] in text
-  # The config line says how long the RM trained: its steps, or its epochs when steps = 0.
-  rm_length = (f"RM {config.rm.train.steps}," if config.rm.train.steps else
-               f"RM {config.rm.data.epochs} epoch{'' if config.rm.data.epochs == 1 else 's'},")
-  assert rm_length in text
+  # The config line says how long the RM trained (its steps, or its epochs when steps = 0),
+  # and whether it ended on its moving average.
+  rm_length = (f"RM {config.rm.train.steps}" if config.rm.train.steps else
+               f"RM {config.rm.data.epochs} epoch{'' if config.rm.data.epochs == 1 else 's'}")
+  assert config.rm.optim.ema_decay == 0.997
+  assert f"{rm_length} (ending on its moving average, decay 0.997)," in text
   rm_rows = _table_rows(text, "| language | vs annotators")
   assert set(rm_rows) >= {"en", "zh"}
   ppo_eval = [r for r in read_metrics(os.path.join(w, "ppo")) if "eval/en/gold" in r]

@@ -125,6 +125,57 @@ def test_kwise_runs_one_forward_pass_per_answer(rm_params, monkeypatch):
   assert kwise_flops < 0.4 * pairs
 
 
+def test_rm_run_ends_on_the_moving_average_of_its_iterates(rm_params):
+  """With ema_decay the RM's steps are the plain ones until the last, whose params are the
+  debiased average of every post-update iterate (the params of a run without the average,
+  averaged in numpy); the optimizer state moves on identically."""
+  import optax
+  from rlhf_jax import optim
+  from rlhf_jax.trainers.state import TrainState
+  optim_config = config_util_optim()
+  optim_config.warmup_steps, optim_config.learning_rate = 0, 1e-2  # steps that move the params
+  steps, decay = 3, 0.6
+  batch = {**kwise_batch(2, 4, 12, seed=3), "label": np.zeros((2, 4), np.float32),
+           "labeled": np.zeros((2, 4), np.float32), "lang": np.array([0, 1], np.int32)}
+  model = ScalarModel(CFG)
+
+  def run(tx, end_at):
+    step = jax.jit(functools.partial(
+        rm_trainer.train_step, model=model, tx=tx, schedule=optim.make_schedule(optim_config,
+                                                                                steps),
+        kind="ranking", reduction="prompt", end_on_average_at=end_at))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=rm_params,
+                       opt_state=tx.init(rm_params), rng=jnp.zeros((2,), jnp.uint32))
+    out = []
+    for _ in range(steps):
+      state, _ = step(state, batch)
+      out.append(state.params)
+    return out, state
+
+  plain_tx = optim.make_optimizer(optim_config, steps)
+  plain, _ = run(plain_tx, 0)
+  averaged, state = run(optax.chain(plain_tx, optim.param_ema(decay)), steps)
+  for k in range(steps - 1):
+    for x, y in zip(jax.tree.leaves(plain[k]), jax.tree.leaves(averaged[k])):
+      np.testing.assert_array_equal(x, y)
+  w = np.array([(1 - decay) * decay ** (steps - 1 - k) for k in range(steps)])
+  w /= 1 - decay ** steps
+  want = jax.tree.map(lambda *xs: sum(c * np.asarray(x, np.float64) for c, x in zip(w, xs)),
+                      *plain)
+  moved = 0.0
+  for got, ref, last in zip(jax.tree.leaves(averaged[-1]), jax.tree.leaves(want),
+                            jax.tree.leaves(plain[-1])):
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
+    moved = max(moved, float(np.abs(np.asarray(last) - ref).max()))
+  assert moved > 1e-4  # the average is not the last iterate: the check can fail
+  assert int(state.step) == steps
+
+
+def config_util_optim():
+  from rlhf_jax import config_util
+  return config_util.load_config("configs/reward.py:size=tiny").optim
+
+
 def test_kwise_loss_equals_mean_over_pairs_scored_separately(rm_params):
   """The K-wise loss from one score per answer = the mean, per prompt, of pairwise losses
   where each pair's two answers are scored on their own."""

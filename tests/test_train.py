@@ -9,6 +9,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 
 from rlhf_jax import checkpoint as ckpt_lib
@@ -118,6 +119,44 @@ def test_embed_lr_multiplier_scales_only_the_embedding_updates():
     factor = 7.0 if name.endswith("['embedding']") else 1.0
     assert np.abs(p_flat[name]).max() > 0, name
     np.testing.assert_allclose(s_flat[name], factor * p_flat[name], rtol=1e-6, err_msg=name)
+
+
+def test_param_ema_is_the_debiased_average_of_the_iterates():
+  """optim.param_ema after AdamW: the updates are AdamW's, unchanged, and ema_params is the
+  average sum_k (1 - d) d^(n-k) p_k / (1 - d^n) of the params after each update (a numpy loop
+  over the recorded iterates), blind to params replaced after init (an SFT trunk loaded into a
+  freshly initialised state)."""
+  config = tiny_lm_config()
+  decay = 0.8
+  rng = np.random.default_rng(0)
+  params = {"a": rng.standard_normal((3, 4)).astype(np.float32),
+            "b": {"c": rng.standard_normal(5).astype(np.float32)}}
+  plain = optim.make_optimizer(config.optim, 20)
+  averaged = optax.chain(optim.make_optimizer(config.optim, 20), optim.param_ema(decay))
+  p_state = plain.init(params)
+  a_state = averaged.init(jax.tree.map(np.zeros_like, params))  # init from other params
+  np.testing.assert_array_equal(optim.ema_params(a_state, params)["a"], params["a"])
+  iterates = []
+  for _ in range(6):
+    grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+    p_updates, p_state = plain.update(grads, p_state, params)
+    a_updates, a_state = averaged.update(grads, a_state, params)
+    for x, y in zip(jax.tree.leaves(p_updates), jax.tree.leaves(a_updates)):
+      np.testing.assert_array_equal(x, y)
+    params = optax.apply_updates(params, p_updates)
+    iterates.append(params)
+  n = len(iterates)
+  weights = np.array([(1 - decay) * decay ** (n - 1 - k) for k in range(n)]) / (1 - decay ** n)
+  want = jax.tree.map(lambda *xs: sum(w * np.asarray(x, np.float64) for w, x in zip(weights, xs)),
+                      *iterates)
+  got = optim.ema_params(a_state, params)
+  for name, value in flat_params(want).items():
+    np.testing.assert_allclose(flat_params(got)[name], value, rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  with pytest.raises(ValueError, match="ema_decay=1.0 must be in"):
+    optim.param_ema(1.0)
+  with pytest.raises(ValueError, match="found 0"):
+    optim.ema_params(p_state, params)
 
 
 def test_grad_accumulation_equals_one_big_batch(single_device_run):

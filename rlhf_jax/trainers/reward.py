@@ -117,11 +117,16 @@ def step_metrics(scores, batch, kind: str, reduction: str | None) -> dict:
 
 
 def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.GradientTransformation,
-               schedule, kind: str, reduction: str | None, grad_accum: int = 1):
+               schedule, kind: str, reduction: str | None, grad_accum: int = 1,
+               end_on_average_at: int = 0):
   """One optimizer update. The loss is normalised by the count of the whole batch (prompts
   with pairs, or pairs, or thumbs), so accumulation and sharding give one big batch's update.
   A batch with nothing to learn from (data spent) or a non-finite loss leaves the state as it
-  was, apart from the step counter."""
+  was, apart from the step counter.
+
+  end_on_average_at > 0 (with `optim.param_ema` in `tx`): the step that brings the counter to
+  this number returns the params' moving average instead of the last iterate, so the run's
+  final checkpoint, its held-out metrics and its normalisation are all the average's."""
   grad_fn = jax.value_and_grad(
       functools.partial(rm_loss, model=model, kind=kind, reduction=reduction), has_aux=True)
   if grad_accum == 1:
@@ -146,6 +151,9 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
   params, opt_state = apply_update_if(finite & (count > 0), tx, grads, state.params,
                                       state.opt_state)
+  if end_on_average_at:
+    params = jax.lax.cond(state.step + 1 == end_on_average_at,
+                          lambda p: optim.ema_params(opt_state, p), lambda p: p, params)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = step_metrics(jax.lax.stop_gradient(scores), batch, kind, reduction)
   metrics.update({
@@ -156,9 +164,10 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
 
 
 def make_jitted_step(model, tx, schedule, kind, reduction, grad_accum, state_shardings,
-                     batch_shardings):
+                     batch_shardings, end_on_average_at: int = 0):
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, kind=kind,
-                           reduction=reduction, grad_accum=grad_accum)
+                           reduction=reduction, grad_accum=grad_accum,
+                           end_on_average_at=end_on_average_at)
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
@@ -368,6 +377,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
            unit, data.name, data.split, total_steps, batch_size)
   schedule = optim.make_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps)
+  ema_decay = config.optim.get("ema_decay", 0.0)
+  if ema_decay:
+    tx = optax.chain(tx, optim.param_ema(ema_decay))
   state, state_shardings = create_train_state(_init_params_fn(model, data.seq_len), tx, mesh,
                                               rules, config.seed)
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
@@ -426,7 +438,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = make_jitted_step(model, tx, schedule, kind, reduction, grad_accum, state_shardings,
-                               batch_shardings)
+                               batch_shardings, end_on_average_at=total_steps if ema_decay else 0)
     box = {}
 
     def after_step_keep(done, current):
