@@ -27,7 +27,7 @@ import ml_collections
 from rlhf_jax import config_util
 
 # Step counts per preset: (pretrain, sft, ppo, kto, dpo). The default preset runs `make demo` in
-# about 9 minutes on a quiet 2-core CPU (README, "Demo").
+# about 7 minutes, install included, on a quiet 2-core Zen 4 CPU (README, "Demo").
 STEPS = {"tiny": (600, 300, 300, 150, 150), "small": (300, 150, 20, 20, 20)}
 SMOKE_STEPS = (3, 3, 2, 2, 2)
 
@@ -115,8 +115,8 @@ def get_config(arg=None):
     config.ppo.optim.learning_rate = 3e-4
   # Ziegler et al.'s horizon of 10k episodes is longer than this whole run (300 x 16): beta
   # would never move. 500 lets it double in about 200 iterations, so the KL budget holds. The
-  # controller overshoots its target early (the RM is sharp): target 3 ends near 4.7 nats,
-  # target 4 past the 6-nat budget (experiments/demo_tuning section 7).
+  # controller overshoots its target early (the RM is sharp): target 3 ends near 4-5 nats
+  # (3.8 in the demo), target 4 went past the 6-nat budget (experiments/demo_tuning 7, 8).
   config.ppo.kl.target = 3.0
   config.ppo.kl.horizon = 500.0
   config.kto = _stage("kto", f"size={arg.size},steps={kto_steps}")
