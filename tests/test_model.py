@@ -191,7 +191,10 @@ def test_read_columns_equal_the_full_pass_sliced(tiny_params, variant):
   assert h_part.shape == (3, 7, cfg.d_model)
   np.testing.assert_allclose(h_part, h_full, atol=1e-5)
   np.testing.assert_allclose(part, full, rtol=1e-5)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), g_part, g_full)
+  # Relative to each gradient's size: another CPU's kernels (AVX2 vs AVX-512) sum in another
+  # order, and at magnitude ~10 float32 rounding alone moves an element by ~1e-5.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      x, y, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(y)))), g_part, g_full)
 
 
 def test_read_columns_with_a_cache_fill_the_same_cache(tiny_params):
