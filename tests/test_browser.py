@@ -1,9 +1,10 @@
 """The chat page in a real browser (Debian's headless Chromium, driven by Playwright): type a
 message, get the answer, click like, and find the row in SQLite with the answer the page shows
-and the label; a message holding a <script> tag is shown as text and never runs.
+and the label (the click naming the answer's conversation); a message holding a <script> tag is shown as text and never runs.
 
 Chromium comes from apt (`make setup` installs it when missing). Without it the test skips,
 saying so, except on CI (CI=true), where it must run and fails instead."""
+import json
 import os
 import shutil
 import sqlite3
@@ -12,8 +13,8 @@ import threading
 import pytest
 
 from helpers import write_policy_run
-from rlhf_jax import chat_model, serve
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.chat import model_choice as chat_model, server as serve
+from rlhf_jax.text import tokenizer as tok_lib
 from rlhf_jax.data import feedback
 
 CHROMIUM = "/usr/bin/chromium"
@@ -73,7 +74,9 @@ def test_chat_like_and_script_tag_in_chromium(page_server):
       answer = page.wait_for_selector(".answer[data-message-id]", timeout=120_000)
       shown = answer.query_selector(".text").text_content()
       message_id = int(answer.get_attribute("data-message-id"))
-      answer.query_selector("button.like").click()
+      with page.expect_request("**/api/feedback") as posted:
+        answer.query_selector("button.like").click()
+      like = json.loads(posted.value.post_data)  # checked against the store below
       page.wait_for_selector(".answer button.like[aria-pressed=true]", timeout=30_000)
 
       # The script tag, typed as a message: shown as the characters typed, never run.
@@ -101,6 +104,11 @@ def test_chat_like_and_script_tag_in_chromium(page_server):
       "JOIN messages m ON m.id = f.message_id JOIN conversations c ON c.id = m.conversation_id "
       "WHERE m.id = ?", (message_id,)).fetchall()
   assert rows == [(shown, "like", 5, "en")]
+  # The click named the answer's conversation, which the server checks the answer is in.
+  (conversation_id,) = db.execute("SELECT conversation_id FROM messages WHERE id = ?",
+                                  (message_id,)).fetchone()
+  assert (like["conversation_id"], like["message_id"], like["label"]) == (
+      conversation_id, message_id, "like")
   # The page showed the stored texts, the question as typed.
   stored = dict(db.execute("SELECT id, content FROM messages").fetchall())
   assert stored[second_id] == second_shown

@@ -2,19 +2,23 @@
 Chinese), characters split over byte pieces arrive whole, the model to chat with is found in a
 pipeline workdir (newest finished stage; a PPO run's shape and tokenizer from its SFT run; an
 imported Hugging Face directory), and the terminal loop, driven with fake stdin / stdout and a
-real tiny model, stores what was said and rated."""
+real tiny model, stores what was said and rated (also as `python -m rlhf_jax.chat`)."""
 import io
 import os
+import subprocess
+import sys
 import time
 
 import jax
 import pytest
 
 from helpers import write_policy_run
-from rlhf_jax import chat, chat_model, respond
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.chat import terminal as chat, model_choice as chat_model
+from rlhf_jax.infer import answers as respond
+from rlhf_jax.text import tokenizer as tok_lib
 from rlhf_jax.data import feedback
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = {"en": "Hi! What do you like to do on weekends?", "zh": "你好，你今天过得怎么样？"}
 
 
@@ -83,7 +87,8 @@ def test_ppo_run_takes_shape_and_tokenizer_from_its_sft_run(tmp_path, bundled_to
   ppo = str(tmp_path / "ppo")
   params, saved = write_policy_run(ppo, "", vocab, step=4, steps=4, seed=7,
                                    config={"sft_dir": sft, "trainer": "ppo"})
-  from rlhf_jax import checkpoint, config_util
+  from rlhf_jax.core import checkpoint
+  from rlhf_jax.config import util as config_util
   ckpt = checkpoint.Checkpointer(os.path.join(ppo, "checkpoints"), async_save=False)
   ckpt.save(5, params, {"step": 5}, {}, {**saved, "model": config_util.model_section(
       "small").to_dict()}, force=True)  # a config claiming another shape than the params
@@ -99,7 +104,7 @@ def test_ppo_run_takes_shape_and_tokenizer_from_its_sft_run(tmp_path, bundled_to
 
 def test_reward_model_or_empty_dir_is_a_clear_error(tmp_path, bundled_tokenizer):
   import numpy as np
-  from rlhf_jax.checkpoint import Checkpointer
+  from rlhf_jax.core.checkpoint import Checkpointer
   ckpt = Checkpointer(str(tmp_path / "rm" / "checkpoints"), async_save=False)
   ckpt.save(1, {"trunk": {"embed": {"embedding": np.zeros((8, 4), np.float32)}},
                 "head": {"kernel": np.zeros((4, 1), np.float32)}}, {"step": 1}, {},
@@ -116,7 +121,7 @@ def test_imported_hugging_face_directory(tmp_path):
   """A Hugging Face directory (weights + tokenizer.json with its chat template) is chatted with
   like a run: same answers as our params with the same tokenizer."""
   pytest.importorskip("tokenizers")
-  from rlhf_jax.hf_tokenizer import HFTokenizer
+  from rlhf_jax.text.hf_tokenizer import HFTokenizer
   from rlhf_jax.models import Transformer, hf_export, model_config, pretrained
   import ppo_setup
   try:
@@ -179,3 +184,28 @@ def test_terminal_chat_stores_what_was_said_and_rated(tiny):
       (second[1]["id"], "dislike")]
   assert [first[1]["label"], first[3]["label"], second[1]["label"]] == ["like", "like",
                                                                         "dislike"]
+
+
+@pytest.mark.slow
+def test_python_dash_m_chat_is_the_terminal_chat(tiny, tmp_path):
+  """`python -m rlhf_jax.chat` runs the terminal loop with the shared model flags."""
+  run, tokenizer, params = os.path.join(tiny[0], "sft"), tiny[1], tiny[2]
+  workdir = str(tmp_path / "w")
+  out = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax.chat", f"--workdir={workdir}", f"--checkpoint={run}",
+       "--lang=zh", "--max_new_tokens=6", "--greedy"],
+      input="hello there\n/like\n/quit\n", cwd=REPO, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  model_config = chat_model.load_run(run).model_config
+  conversation = [{"role": "user", "content": "hello there"}]
+  expected = "".join(respond.stream_answer(params, model_config, tokenizer, conversation,
+                                           rng=jax.random.key(0), max_new_tokens=6,
+                                           greedy=True))
+  assert f"model> {expected}\n" in out.stdout
+  with feedback.FeedbackStore(feedback.default_path(workdir)) as store:
+    (cid,) = store.conversation_ids()
+    conv = store.conversation(cid)
+  assert conv["lang"] == "zh"
+  assert [(m["role"], m["content"], m["label"]) for m in conv["messages"]] == [
+      ("user", "hello there", None), ("assistant", expected, "like")]

@@ -1,9 +1,12 @@
 """The SQLite feedback store: events round-trip, a retried click (same event_id) is counted once,
-only answers take feedback, writers on two connections at once lose nothing, and the export
+only answers take feedback, feedback naming a conversation must be on one of its answers, ids
+out of SQLite's range are refused, the database is private (0600 in a 0700 directory), writers
+on two connections at once lose nothing, and the export
 turns the latest label of every answer into rlhf_feedback/<config> rows that load back from
 TFDS equal to what was inserted (and the CLI prints the counts)."""
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -81,6 +84,50 @@ def test_only_answers_take_feedback_and_bad_input_is_refused(tmp_path):
     db.execute("INSERT INTO feedback (message_id, label, created) VALUES (?, 'like', 'now')",
                (user,))
   db.close()
+
+
+def test_feedback_checked_against_its_conversation_and_ids_in_range(tmp_path):
+  with _store(tmp_path) as store:
+    mine, theirs = store.start_conversation(), store.start_conversation()
+    store.add_message(mine, "user", "q")
+    answer = store.add_message(mine, "assistant", "a")
+    with pytest.raises(feedback.NotFoundError,
+                       match=f"unknown message id {answer} in conversation '{theirs}'"):
+      store.add_feedback(answer, "like", conversation_id=theirs)
+    with pytest.raises(feedback.NotFoundError, match="unknown message id 999 in conversation"):
+      store.add_feedback(999, "like", conversation_id=mine)
+    # The check comes first: a retry's event_id does not get a click past it.
+    store.add_feedback(answer, "like", "e1", conversation_id=mine)
+    with pytest.raises(feedback.NotFoundError):
+      store.add_feedback(answer, "like", "e1", conversation_id=theirs)
+    # Ids SQLite cannot hold are refused before the database sees them (which would raise
+    # OverflowError); 2**63 - 1 is the largest it holds.
+    for bad in (0, -1, 2**63, 10**30, 10**5000):
+      with pytest.raises(ValueError, match="message_id must be between 1 and"):
+        store.add_feedback(bad, "like", conversation_id=mine)
+    for bad in (1e30, 1.0, True, "1"):
+      with pytest.raises(ValueError, match="message_id must be an integer"):
+        store.add_feedback(bad, "like")
+    with pytest.raises(feedback.NotFoundError, match="unknown message id"):
+      store.add_feedback(2**63 - 1, "like")
+    assert [(r["message_id"], r["event_id"]) for r in store.feedback_rows()] == [(answer, "e1")]
+
+
+def test_database_is_private(tmp_path):
+  """feedback/ is made 0700 and the database 0600, and SQLite's WAL and shared-memory files
+  follow the database's mode: under the usual umask 022, SQLite alone would make them 0644."""
+  old = os.umask(0o022)
+  try:
+    with _store(tmp_path / "w") as store:
+      store.start_conversation()  # a write: the -wal and -shm files exist while it is open
+      directory = tmp_path / "w" / "feedback"
+      modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in directory.iterdir()}
+      dir_mode = stat.S_IMODE(os.stat(directory).st_mode)
+  finally:
+    os.umask(old)
+  assert dir_mode == 0o700
+  assert modes == {"feedback.sqlite": 0o600, "feedback.sqlite-wal": 0o600,
+                   "feedback.sqlite-shm": 0o600}
 
 
 def test_two_connections_writing_at_once_lose_nothing(tmp_path):

@@ -1,7 +1,7 @@
 r"""Conversations and the likes / dislikes people give answers, stored in SQLite; export to TFDS.
 
-The chat front ends (`rlhf_jax.chat` in a terminal, `rlhf_jax.serve` on a web page) write here,
-and the KTO trainer reads what `export` makes of it. The database lives at
+The chat front ends (`rlhf_jax.chat.terminal` in a terminal, `rlhf_jax.chat.server` on a web
+page) write here, and the KTO trainer reads what `export` makes of it. The database lives at
 `<workdir>/feedback/feedback.sqlite`:
 
   conversations  id (random hex), created, lang
@@ -19,6 +19,9 @@ got no answer for sends the same `event_id`, and the retry returns the first cli
 of adding a row. One connection is shared by the threads of a process behind a lock (SQLite
 writes one transaction at a time anyway); other processes (a terminal chat next to the web
 server) wait on the file lock for up to `busy_timeout`.
+
+Private: the directory is created 0700 and the database 0600 (SQLite gives its -wal and -shm
+files the database's mode), since conversations are whatever people typed.
 
 Export: the latest label of each answer wins (a like later changed to a dislike counts as a
 dislike). The record's `prompt` is the last user turn before the answer, as in the bundled
@@ -43,6 +46,7 @@ ROLES = ("system", "user", "assistant")
 LANGS = ("en", "zh")
 DEFAULT_EXPORT_CONFIG = "chat"
 MAX_EVENT_ID_CHARS = 200
+MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER PRIMARY KEY range; a larger id cannot be stored
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -91,8 +95,33 @@ def default_path(workdir: str) -> str:
   return os.path.join(workdir, "feedback", "feedback.sqlite")
 
 
+def create_private(path: str) -> None:
+  """Makes the database's directory (0700) and an empty database file (0600) when missing: left
+  to SQLite, the umask decides (often world-readable). An empty file is a valid empty database;
+  an existing directory or file keeps its mode, the owner's choice."""
+  directory = os.path.dirname(path)
+  if not os.path.isdir(directory):
+    os.makedirs(directory, mode=0o700, exist_ok=True)  # the mode is the leaf's
+  try:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+  except FileExistsError:
+    pass  # another process made it first
+
+
 def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def check_row_id(message_id: Any) -> None:
+  """ValueError unless `message_id` is an int SQLite can hold (JSON's 1e30 is a float, and
+  10**30 an int that does not fit a 64-bit row id)."""
+  if isinstance(message_id, bool) or not isinstance(message_id, int):
+    raise ValueError(f"message_id must be an integer, got {repr(message_id)[:80]}")
+  if not 1 <= message_id <= MAX_ROW_ID:
+    # Not the digits: str() of a huge int is slow, and refused past 4300 digits.
+    got = (message_id if message_id.bit_length() <= 64
+           else f"an integer of {message_id.bit_length()} bits")
+    raise ValueError(f"message_id must be between 1 and {MAX_ROW_ID}, got {got}")
 
 
 class FeedbackStore:
@@ -100,7 +129,7 @@ class FeedbackStore:
 
   def __init__(self, path: str, busy_timeout_ms: int = 30_000):
     self.path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    create_private(self.path)
     self._lock = threading.RLock()
     # isolation_level=None: no implicit transactions; every write opens its own BEGIN IMMEDIATE.
     self._db = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000,
@@ -192,22 +221,31 @@ class FeedbackStore:
            None if checkpoint_step is None else int(checkpoint_step), checkpoint_dir, _now()))
       return int(cursor.lastrowid)
 
-  def add_feedback(self, message_id: int, label: str, event_id: Optional[str] = None) -> int:
+  def add_feedback(self, message_id: int, label: str, event_id: Optional[str] = None, *,
+                   conversation_id: Optional[str] = None) -> int:
     """Records a like or dislike of an assistant message; returns the feedback id.
 
     With an `event_id` already recorded for the same message and label, returns that record's
     id and adds nothing (a retried click); the same event_id with another message or label is
-    a ConflictError.
+    a ConflictError. With a `conversation_id`, the message must be one of that conversation's
+    (else NotFoundError, worded like an unknown id so a client learns nothing of other
+    conversations): a web client may rate only the answers it was given.
     """
     if label not in LABELS:
       raise ValueError(f"label must be one of {LABELS}, got {label!r}")
-    if isinstance(message_id, bool) or not isinstance(message_id, int):
-      raise ValueError(f"message_id must be an integer, got {message_id!r}")
+    check_row_id(message_id)
+    if conversation_id is not None and not isinstance(conversation_id, str):
+      raise ValueError(f"conversation_id must be a string, got {type(conversation_id).__name__}")
     if event_id is not None:
       if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_CHARS:
         raise ValueError(f"event_id must be a non-empty string of at most {MAX_EVENT_ID_CHARS} "
                          f"characters, got {str(event_id)[:60]!r}")
     with self._transaction() as db:
+      if conversation_id is not None and db.execute(
+          "SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
+          (message_id, conversation_id)).fetchone() is None:
+        raise NotFoundError(f"unknown message id {message_id} in conversation "
+                            f"{conversation_id[:80]!r}")
       if event_id is not None:
         seen = db.execute("SELECT id, message_id, label FROM feedback WHERE event_id = ?",
                           (event_id,)).fetchone()
@@ -328,8 +366,8 @@ def export(workdir: str, data_dir: str = "", config: str = DEFAULT_EXPORT_CONFIG
   from rlhf_jax.data import builders
   path = default_path(workdir)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"no feedback database at {path}: chat with rlhf_jax.chat or "
-                            "rlhf_jax.serve in this workdir first")
+    raise FileNotFoundError(f"no feedback database at {path}: chat with rlhf_jax.chat.terminal or "
+                            "rlhf_jax.chat.server in this workdir first")
   with FeedbackStore(path) as store:
     records, skipped = feedback_records(store)
   likes = sum(r["label"] for r in records)
@@ -379,7 +417,7 @@ def stats(workdir: str, out=sys.stdout) -> dict[str, Any]:
 
 def main(argv) -> None:
   from absl import app
-  from rlhf_jax.launch import setup_logging
+  from rlhf_jax.core.launch import setup_logging
   setup_logging()
   commands = {"export": lambda: export(_WORKDIR.value, _DATA_DIR.value, _CONFIG.value),
               "stats": lambda: stats(_WORKDIR.value)}

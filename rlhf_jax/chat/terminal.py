@@ -1,6 +1,7 @@
 r"""Chat with a checkpoint in the terminal, and like or dislike its answers.
 
-  python -m rlhf_jax.chat --workdir=W [--checkpoint=DIR] [--lang=en|zh]
+  python -m rlhf_jax.chat.terminal --workdir=W [--checkpoint=DIR] [--lang=en|zh]
+  python -m rlhf_jax.chat --workdir=W ...            (the same)
 
 Answers are streamed token by token. Commands:
   /like, /dislike   rate the last answer (a second rating of the same answer replaces the first
@@ -9,14 +10,22 @@ Answers are streamed token by token. Commands:
   /quit             leave (so does end of input, Ctrl-D)
   //text            send "/text" as a message
 Everything said and every rating goes to `W/feedback/feedback.sqlite` (rlhf_jax.data.feedback),
-the store the web server (rlhf_jax.serve) writes too; export it for training with
+the store the web server (rlhf_jax.chat.server) writes too; export it for training with
 `python -m rlhf_jax.data.feedback export --workdir=W`. Which model answers: see
-rlhf_jax/chat_model.py (`--checkpoint` or the newest finished stage of W).
+rlhf_jax/chat/model_choice.py (`--checkpoint` or the newest finished stage of W).
 """
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from typing import Optional, TextIO
+
+from absl import app, flags
+
+from rlhf_jax.chat import cli, model_choice
+from rlhf_jax.core.launch import setup_logging
+from rlhf_jax.data import feedback
 
 HELP = ("commands: /like, /dislike (rate the last answer), /reset (new conversation), "
         "/quit; //text sends \"/text\"")
@@ -66,7 +75,8 @@ class TerminalChat:
         self._say("(no answer to rate yet)")
       else:
         label = name[1:]
-        self.store.add_feedback(self.last_answer_id, label)
+        self.store.add_feedback(self.last_answer_id, label,
+                                conversation_id=self.conversation_id)
         self._say(f"({label}d answer {self.last_answer_id})")
     elif name == "/reset":
       self.conversation_id, self.last_answer_id = None, None
@@ -95,34 +105,26 @@ class TerminalChat:
     return self.last_answer_id
 
 
-def main(argv) -> None:
+def main(argv, options: dict) -> None:
   del argv
-  import os
-  from rlhf_jax import chat_model
-  from rlhf_jax.data import feedback
-  from rlhf_jax.launch import setup_logging
   setup_logging()
-  generation = chat_model.Generation(
-      max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-      greedy=_GREEDY.value, seed=_SEED.value)
-  model = chat_model.load_chat_model(_WORKDIR.value, _CHECKPOINT.value, generation)
-  with feedback.FeedbackStore(feedback.default_path(os.path.abspath(_WORKDIR.value))) as store:
+  workdir = os.path.abspath(options["workdir"].value)
+  model = model_choice.load_chat_model(workdir, options["checkpoint"].value,
+                                       cli.generation(options))
+  with feedback.FeedbackStore(feedback.default_path(workdir)) as store:
     try:
-      TerminalChat(model, store, lang=_LANG.value).run()
+      TerminalChat(model, store, lang=options["lang"].value).run()
     except KeyboardInterrupt:
       print()
 
 
+def run_cli() -> None:
+  """`python -m rlhf_jax.chat.terminal` and `python -m rlhf_jax.chat`."""
+  options = {**cli.define_model_flags(),
+             "lang": flags.DEFINE_enum("lang", "en", ["en", "zh"],
+                                       "Language of the conversations.")}
+  app.run(functools.partial(main, options=options))
+
+
 if __name__ == "__main__":
-  from absl import app, flags
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir: its stages and feedback/ store.",
-                                 required=True)
-  _CHECKPOINT = flags.DEFINE_string(
-      "checkpoint", "", "A run dir, HF dir, .gguf or smollm2_135m ('' = newest stage of W).")
-  _LANG = flags.DEFINE_enum("lang", "en", ["en", "zh"], "Language of the conversations.")
-  _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Longest answer, in tokens.")
-  _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature.")
-  _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
-  _GREEDY = flags.DEFINE_bool("greedy", False, "Argmax decoding.")
-  _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  app.run(main)
+  run_cli()

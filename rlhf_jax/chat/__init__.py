@@ -1,0 +1,1 @@
+"""Chatting with a run: terminal, local web page + JSON API, which model to load."""
