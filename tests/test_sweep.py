@@ -1,24 +1,28 @@
-"""Sweeps from config files (rlhf_jax/sweep.py): building runs, naming them, checking their
+"""Sweeps from config files (rlhf_jax/recipe/sweep/): building runs, naming them, checking their
 overrides, reading metrics, running them through the pipeline, and the printed commands."""
+import ast
 import csv
 import json
+import logging
 import os
 import pathlib
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from rlhf_jax import sweep as sweep_lib
+from rlhf_jax.recipe import sweep as sweep_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PIPELINE_CONFIG = f"{REPO}/configs/pipeline.py:size=tiny,smoke=1"
 
 # A three-run sweep over beta. The fake pipeline below fails the 0.2 run on purpose.
 SWEEP_FILE = f'''
-from rlhf_jax.sweep import product
+from rlhf_jax.recipe.sweep import product
 BASE = "{PIPELINE_CONFIG}"
 START = "ppo"
 METRICS = {{
@@ -96,7 +100,7 @@ def test_apply_overrides_sets_fields_and_names_unknown_keys():
 
 def test_bad_sweeps_fail_before_anything_runs(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setattr("rlhf_jax.pipeline.run_pipeline", lambda *a, **k: calls.append(a))
+  monkeypatch.setattr("rlhf_jax.recipe.pipeline.run_pipeline", lambda *a, **k: calls.append(a))
   bad_key = write_sweep(tmp_path, SWEEP_FILE.replace('"ppo.kl.coef"', '"ppo.kl.coeff"'), "a.py")
   with pytest.raises(ValueError, match=r"run 0 .*'ppo\.kl\.coeff'.*'ppo\.kl\.coef'"):
     sweep_lib.run_sweep(bad_key, str(tmp_path / "w"))
@@ -161,9 +165,9 @@ def test_resolve_metric_reads_last_values_json_paths_and_means(tmp_path):
 # ----------------------------------------------------------------------------- running
 
 def _fake_pipeline(calls):
-  """Stands in for rlhf_jax.pipeline.run_pipeline: writes the files a finished run has, with
+  """Stands in for rlhf_jax.recipe.pipeline.run_pipeline: writes the files a finished run has, with
   numbers derived from beta, and raises for beta = 0.2."""
-  from rlhf_jax import pipeline
+  from rlhf_jax.recipe import pipeline
 
   def run_pipeline(config, workdir, *, only=None, start=None, upstream=None):
     calls.append((workdir, only, start, upstream))
@@ -201,7 +205,7 @@ def _read_csv(path):
 
 def test_sweep_runs_in_sequence_records_failures_and_skips_finished_runs(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setattr("rlhf_jax.pipeline.run_pipeline", _fake_pipeline(calls))
+  monkeypatch.setattr("rlhf_jax.recipe.pipeline.run_pipeline", _fake_pipeline(calls))
   workdir = tmp_path / "w"
   rows = sweep_lib.run_sweep(write_sweep(tmp_path), str(workdir))
 
@@ -252,7 +256,7 @@ def test_sweep_runs_in_sequence_records_failures_and_skips_finished_runs(tmp_pat
 
 def test_base_workdir_and_run_selection(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setattr("rlhf_jax.pipeline.run_pipeline", _fake_pipeline(calls))
+  monkeypatch.setattr("rlhf_jax.recipe.pipeline.run_pipeline", _fake_pipeline(calls))
   path = write_sweep(tmp_path)
   # --base must have finished the shared stages
   with pytest.raises(ValueError, match=r"has not finished the stages \['tokenizer'"):
@@ -268,6 +272,60 @@ def test_base_workdir_and_run_selection(tmp_path, monkeypatch):
   assert [r["status"] for r in rows] == ["pending", "pending", "done"]
 
 
+
+def _pipeline_warned(caplog, pipeline, config, workdir, tmp_path, stages):
+  """The stages among `stages` that the pipeline itself, run again on a copy of `workdir`,
+  skips with a warning that they are stale (its own check, made before it skips a stage)."""
+  copy_dir = tmp_path / f"check{len(list(tmp_path.glob('check*')))}"
+  shutil.copytree(workdir, copy_dir)  # copy2 keeps the DONE.json times the pipeline compares
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="rlhf_jax.recipe.pipeline"):
+    pipeline.run_pipeline(config, str(copy_dir))
+  warned = {m.group(1) for r in caplog.records
+            for m in [re.match(r"\[(\w+)\] was finished (with a different config|before)",
+                               r.getMessage())] if m}
+  return [s for s in stages if s in warned]
+
+
+def test_shared_stages_are_stale_exactly_when_the_pipeline_says_so(tmp_path, monkeypatch,
+                                                                   caplog):
+  """The sweep reuses W/base only where the real pipeline driver, run again there, would skip
+  every shared stage without a warning; each change below makes both name the same stages."""
+  from rlhf_jax.recipe import pipeline
+  for stage in pipeline.STAGES:  # every stage finishes at once, writing only its markers
+    monkeypatch.setitem(pipeline.STAGE_FNS, stage, lambda ctx: ({}, "fake"))
+  path, workdir = write_sweep(tmp_path), str(tmp_path / "w")
+  base = os.path.join(workdir, "base")
+  shared = ["tokenizer", "pretrain", "sft", "comparisons", "rm"]  # the stages before START=ppo
+
+  def sweep_stale(sets):
+    sweep, config, _ = sweep_lib.prepare(path, sets=sets)
+    try:
+      assert sweep_lib.prepare_base(sweep, config, workdir, None) == base
+    except ValueError as e:
+      return ast.literal_eval(re.search(r"stages (\[[^\]]*\]) are stale", str(e)).group(1)), config
+    return [], config
+
+  assert sweep_stale([])[0] == [] and os.path.exists(os.path.join(base, "rm", "DONE.json"))
+  # By hand: a stage's hash covers its own section and the shared fields (size, langs,
+  # data_dir, seed), so the SFT learning rate makes SFT alone stale, a PPO field (after START)
+  # none of the shared stages, and the seed all of them.
+  for sets, expected in ((["sft.optim.learning_rate=0.123"], ["sft"]),
+                         (["ppo.kl.coef=0.3"], []),
+                         (["seed=5"], shared),
+                         ([], [])):
+    stale, config = sweep_stale(sets)
+    assert stale == expected, sets
+    assert _pipeline_warned(caplog, pipeline, config, base, tmp_path, shared) == expected, sets
+    assert [s for s in shared
+            if pipeline.stage_status(config, base, s) == "stale"] == expected, sets
+  # The tokenizer redone later: the stages that read it (pretrain, SFT) finished before it.
+  pipeline.run_pipeline(config, base, only=["tokenizer"])
+  stale, config = sweep_stale([])
+  assert stale == ["pretrain", "sft"]
+  assert _pipeline_warned(caplog, pipeline, config, base, tmp_path, shared) == stale
+
+
 # ----------------------------------------------------------------------------- commands
 
 def test_print_commands_parse_back_to_the_same_overrides(tmp_path):
@@ -277,7 +335,7 @@ def test_print_commands_parse_back_to_the_same_overrides(tmp_path):
   path = write_sweep(tmp_path)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(
-      [sys.executable, "-m", "rlhf_jax.sweep", path, "--workdir=W", "--print_commands",
+      [sys.executable, "-m", "rlhf_jax.recipe.sweep", path, "--workdir=W", "--print_commands",
        "--set=ppo.train.steps=3"], capture_output=True, text=True, cwd=REPO, env=env, check=True)
   lines = out.stdout.strip().splitlines()
   commands = [l for l in lines if not l.startswith("#")]
@@ -288,7 +346,7 @@ def test_print_commands_parse_back_to_the_same_overrides(tmp_path):
   for beta, name, command in zip((0.01, 0.2, 0.5), ("coef=0.01", "coef=0.2", "coef=0.5"),
                                  commands):
     argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", "rlhf_jax.pipeline"]
+    assert argv[:3] == ["python", "-m", "rlhf_jax.recipe.pipeline"]
     assert {"--workdir=W/runs/" + name, "--from=ppo", "--upstream=W/base"} <= set(argv)
     config_args = ["prog"] + [a for a in argv[3:] if a.startswith("--config")]
     values = flags.FlagValues()
@@ -303,7 +361,7 @@ def test_print_commands_parse_back_to_the_same_overrides(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 E2E_SWEEP = f'''
-from rlhf_jax.sweep import product
+from rlhf_jax.recipe.sweep import product
 BASE = "{PIPELINE_CONFIG}"
 START = "ppo"
 METRICS = {{

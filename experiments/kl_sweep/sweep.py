@@ -4,9 +4,9 @@ Each run redoes PPO (and the stages after it) from the same SFT model and reward
 runs differ only in how hard the policy is held near SFT. Plotted: held-out gold score against
 KL(policy || SFT) -- the frontier of what each nat of KL buys under the gold scorer.
 
-  python -m rlhf_jax.sweep experiments/kl_sweep/sweep.py --workdir=workdirs/kl_sweep
+  python -m rlhf_jax.recipe.sweep experiments/kl_sweep/sweep.py --workdir=workdirs/kl_sweep
 """
-from rlhf_jax.sweep import product
+from rlhf_jax.recipe.sweep import product
 
 BASE = "configs/pipeline.py:size=small"
 START = "ppo"

@@ -8,9 +8,9 @@ gradient is 10^6 times smaller than coef 1's, and even on a parameter PPO leaves
 Adam would rescale it, it stays far below Adam's eps = 1e-5). Each run redoes PPO (and the
 stages after it) from the same SFT model and reward model.
 
-  python -m rlhf_jax.sweep experiments/ptx_ablation/sweep.py --workdir=workdirs/ptx
+  python -m rlhf_jax.recipe.sweep experiments/ptx_ablation/sweep.py --workdir=workdirs/ptx
 """
-from rlhf_jax.sweep import product
+from rlhf_jax.recipe.sweep import product
 
 BASE = "configs/pipeline.py:size=small"
 START = "ppo"

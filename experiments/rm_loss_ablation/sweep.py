@@ -10,9 +10,9 @@ Grades and rankings are two labellings of the same sampled answers by the same s
 annotators, so the runs redo the comparisons stage (same SFT model, same prompts, same seed:
 the same answers, labelled the run's way), the RM and everything after it.
 
-  python -m rlhf_jax.sweep experiments/rm_loss_ablation/sweep.py --workdir=workdirs/rm_loss
+  python -m rlhf_jax.recipe.sweep experiments/rm_loss_ablation/sweep.py --workdir=workdirs/rm_loss
 """
-from rlhf_jax.sweep import zipped
+from rlhf_jax.recipe.sweep import zipped
 
 BASE = "configs/pipeline.py:size=small"
 START = "comparisons"

@@ -1,6 +1,6 @@
 r"""The whole recipe in one command: each stage in its own directory, each resumable.
 
-  python -m rlhf_jax.pipeline --config=configs/pipeline.py[:args] [--config.x.y=v ...] \
+  python -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py[:args] [--config.x.y=v ...] \
       --workdir=W [--only=rm,ppo] [--from=ppo] [--upstream=W0]
 
 Stages, in order (configs/pipeline.py holds one section per stage):
@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
-log = logging.getLogger("rlhf_jax.pipeline")
+log = logging.getLogger("rlhf_jax.recipe.pipeline")
 
 STAGES = ("tokenizer", "pretrain", "sft", "comparisons", "rm", "ppo", "kto", "dpo",
           "evaluate", "report")
@@ -124,6 +124,24 @@ def config_hash(config, stage: str) -> str:
   blob = json.dumps({"stage": stage, "section": section, "shared": shared}, sort_keys=True,
                     default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def stage_status(config, workdir: str, stage: str) -> str:
+  """"missing" (no W/<stage>/DONE.json), "stale" or "done": what the driver weighs before it
+  skips a finished stage, for callers that decide from outside (sweeps sharing one base).
+
+  Stale: finished under another config hash, or before a stage it reads (DEPENDS, in the same
+  workdir) was redone. The report has no DONE.json, so it is always "missing".
+  """
+  stage_dir = os.path.join(workdir, stage)
+  done = read_done(stage_dir)
+  if done is None:
+    return "missing"
+  newer = [d for d in DEPENDS.get(stage, ())
+           if _done_time(os.path.join(workdir, d)) > _done_time(stage_dir)]
+  if newer or done.get("config_hash") != config_hash(config, stage):
+    return "stale"
+  return "done"
 
 
 def last_values(records: Sequence[dict]) -> dict:
@@ -209,8 +227,8 @@ class Context:
 
 
 def run_tokenizer(ctx: Context):
-  from rlhf_jax import tokenizer as tok_lib
-  from rlhf_jax.trainers.inputs import tokenizer_corpus
+  from rlhf_jax.text import tokenizer as tok_lib
+  from rlhf_jax.train.inputs import tokenizer_corpus
   cfg = ctx.config.tokenizer
   path = os.path.join(ctx.workdir, "tokenizer", "tokenizer.model")
   if cfg.path:  # a given model, copied in so the workdir stands on its own
@@ -233,9 +251,9 @@ def run_tokenizer(ctx: Context):
 
 def _run_trainer(ctx: Context, stage: str, config) -> dict:
   """launch.run in W/<stage>; StageStopped unless the run reached its last step."""
-  from rlhf_jax import launch
-  from rlhf_jax.checkpoint import Checkpointer
-  from rlhf_jax.metrics import read_metrics
+  from rlhf_jax.core import launch
+  from rlhf_jax.core.checkpoint import Checkpointer
+  from rlhf_jax.core.metrics import read_metrics
   stage_dir = os.path.join(ctx.workdir, stage)
   returned = launch.run(config, stage_dir)
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=None,
@@ -274,8 +292,8 @@ def comparisons_data_dir(stage_dir: str) -> str:
 
 
 def run_comparisons(ctx: Context):
-  from rlhf_jax import comparisons
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.recipe import comparisons
+  from rlhf_jax.text import tokenizer as tok_lib
   from rlhf_jax.data import builders
   cfg, langs = ctx.config.comparisons, ctx.langs
   if cfg.rounds < 1:
@@ -374,7 +392,7 @@ def run_dpo(ctx: Context):
 
 
 def run_evaluate(ctx: Context):
-  from rlhf_jax import evaluate
+  from rlhf_jax.eval import policies as evaluate
   cfg = ctx.config.evaluate
   policies = {"sft": ctx.require("sft")}
   for name in POLICIES[1:]:
@@ -396,7 +414,7 @@ def run_evaluate(ctx: Context):
 
 
 def run_report(ctx: Context):
-  from rlhf_jax import report
+  from rlhf_jax.eval import report
   path = report.write_report(ctx.workdir)
   return {}, path
 
@@ -545,7 +563,7 @@ def run_pipeline(config, workdir: str, *, only=None, start=None, upstream=None) 
 
 
 def _write_summary(config, workdir, summary, upstream) -> None:
-  from rlhf_jax.report import machine_info
+  from rlhf_jax.eval.report import machine_info
   write_json_atomic(os.path.join(workdir, SUMMARY), {
       "workdir": os.path.abspath(workdir), "upstream": upstream and os.path.abspath(upstream),
       "stages": summary, "config": config.to_dict(), "machine": machine_info()})
@@ -557,7 +575,7 @@ def _write_summary(config, workdir, summary, upstream) -> None:
 
 def main(argv):
   del argv
-  from rlhf_jax.launch import setup_logging
+  from rlhf_jax.core.launch import setup_logging
   flags_ = flags.FLAGS
   if not flags_.workdir:
     raise app.UsageError("--workdir is required")

@@ -1,0 +1,1 @@
+"""The whole recipe: pipeline stages, sweeps, comparisons generation."""
