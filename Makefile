@@ -38,7 +38,7 @@ $(STAMP): $(DEMO_STAMP)
 	@rm -f $(VENV)/.installed-*; touch $@
 
 demo: setup-demo
-	$(PY) -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=$(WORKDIR) $(DEMO_ARGS)
+	$(PY) -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py --workdir=$(WORKDIR) $(DEMO_ARGS)
 
 # The whole suite, slow end-to-end tests included (CI runs exactly this).
 test: setup

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from rlhf_jax.models import Transformer, init_cache, model_config  # noqa: E402
-from rlhf_jax.sampling import SamplingParams, decode_step, make_generate_fn, prefill  # noqa: E402
+from rlhf_jax.infer.sampling import SamplingParams, decode_step, make_generate_fn, prefill  # noqa: E402
 
 
 def parse_args():

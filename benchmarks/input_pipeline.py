@@ -3,7 +3,7 @@
     python benchmarks/input_pipeline.py [--data_dir=DIR] [--batch_size=16] [--seq_len=128]
 
 For rlhf_text (pretraining) and rlhf_dialogues (SFT), with a byte-level tokenize_fn and, when
-rlhf_jax/tokenizer.py is present, a sentencepiece tokenizer trained here on the text train
+rlhf_jax/text/tokenizer.py is present, a sentencepiece tokenizer trained here on the text train
 split. Reports real (non-pad) tokens/s, loss tokens/s, batches/s and packing density, measured
 after one warm-up batch (which opens the files). Prints one JSON line, then a Markdown table.
 Timings are never asserted: a shared machine makes them noisy, so the load average is printed.
@@ -28,7 +28,7 @@ from rlhf_jax.data import builders, pipeline  # noqa: E402
 def spm_tokenize_fns(data_dir: str, vocab_size: int, workdir: str):
   """(text_fn, chat_fn, seconds to train) for the project's tokenizer, or None without it."""
   try:
-    from rlhf_jax import tokenizer as tokenizer_lib
+    from rlhf_jax.text import tokenizer as tokenizer_lib
   except ImportError:
     return None
   import tensorflow_datasets as tfds

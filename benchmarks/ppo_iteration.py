@@ -54,11 +54,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax import config_util  # noqa: E402
+from rlhf_jax.config import util as config_util  # noqa: E402
 from rlhf_jax.models import ScalarModel, Transformer, model_config  # noqa: E402
 from rlhf_jax.rl import ppo  # noqa: E402
-from rlhf_jax.rl.rollout import make_rollout_fn  # noqa: E402
-from rlhf_jax.trainers import ppo as ppo_trainer  # noqa: E402
+from rlhf_jax.infer.rollout import make_rollout_fn  # noqa: E402
+from rlhf_jax.rl import trainer as ppo_trainer  # noqa: E402
 
 # Hugging Face TRL 1.9.0 + torch 2.13 on this kind of 2-core CPU, float32 (DESIGN.md): a
 # reference figure from an earlier measurement, not a number measured by this script.

@@ -1,6 +1,6 @@
 """Reward-model train step: comparisons/s, pairs/s and MFU, against a matmul timed in the same run.
 
-Two layouts of the same jitted step (`rlhf_jax.trainers.reward.train_step`: forward, backward,
+Two layouts of the same jitted step (`rlhf_jax.train.reward.train_step`: forward, backward,
 AdamW, the trainer's optimizer defaults), each on full-length rows:
   kwise  B prompts x K answers: one forward pass per answer, all C(K, 2) pairs of a prompt
          from those K scores (K = 4: 6 pairs for 4 passes);
@@ -31,10 +31,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax import config_util, optim, sharding  # noqa: E402
+from rlhf_jax.config import util as config_util  # noqa: E402
+from rlhf_jax.core import optim, sharding
 from rlhf_jax.models import ScalarModel, model_config  # noqa: E402
-from rlhf_jax.trainers import reward as rm  # noqa: E402
-from rlhf_jax.trainers.state import create_train_state, param_count  # noqa: E402
+from rlhf_jax.train import reward as rm  # noqa: E402
+from rlhf_jax.train.state import create_train_state, param_count  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -5,7 +5,7 @@ shared CPU the load changes from second to second: a peak timed once at the star
 timed a minute later can differ by 3x for reasons that have nothing to do with the model. So
 the peak matmul (a jitted [n, n] @ [n, n] in the compute dtype, `common.jax_peak_matmuls`) is
 timed between every two train steps, and MFU is the step's model FLOP/s over the median of
-those interleaved peak timings. The step is the real jitted `rlhf_jax.trainers.lm.train_step`
+those interleaved peak timings. The step is the real jitted `rlhf_jax.train.lm.train_step`
 (forward, backward, AdamW with the trainer's own defaults) on synthetic tokens.
 
 Model FLOPs per step are 3x the forward matmul FLOPs (`ModelConfig.flops_per_token`): the
@@ -35,11 +35,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax import config_util, optim, sharding  # noqa: E402
+from rlhf_jax.config import util as config_util  # noqa: E402
+from rlhf_jax.core import optim, sharding
 from rlhf_jax.data.synthetic import SyntheticLMIterator  # noqa: E402
 from rlhf_jax.models import model_config  # noqa: E402
-from rlhf_jax.trainers import lm  # noqa: E402
-from rlhf_jax.trainers.state import create_train_state, param_count  # noqa: E402
+from rlhf_jax.train import lm  # noqa: E402
+from rlhf_jax.train.state import create_train_state, param_count  # noqa: E402
 
 
 def parse_args(argv=None):

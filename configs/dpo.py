@@ -11,14 +11,14 @@ grades or ranking imply -- the comparisons the reward model learns from, so PPO,
 can be compared on the same data; `rlhf_feedback[/<config>]` pairs a liked and a disliked
 answer to the same prompt. Several names may be joined by '+'.
 
-Loss (rlhf_jax.losses.dpo_loss): −log σ(β[(log π_c − log π_ref,c) − (log π_r − log π_ref,r)]),
+Loss (rlhf_jax.models.losses.dpo_loss): −log σ(β[(log π_c − log π_ref,c) − (log π_r − log π_ref,r)]),
 with optional label smoothing. The workdir gets checkpoints/ (the policy alone), metrics.jsonl
 with dpo/* (train) and eval/dpo/* (held out: pairwise accuracy of the implicit reward).
 """
 import ml_collections
 
-from rlhf_jax import config_util
-from rlhf_jax.trainers.preference_config import preference_config
+from rlhf_jax.config import util as config_util
+from rlhf_jax.config.preference import preference_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ seq_len (prompt + answer tokens), data, init_from, beta.
 English, about 90% likes); `rlhf_feedback/<config>` an export from the chat front end (in
 `data.data_dir`); `rlhf_feedback+rlhf_feedback/<config>` both, read as one shuffled stream.
 
-The loss (rlhf_jax.losses.kto_loss; ../shared/REFERENCE.md): implicit reward
+The loss (rlhf_jax.models.losses.kto_loss; ../shared/REFERENCE.md): implicit reward
 r = β·log π/π_ref, reference point β·KL estimated on mismatched (prompt, answer) pairs of the
 batch with no gradient through it, a liked answer valued σ(r − z) and a disliked one σ(z − r).
 λ_U defaults to the value that makes λ_D·n_D / (λ_U·n_U) = kto.weight_ratio on the training
@@ -21,8 +21,8 @@ and eval/kto/* (held out, before training and at the end).
 """
 import ml_collections
 
-from rlhf_jax import config_util
-from rlhf_jax.trainers.preference_config import preference_config
+from rlhf_jax.config import util as config_util
+from rlhf_jax.config.preference import preference_config
 
 
 def get_config(arg=None):

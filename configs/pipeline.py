@@ -1,9 +1,9 @@
 r"""The whole recipe in one config: tokenizer -> pretrain -> SFT -> comparisons -> RM -> PPO ->
-KTO -> DPO -> evaluation -> report (`python -m rlhf_jax.pipeline`, `make demo`).
+KTO -> DPO -> evaluation -> report (`python -m rlhf_jax.recipe.pipeline`, `make demo`).
 
-  python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=W
-  python -m rlhf_jax.pipeline --config=configs/pipeline.py:size=tiny,smoke=1 --workdir=W
-  python -m rlhf_jax.pipeline --config=configs/pipeline.py --config.ppo.kl.coef=0.1 \
+  python -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py --workdir=W
+  python -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py:size=tiny,smoke=1 --workdir=W
+  python -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py --config.ppo.kl.coef=0.1 \
       --workdir=W2 --upstream=W --from=ppo
 
 Each stage section IS that stage's own config (configs/pretrain.py, sft.py, reward.py, ppo.py,
@@ -24,7 +24,7 @@ import os
 
 import ml_collections
 
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 
 # Step counts per preset: (pretrain, sft, ppo, kto, dpo). The default preset runs `make demo` in
 # about 7 minutes, install included, on a quiet 2-core Zen 4 CPU (README, "Demo").

@@ -15,7 +15,7 @@ tokenizer is that model's own.
 """
 import ml_collections
 
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ r"""Pretraining: next-token prediction on packed English and Chinese text.
 Arguments: size (model size, rlhf_jax/models/sizes.py), steps, batch, seq_len, data
 (a TFDS name; "synthetic" needs no data at all).
 """
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 
 
 def get_config(arg=None):

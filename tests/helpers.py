@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 
 
 def tiny_lm_config(steps=4, batch=8, seq_len=16, vocab=128, **overrides):
@@ -37,7 +37,7 @@ def write_policy_run(workdir, tokenizer_path, vocab, *, seed=0, step=1, steps=1,
   import os
 
   import ppo_setup
-  from rlhf_jax.checkpoint import Checkpointer
+  from rlhf_jax.core.checkpoint import Checkpointer
   from rlhf_jax.models import Transformer, model_config
   fields = config_util.model_section(size).to_dict()
   fields["vocab_size"] = vocab

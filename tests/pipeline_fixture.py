@@ -18,7 +18,7 @@ SMOKE_CONFIG = "configs/pipeline.py:size=tiny,smoke=1"
 def tiny_pipeline_config(data_dir: str, tokenizer: str, **fields):
   """The smoke pipeline config on the bundled data and tokenizer; `fields`: {'ppo.kl.coef':
   0.1} style overrides (dots as on the command line)."""
-  from rlhf_jax import config_util
+  from rlhf_jax.config import util as config_util
   config = config_util.load_config(SMOKE_CONFIG)
   with config.unlocked():
     config.data_dir = data_dir
@@ -44,7 +44,7 @@ def _locked(path: pathlib.Path):
 
 
 def _finished(workdir: pathlib.Path) -> bool:
-  from rlhf_jax import pipeline
+  from rlhf_jax.recipe import pipeline
   return (workdir / "report.md").exists() and all(
       (workdir / s / pipeline.DONE).exists() for s in pipeline.STAGES if s != "report")
 
@@ -52,7 +52,7 @@ def _finished(workdir: pathlib.Path) -> bool:
 @pytest.fixture(scope="session")
 def tiny_pipeline_workdir(tmp_path_factory, bundled_data_dir, bundled_tokenizer):
   """A finished smoke pipeline workdir (about two minutes on 2 CPU cores, once per session)."""
-  from rlhf_jax import pipeline
+  from rlhf_jax.recipe import pipeline
   base = tmp_path_factory.getbasetemp()
   # Under xdist each worker has its own basetemp inside the session's: share the parent.
   root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_pipeline"

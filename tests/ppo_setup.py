@@ -9,8 +9,9 @@ import numpy as np
 import optax
 
 from rlhf_jax.models import ScalarModel, Transformer, model_config
-from rlhf_jax.rl import kl, ppo, rollout
-from rlhf_jax.sampling import SamplingParams
+from rlhf_jax.rl import kl, ppo
+from rlhf_jax.infer import rollout
+from rlhf_jax.infer.sampling import SamplingParams
 
 V = 64
 PAD = 0

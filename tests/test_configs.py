@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from rlhf_jax import config_util, launch
-from rlhf_jax.metrics import read_metrics
+from rlhf_jax.config import util as config_util
+from rlhf_jax.core import launch
+from rlhf_jax.core.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a config needs to run on the bundled data alone, with no earlier stage's output: the

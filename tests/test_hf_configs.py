@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import config_util, launch, memory, sharding
-from rlhf_jax.metrics import read_metrics
+from rlhf_jax.config import util as config_util
+from rlhf_jax.core import launch, sharding
+from rlhf_jax.train import memory
+from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import hf_export, hf_import, pretrained
 from rlhf_jax.models.transformer import ModelConfig
 
@@ -90,7 +92,7 @@ def test_sft_starts_from_a_hugging_face_checkpoint(tmp_path, bundled_data_dir):
     gguf = pretrained.smollm2_135m_path()
   except FileNotFoundError as e:
     pytest.skip(str(e))
-  from rlhf_jax.hf_tokenizer import HFTokenizer
+  from rlhf_jax.text.hf_tokenizer import HFTokenizer
   tok = HFTokenizer.load(gguf)
   cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                     d_ff=128, max_len=256, head_dim=0, tie_embeddings=True)

@@ -17,10 +17,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rlhf_jax import sharding  # noqa: E402
+from rlhf_jax.core import sharding  # noqa: E402
 from rlhf_jax.models import hf_export, hf_import  # noqa: E402
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
-from rlhf_jax.sampling import SamplingParams, make_generate_fn  # noqa: E402
+from rlhf_jax.infer.sampling import SamplingParams, make_generate_fn  # noqa: E402
 
 V = 256
 BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -6,9 +6,9 @@ import pickle
 import numpy as np
 import pytest
 
-from rlhf_jax.hf_tokenizer import HFTokenizer
+from rlhf_jax.text.hf_tokenizer import HFTokenizer
 from rlhf_jax.models import pretrained
-from rlhf_jax.tokenizer import TooLongError
+from rlhf_jax.text.tokenizer import TooLongError
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi!"},

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax.core import checkpoint as ckpt_lib
 from tests.helpers import flat_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

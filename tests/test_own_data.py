@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from rlhf_jax import config_util, launch
-from rlhf_jax import tokenizer as tok_lib
+from rlhf_jax.config import util as config_util
+from rlhf_jax.core import launch
+from rlhf_jax.text import tokenizer as tok_lib
 from rlhf_jax.data import jsonl
-from rlhf_jax.trainers.inputs import fit_conversation, tokenize_fn_for
+from rlhf_jax.train.inputs import fit_conversation, tokenize_fn_for
 
 
 @pytest.mark.xdist_group("bundled_data")

@@ -14,10 +14,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from pipeline_fixture import SMOKE_CONFIG, tiny_pipeline_config
-from rlhf_jax import config_util, evaluate, pipeline, report
-from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.config import util as config_util
+from rlhf_jax.eval import policies as evaluate, report
+from rlhf_jax.recipe import pipeline
+from rlhf_jax.core.checkpoint import Checkpointer
 from rlhf_jax.data import labelers
-from rlhf_jax.metrics import read_metrics
+from rlhf_jax.core.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -308,7 +310,7 @@ def test_second_run_skips_every_stage_and_rebuilds_the_report(tiny_pipeline_work
       before[path] = os.stat(path).st_mtime_ns
   # The command line, as `make demo` runs it a second time.
   out = subprocess.run(
-      [sys.executable, "-m", "rlhf_jax.pipeline", f"--config={SMOKE_CONFIG}",
+      [sys.executable, "-m", "rlhf_jax.recipe.pipeline", f"--config={SMOKE_CONFIG}",
        f"--config.data_dir={bundled_data_dir}", f"--config.tokenizer.path={bundled_tokenizer}",
        f"--workdir={w}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -363,9 +365,9 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tiny_pipeline_workdir, tm
 def test_comparisons_killed_after_writing_are_redone_not_trusted(tiny_pipeline_workdir, tmp_path,
                                                                  monkeypatch, bundled_data_dir,
                                                                  bundled_tokenizer):
-  from rlhf_jax import comparisons
+  from rlhf_jax.recipe import comparisons
   from rlhf_jax.data import builders
-  from rlhf_jax.trainers.rm_inputs import read_records
+  from rlhf_jax.data.rm_batches import read_records
   w = str(tmp_path / "w")
   config = tiny_pipeline_config(bundled_data_dir, bundled_tokenizer)
   answers = ["I love it, great!", "It was bad.", "ok then", "a terrible awful day"]
@@ -405,8 +407,8 @@ def test_comparison_rounds_answer_each_training_prompt_again(tiny_pipeline_workd
                                                              monkeypatch, bundled_data_dir,
                                                              bundled_tokenizer):
   """rounds=2: every training prompt is ranked twice, on fresh answers; held-out ones once."""
-  from rlhf_jax import comparisons
-  from rlhf_jax.trainers.rm_inputs import read_records
+  from rlhf_jax.recipe import comparisons
+  from rlhf_jax.data.rm_batches import read_records
   calls = []
 
   def fake_answers(params, model_config, tokenizer, prompts, k, **kw):

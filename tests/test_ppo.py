@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import ppo_setup as S
-from rlhf_jax import losses
+from rlhf_jax.models import losses
 from rlhf_jax.models import Transformer
-from rlhf_jax.rl import kl, ppo, rollout
-from rlhf_jax.sampling import SamplingParams
+from rlhf_jax.rl import kl, ppo
+from rlhf_jax.infer import rollout
+from rlhf_jax.infer.sampling import SamplingParams
 
 TARGET = 7  # the planted reward counts this token in each answer
 N = 8  # answer tokens

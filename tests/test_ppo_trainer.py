@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import ppo_setup as S
-from rlhf_jax import config_util, launch
-from rlhf_jax.checkpoint import Checkpointer, read_params
-from rlhf_jax.metrics import read_metrics
+from rlhf_jax.config import util as config_util
+from rlhf_jax.core import launch
+from rlhf_jax.core.checkpoint import Checkpointer, read_params
+from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import ScalarModel, Transformer, model_config
-from rlhf_jax.trainers import ppo as ppo_trainer
+from rlhf_jax.rl import trainer as ppo_trainer
 
 
 def _model_fields(vocab):

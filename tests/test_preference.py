@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import config_util, launch, losses
-from rlhf_jax import logprobs as logprobs_lib
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.config import util as config_util
+from rlhf_jax.core import launch
+from rlhf_jax.models import losses
+from rlhf_jax.infer import logprobs as logprobs_lib
 from rlhf_jax.data import builders
-from rlhf_jax.metrics import read_metrics
+from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.trainers import preference as pref
-from rlhf_jax.trainers import preference_inputs as pref_inputs
+from rlhf_jax.train import preference as pref
+from rlhf_jax.data import preference_batches as pref_inputs
 
 
 def _sigmoid(x):
@@ -214,7 +216,7 @@ def test_mismatched_rows_pair_each_prompt_with_the_next_answer():
 
 
 def test_encode_prompt_answer_is_the_chat_template(bundled_tokenizer):
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.text import tokenizer as tok_lib
   tok = tok_lib.Tokenizer.load(bundled_tokenizer)
   prompt, answer = "How was your weekend?", "Great, I went hiking."
   p, a, cut = logprobs_lib.encode_prompt_answer(tok, prompt, answer, max_prompt_len=64,
@@ -459,7 +461,7 @@ def test_tokenizer_is_found_through_a_ppo_run(tmp_path, bundled_tokenizer):
 def test_exported_chat_feedback_trains_kto(tmp_path, bundled_tokenizer, sft_dir):
   """Clicks in the chat store -> `feedback export` -> rlhf_feedback/chat -> a few KTO steps."""
   from rlhf_jax.data import feedback as feedback_lib
-  from rlhf_jax.trainers.rm_inputs import read_records
+  from rlhf_jax.data.rm_batches import read_records
   chat_dir = str(tmp_path / "chat")
   os.makedirs(os.path.dirname(feedback_lib.default_path(chat_dir)), exist_ok=True)
   with feedback_lib.FeedbackStore(feedback_lib.default_path(chat_dir)) as store:

@@ -2,7 +2,7 @@
 when most pairs are tied), records accepted by the comparisons writer's checks."""
 import numpy as np
 
-from rlhf_jax import comparisons
+from rlhf_jax.recipe import comparisons
 from rlhf_jax.data import annotators, jsonl
 
 

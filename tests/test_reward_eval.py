@@ -3,7 +3,7 @@ margin, thumbs, and a calibration table that accounts for every pair."""
 import numpy as np
 import pytest
 
-from rlhf_jax import evaluate_rm
+from rlhf_jax.eval import reward_model as evaluate_rm
 
 
 def test_metrics_match_a_hand_count():

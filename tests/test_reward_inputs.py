@@ -5,14 +5,14 @@ import logging
 import numpy as np
 import pytest
 
-from rlhf_jax import reward
+from rlhf_jax.infer import rm_scores as reward
 from rlhf_jax.data.builders import comparison_pairs
-from rlhf_jax.trainers import rm_inputs
+from rlhf_jax.data import rm_batches as rm_inputs
 
 
 @pytest.fixture(scope="module")
 def tokenizer(bundled_tokenizer):
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.text import tokenizer as tok_lib
   return tok_lib.Tokenizer.load(bundled_tokenizer)
 
 

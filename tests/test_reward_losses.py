@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import losses
+from rlhf_jax.models import losses
 
 
 def _nll(x: float) -> float:

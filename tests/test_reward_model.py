@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import losses, reward, sharding
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.models import losses
+from rlhf_jax.infer import rm_scores as reward
+from rlhf_jax.core import sharding
 from rlhf_jax.models import ScalarModel, Transformer, model_config
 from rlhf_jax.models.transformer import positions_from_mask
-from rlhf_jax.trainers import reward as rm_trainer
+from rlhf_jax.train import reward as rm_trainer
 
 V = 97
 CFG = model_config("tiny", vocab_size=V, max_len=64)
@@ -130,8 +132,8 @@ def test_rm_run_ends_on_the_moving_average_of_its_iterates(rm_params):
   debiased average of every post-update iterate (the params of a run without the average,
   averaged in numpy); the optimizer state moves on identically."""
   import optax
-  from rlhf_jax import optim
-  from rlhf_jax.trainers.state import TrainState
+  from rlhf_jax.core import optim
+  from rlhf_jax.train.state import TrainState
   optim_config = config_util_optim()
   optim_config.warmup_steps, optim_config.learning_rate = 0, 1e-2  # steps that move the params
   steps, decay = 3, 0.6
@@ -172,7 +174,7 @@ def test_rm_run_ends_on_the_moving_average_of_its_iterates(rm_params):
 
 
 def config_util_optim():
-  from rlhf_jax import config_util
+  from rlhf_jax.config import util as config_util
   return config_util.load_config("configs/reward.py:size=tiny").optim
 
 

@@ -10,12 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import comparisons, config_util, launch, reward
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.recipe import comparisons
+from rlhf_jax.config import util as config_util
+from rlhf_jax.core import launch
+from rlhf_jax.infer import rm_scores as reward
 from rlhf_jax.data import builders
-from rlhf_jax.metrics import read_metrics
+from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import Transformer
-from rlhf_jax.trainers import reward as rm_trainer
+from rlhf_jax.train import reward as rm_trainer
 
 pytestmark = pytest.mark.slow  # one ~60 s training run shared by the tests below
 
@@ -107,7 +110,7 @@ def test_normalization_gives_the_policy_answers_mean_zero_std_one(planted_run):
   config = planted_run["config"]
   assert len(sample) == norm["n"] == config.normalize.num_prompts  # one answer per prompt
   # Re-score the sample through the public API: normalised scores have mean 0 and std 1.
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.text import tokenizer as tok_lib
   model_config, params, gain, bias = reward.load_reward_model(workdir)
   tokenizer = tok_lib.Tokenizer.load(planted_run["tokenizer"])
   scores = reward.score_texts(params, model_config, tokenizer, [s["prompt"] for s in sample],

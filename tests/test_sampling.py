@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import sampling
+from rlhf_jax.infer import sampling
 from rlhf_jax.models import Transformer, model_config
-from rlhf_jax.sampling import SamplingParams, filter_logits, make_generate_fn, sample_logits
+from rlhf_jax.infer.sampling import SamplingParams, filter_logits, make_generate_fn, sample_logits
 
 V = 97
 PAD = 0

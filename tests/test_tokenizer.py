@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 import yaml
 
-from rlhf_jax import tokenizer as tok_lib
-from rlhf_jax.tokenizer import SPECIAL_TOKENS, Tokenizer, TooLongError, train_tokenizer
+from rlhf_jax.text import tokenizer as tok_lib
+from rlhf_jax.text.tokenizer import SPECIAL_TOKENS, Tokenizer, TooLongError, train_tokenizer
 
 # Keep the model on one xdist worker so it is trained once.
 pytestmark = pytest.mark.xdist_group("tokenizer")

@@ -12,12 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import optim, sharding
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.core import optim, sharding
 from rlhf_jax.data.synthetic import SyntheticLMIterator
-from rlhf_jax.trainers import lm
-from rlhf_jax.trainers.loop import NonFiniteLossError
-from rlhf_jax.trainers.state import create_train_state
+from rlhf_jax.train import lm
+from rlhf_jax.train.loop import NonFiniteLossError
+from rlhf_jax.train.state import create_train_state
 from tests.helpers import flat_params, tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +237,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_loss_falls_on_a_learnable_stream(tmp_path):
   config = tiny_lm_config(steps=60, **{"optim.learning_rate": 3e-3})
   lm.train(config, str(tmp_path))
-  from rlhf_jax.metrics import read_metrics
+  from rlhf_jax.core.metrics import read_metrics
   losses = [m["train/loss"] for m in read_metrics(str(tmp_path))]
   # Uniform guessing over 125 real tokens is log(125) = 4.83 nats; the rule is learnable.
   assert losses[0] > 4.0 and losses[-1] < 0.5 * losses[0]

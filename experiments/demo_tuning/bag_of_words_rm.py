@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from rlhf_jax.data.builders import comparison_pairs  # noqa: E402
-from rlhf_jax.evaluate_rm import comparison_metrics, gold_scores  # noqa: E402
-from rlhf_jax.tokenizer import Tokenizer  # noqa: E402
-from rlhf_jax.trainers.rm_inputs import read_records  # noqa: E402
+from rlhf_jax.eval.reward_model import comparison_metrics, gold_scores  # noqa: E402
+from rlhf_jax.text.tokenizer import Tokenizer  # noqa: E402
+from rlhf_jax.data.rm_batches import read_records  # noqa: E402
 
 K = 4
 

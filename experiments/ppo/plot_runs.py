@@ -4,7 +4,7 @@ r"""Gold and proxy score against sqrt(KL) for PPO runs, per language (Gao et al.
       adaptive=workdirs/ppo_k8 beta0=workdirs/ppo_k8_beta0
 
 Reads each run's held-out evaluations (eval/<lang>/{gold,proxy,kl,win_rate} in metrics.jsonl,
-written every `eval.every` iterations by rlhf_jax/rl/evaluation.py), plots them, and prints a
+written every `eval.every` iterations by rlhf_jax/eval/ppo_periodic.py), plots them, and prints a
 Markdown table of every evaluation.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from rlhf_jax.metrics import read_metrics  # noqa: E402
+from rlhf_jax.core.metrics import read_metrics  # noqa: E402
 
 LANGS = ("en", "zh")
 

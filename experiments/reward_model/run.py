@@ -5,7 +5,7 @@ r"""Reward model on the bundled data, end to end, and the K-wise vs independent-
 Stages (each skipped when its output exists, so the command can be re-run):
   pretrain, sft    configs/pretrain.py, configs/sft.py at --size
   comparisons      K = 4 answers per prompt from the SFT model, gold-scored, graded by
-                   annotators at 72.6% agreement (python -m rlhf_jax.comparisons)
+                   annotators at 72.6% agreement (python -m rlhf_jax.recipe.comparisons)
   rm_kwise         configs/reward.py, loss kwise: B prompts x K answers per step
   rm_pairs         loss pairwise: the same comparisons as shuffled independent pairs, 2 answers
                    per element and B*K/2 elements per step, so a step costs the same compute
@@ -23,9 +23,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from rlhf_jax import config_util, launch  # noqa: E402
-from rlhf_jax.checkpoint import Checkpointer  # noqa: E402
-from rlhf_jax.metrics import read_metrics  # noqa: E402
+from rlhf_jax.config import util as config_util  # noqa: E402
+from rlhf_jax.core import launch
+from rlhf_jax.core.checkpoint import Checkpointer  # noqa: E402
+from rlhf_jax.core.metrics import read_metrics  # noqa: E402
 
 LANGS = ("en", "zh")
 
@@ -114,7 +115,7 @@ def corpus_answers(data_dir: str, per_lang: int, k: int, seed: int):
   answer and K-1 answers drawn from other dialogues of the language; Chinese dialogues are few,
   so Chinese also uses product reviews as prompts and as answers."""
   import numpy as np
-  from rlhf_jax.trainers.rm_inputs import read_records
+  from rlhf_jax.data.rm_batches import read_records
   rng = np.random.default_rng(seed)
   items = {lang: [] for lang in LANGS}
   for split in ("train", "validation", "test"):
@@ -202,8 +203,8 @@ def main(argv=None):
   data_dir = args.bundled_data_dir or ""
   tokenizer = args.tokenizer
   if not tokenizer:
-    from rlhf_jax import tokenizer as tok_lib
-    from rlhf_jax.trainers.inputs import tokenizer_corpus
+    from rlhf_jax.text import tokenizer as tok_lib
+    from rlhf_jax.train.inputs import tokenizer_corpus
     tokenizer = os.path.join(args.workdir, "tokenizer", "tokenizer.model")
     if not os.path.exists(tokenizer):
       os.makedirs(os.path.dirname(tokenizer), exist_ok=True)
@@ -215,13 +216,13 @@ def main(argv=None):
   name = "round0" if args.answers == "sft" else "corpus"
   info_path = os.path.join(cmp_dir, "rlhf_comparisons", name, "comparisons_info.json")
   if not os.path.exists(info_path) and args.answers == "sft":
-    from rlhf_jax import comparisons
+    from rlhf_jax.recipe import comparisons
     comparisons.main([f"--sft={sft}", f"--tokenizer={tokenizer}", f"--config={name}",
                       f"--data_dir={cmp_dir}", f"--prompts_data_dir={data_dir}",
                       f"--prompts_per_lang={args.prompts_per_lang}", f"--k={args.k}",
                       f"--max_new_tokens={args.max_new_tokens}", "--overwrite"])
   elif not os.path.exists(info_path):
-    from rlhf_jax import comparisons
+    from rlhf_jax.recipe import comparisons
     from rlhf_jax.data import builders
     prompts, answers, langs = corpus_answers(data_dir, args.prompts_per_lang, args.k, 0)
     records, info = comparisons.build_records(prompts, answers, langs, source="corpus")

@@ -342,10 +342,10 @@ def load_params(source, model_config: ModelConfig, mesh=None, rules=None, where:
   """{'embed': ..., 'layer_0': ...} arrays for `model_config` from a tensor source.
 
   With a mesh, each parameter is placed on the NamedSharding its logical axes map to under
-  `rules` (default: rlhf_jax.sharding's); without one, on the first local device.
+  `rules` (default: rlhf_jax.core.sharding's); without one, on the first local device.
   """
   import flax.linen as nn
-  from rlhf_jax import sharding as sharding_lib
+  from rlhf_jax.core import sharding as sharding_lib
   abstract = abstract_params(model_config)
   if mesh is None:
     single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

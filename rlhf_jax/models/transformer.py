@@ -1,7 +1,7 @@
 """A Llama-style decoder-only transformer in flax.linen.
 
 RMSNorm, rotary positions, SwiGLU, grouped-query attention, optional tied embeddings. Every
-parameter carries logical axis names (see `rlhf_jax.sharding`), so one model definition runs on
+parameter carries logical axis names (see `rlhf_jax.core.sharding`), so one model definition runs on
 one CPU or a TPU pod: the mesh and the axis rules in the config decide where each tensor lives.
 
 The model is a pure function of its params. One attention mask rule covers training, packing,

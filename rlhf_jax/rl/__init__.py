@@ -6,5 +6,5 @@
   ppo.py      the PPO step: experience (scores, KL, advantages) and the update (epochs x
               minibatches in one jit)
 
-The host loop that drives them is rlhf_jax/trainers/ppo.py.
+The host loop that drives them is rlhf_jax/rl/trainer.py.
 """

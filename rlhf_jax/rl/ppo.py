@@ -35,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import losses, reward
+from rlhf_jax.models import losses
+from rlhf_jax.infer import rm_scores as reward
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
-from rlhf_jax.rl.rollout import Rollout, answer_columns
-from rlhf_jax.trainers.state import apply_update_if
+from rlhf_jax.infer.rollout import Rollout, answer_columns
+from rlhf_jax.train.state import apply_update_if
 
 Array = jax.Array
 

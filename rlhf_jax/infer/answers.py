@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax.infer import sampling
 from rlhf_jax.models import ModelConfig, init_cache
 
 

@@ -4,7 +4,7 @@ Light on purpose: config files import it, so it needs ml_collections and config_
 """
 import ml_collections
 
-from rlhf_jax import config_util
+from rlhf_jax.config import util as config_util
 
 
 def preference_config(arg, trainer: str) -> ml_collections.ConfigDict:

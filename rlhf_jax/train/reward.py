@@ -12,7 +12,7 @@ batch element, which is also cheaper than a forward pass per pair). The loss is 
 
 `train_step` is pure, (state, batch) -> (state, metrics), jitted with explicit shardings; the
 host loop is the shared one of `trainers/loop.py`. After the last step the RM is normalised
-(see `rlhf_jax/reward.py`) and `normalization.json` is written next to the checkpoints.
+(see `rlhf_jax/infer/rm_scores.py`) and `normalization.json` is written next to the checkpoints.
 """
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import losses, optim, sharding
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.models import losses
+from rlhf_jax.core import optim, sharding
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models.heads import ScalarModel, last_token_value
-from rlhf_jax.trainers import inputs as inputs_lib
-from rlhf_jax.trainers import rm_inputs
-from rlhf_jax.trainers.loop import resume, run_train_loop
-from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, apply_update_if
+from rlhf_jax.train import inputs as inputs_lib
+from rlhf_jax.data import rm_batches as rm_inputs
+from rlhf_jax.train.loop import resume, run_train_loop
+from rlhf_jax.train.state import TrainState, create_train_state, param_count, apply_update_if
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
   if grad_accum == 1:
     (loss_sum, (count, scores)), grads = grad_fn(state.params, batch)
   else:
-    from rlhf_jax.trainers.lm import _split_microbatches
+    from rlhf_jax.train.lm import _split_microbatches
 
     def accumulate(carry, micro):
       (loss_sum, (count, scores)), grads = grad_fn(state.params, micro)
@@ -230,7 +231,7 @@ class HeldOut:
   the current params (one jitted forward pass per batch) and computes eval/rm/* metrics."""
 
   def __init__(self, config, tokenizer, model, mesh, rules, param_shardings):
-    from rlhf_jax import evaluate_rm
+    from rlhf_jax.eval import reward_model as evaluate_rm
     self.config, self.mesh, self.rules = config, mesh, rules
     data = config.data
     self.records = rm_inputs.read_records(data.name, config.eval.split, data.data_dir or None,
@@ -251,7 +252,7 @@ class HeldOut:
     log.info("held-out: %d comparisons of %s[%s]", n, data.name, config.eval.split)
 
   def evaluate(self, params) -> dict[str, float]:
-    from rlhf_jax import evaluate_rm
+    from rlhf_jax.eval import reward_model as evaluate_rm
     p, count = jax.process_index(), jax.process_count()
     local = self.batch_size // count
     scores = []
@@ -306,8 +307,8 @@ def normalization_sample(config, records: list[dict], rng_seed: int) -> tuple[li
 
 def run_normalization(config, workdir, params, model_config, tokenizer, mesh, rules) -> dict:
   """Fits gain and bias on the sample, writes normalization.json (+ the sample, for audits)."""
-  from rlhf_jax import respond
-  from rlhf_jax import reward as reward_lib
+  from rlhf_jax.infer import answers as respond
+  from rlhf_jax.infer import rm_scores as reward_lib
   cfg = config.normalize
   records = rm_inputs.read_records(config.data.name, config.data.split,
                                    config.data.data_dir or None)
@@ -455,7 +456,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 stats["skipped_no_pairs"], stats["identical_pairs"])
   final_state = box.get("state", state)
   finished = int(final_state.step) == total_steps and "preempted_at" not in last
-  from rlhf_jax.reward import NORMALIZATION_FILE
+  from rlhf_jax.infer.rm_scores import NORMALIZATION_FILE
   already = start == total_steps and os.path.exists(os.path.join(workdir, NORMALIZATION_FILE))
   if finished and config.normalize.enabled and not already:
     # Outside the logical-rules scope: restoring the policy unboxes abstract params there.

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import sampling
+from rlhf_jax.infer import sampling
 from rlhf_jax.models.transformer import ModelConfig, positions_from_mask
 
 Array = jax.Array

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import labelers
-from rlhf_jax.rl import prompts as prompts_lib
+from rlhf_jax.data import prompts as prompts_lib
 
 
 def win_rate(scores: np.ndarray, baseline: np.ndarray) -> float:

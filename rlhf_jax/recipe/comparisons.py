@@ -6,7 +6,7 @@ calibrated so two of them agree as often as people do (72.6%) grade each answer 
 or poor (rlhf_jax/data/annotators.py). The records go to `rlhf_comparisons/<config>`, which the
 reward config reads (`data=rlhf_comparisons/<config>`).
 
-  python -m rlhf_jax.comparisons --sft=W/sft --config=round0 --data_dir=W/tfds \
+  python -m rlhf_jax.recipe.comparisons --sft=W/sft --config=round0 --data_dir=W/tfds \
       --prompts_per_lang=1000 --k=4
 
 Prompts come from rlhf_prompts; since splits are a hash of the prompt, a training prompt's
@@ -233,7 +233,7 @@ def sample_answers(params, model_config, tokenizer, prompts: Sequence[str], k: i
   import jax
   from tqdm.auto import tqdm
 
-  from rlhf_jax import respond
+  from rlhf_jax.infer import answers as respond
   rows = [p for p in prompts for _ in range(k)]
   key = jax.random.key(seed)
   flat: list[str] = []
@@ -250,8 +250,8 @@ def sample_answers(params, model_config, tokenizer, prompts: Sequence[str], k: i
 
 def load_policy(sft: str):
   """(params, ModelConfig, saved config) of an SFT run (its workdir or checkpoints dir)."""
-  from rlhf_jax import checkpoint as ckpt_lib
-  from rlhf_jax.reward import model_config_from_saved
+  from rlhf_jax.core import checkpoint as ckpt_lib
+  from rlhf_jax.infer.rm_scores import model_config_from_saved
   directory = sft if os.path.basename(os.path.normpath(sft)) == "checkpoints" else os.path.join(
       sft, "checkpoints")
   params = ckpt_lib.read_params(directory)
@@ -269,7 +269,7 @@ def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
                    ) -> tuple[list[str], list[str]]:
   """Up to per_lang prompts per language from rlhf_prompts (all splits: each keeps its split
   through the prompt hash), short enough to leave the answer room."""
-  from rlhf_jax.trainers.rm_inputs import read_records
+  from rlhf_jax.data.rm_batches import read_records
   records = []
   for split in splits:
     records.extend(read_records("rlhf_prompts", split, data_dir))
@@ -313,7 +313,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
 
-  from rlhf_jax.hf_tokenizer import load_any_tokenizer
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
   from rlhf_jax.data import builders
   params, model_config, saved = load_policy(args.sft)
   tok_path = args.tokenizer or saved["tokenizer"]["path"] or os.path.join(

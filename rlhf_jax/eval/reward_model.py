@@ -8,7 +8,7 @@ Calibration: for every labelled pair, in both orders, the RM's P(a beats b) = si
 against what was observed, in equal-width bins of predicted probability; `ece` is the
 bin-weighted mean |predicted - observed| (0 = perfectly calibrated).
 
-  python -m rlhf_jax.evaluate_rm --workdir=W/rm --data=rlhf_comparisons/round0 --split=test
+  python -m rlhf_jax.eval.reward_model --workdir=W/rm --data=rlhf_comparisons/round0 --split=test
 
 prints one JSON object and a Markdown table. `comparison_metrics` is the numpy core the RM
 trainer's periodic evaluation shares.
@@ -121,7 +121,7 @@ def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, label
 
 def gold_scores(records: Sequence[dict], max_answers: int, scorer: str = "gold") -> np.ndarray:
   """[N, max_answers] gold scores of each record's answers (NaN where no answer or language)."""
-  from rlhf_jax.comparisons import resolve_scorer
+  from rlhf_jax.recipe.comparisons import resolve_scorer
   score = resolve_scorer(scorer)
   out = np.full((len(records), max_answers), np.nan)
   by_lang: dict[str, list[tuple[int, int, str]]] = {}
@@ -144,8 +144,8 @@ def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *
   """Scores every answer of `records` with the RM (one device) and computes the metrics."""
   import jax
 
-  from rlhf_jax.reward import _jitted_score
-  from rlhf_jax.trainers.rm_inputs import STAT_KEYS, Encoder
+  from rlhf_jax.infer.rm_scores import _jitted_score
+  from rlhf_jax.data.rm_batches import STAT_KEYS, Encoder
   encoder = Encoder(tokenizer, seq_len=seq_len, max_answers=max_answers)
   fn = _jitted_score(model_config)
   parts = []
@@ -196,10 +196,10 @@ def main(argv=None):
 
   import os
 
-  from rlhf_jax import checkpoint as ckpt_lib
-  from rlhf_jax.hf_tokenizer import load_any_tokenizer
-  from rlhf_jax.reward import load_reward_model
-  from rlhf_jax.trainers.rm_inputs import read_records
+  from rlhf_jax.core import checkpoint as ckpt_lib
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+  from rlhf_jax.infer.rm_scores import load_reward_model
+  from rlhf_jax.data.rm_batches import read_records
   model_config, params, _, _ = load_reward_model(args.workdir, require_normalization=False)
   ckpt = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=None,
                                async_save=False)

@@ -20,12 +20,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import losses, optim, sharding
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.models import losses
+from rlhf_jax.core import optim, sharding
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.trainers import inputs as inputs_lib
-from rlhf_jax.trainers.loop import resume, run_train_loop
-from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, apply_update_if
+from rlhf_jax.train import inputs as inputs_lib
+from rlhf_jax.train.loop import resume, run_train_loop
+from rlhf_jax.train.state import TrainState, create_train_state, param_count, apply_update_if
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.core import sharding as sharding_lib
 from rlhf_jax.models.transformer import ModelConfig
 
 GiB = 1 << 30

@@ -84,7 +84,7 @@ def run_train_loop(config, workdir: str, state, step_fn, data_iter, ckpt, make_b
   late, so no step waits for the previous one. Returns the last logged metrics.
   """
   import time
-  from rlhf_jax.metrics import MetricWriter
+  from rlhf_jax.core.metrics import MetricWriter
   writer = MetricWriter(workdir)
   preemption = Preemption()
   config_json = config.to_dict()

@@ -33,7 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from rlhf_jax.reward import encode_answer
+from rlhf_jax.infer.rm_scores import encode_answer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 r"""The report of a pipeline run: W/report.md with PNG plots in W/plots/, from what stages wrote.
 
-  python -m rlhf_jax.report --workdir=W
+  python -m rlhf_jax.eval.report --workdir=W
 
 Read from the workdir: summary.json (stage times and lines, where each stage lives, the config,
 the machine), each stage's metrics.jsonl, comparisons/info.json and evaluate/results.json. A
@@ -69,7 +69,7 @@ def _read_json(path: str):
 
 def _metrics(stage_dir: str | None) -> list[dict]:
   """metrics.jsonl of a stage, one record per step (a resumed run's repeated steps: the last)."""
-  from rlhf_jax.metrics import read_metrics
+  from rlhf_jax.core.metrics import read_metrics
   if not stage_dir:
     return []
   by_step: dict = {}

@@ -46,15 +46,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import logprobs as logprobs_lib
-from rlhf_jax import losses, optim, sharding
-from rlhf_jax.trainers import inputs as inputs_lib
-from rlhf_jax.trainers import lm as lm_trainer
-from rlhf_jax.trainers import preference_inputs as pref_inputs
-from rlhf_jax.trainers import rm_inputs
-from rlhf_jax.trainers.loop import resume, run_train_loop
-from rlhf_jax.trainers.state import TrainState, create_train_state, param_count, apply_update_if
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.infer import logprobs as logprobs_lib
+from rlhf_jax.models import losses
+from rlhf_jax.core import optim, sharding
+from rlhf_jax.train import inputs as inputs_lib
+from rlhf_jax.train import lm as lm_trainer
+from rlhf_jax.data import preference_batches as pref_inputs
+from rlhf_jax.data import rm_batches as rm_inputs
+from rlhf_jax.train.loop import resume, run_train_loop
+from rlhf_jax.train.state import TrainState, create_train_state, param_count, apply_update_if
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ class HeldOut:
 
   def logprobs(self, params) -> np.ndarray:
     """float64 [M, K] log π of every held-out answer under `params`."""
-    from rlhf_jax.rl.evaluation import to_host
+    from rlhf_jax.eval.ppo_periodic import to_host
     p, count = jax.process_index(), jax.process_count()
     local = self.batch_size // count
     outs = []
@@ -500,7 +501,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if held_out is not None:
       initial = held_out.evaluate(reference, reference)  # the policy starts as the reference
       log.info("held-out before training: %s", _brief(initial))
-    from rlhf_jax.metrics import MetricWriter
+    from rlhf_jax.core.metrics import MetricWriter
     writer = MetricWriter(workdir)
     writer.write(0, {**initial, **settings_metrics(objective)})
     writer.close()

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rlhf_jax.data import labelers
-from rlhf_jax.rl.evaluation import win_rate
+from rlhf_jax.eval.ppo_periodic import win_rate
 
 BASELINE = "sft"
 
@@ -23,7 +23,7 @@ def held_out_prompts(tokenizer, langs: Sequence[str], n: int, *, data_dir: str |
                      max_prompt_len: int, split: str = "validation") -> dict[str, list[str]]:
   """The first n prompts per language of rlhf_prompts[split] whose rendering fits."""
   from rlhf_jax.data import pipeline
-  from rlhf_jax.rl import prompts as prompts_lib
+  from rlhf_jax.data import prompts as prompts_lib
   records = prompts_lib.read_records(pipeline.load_source("rlhf_prompts", split, data_dir))
   out = {lang: prompts_lib.eval_prompts(records, tokenizer, lang, n, max_prompt_len)
          for lang in langs}
@@ -40,8 +40,8 @@ def sample_policy(policy_dir: str, tokenizer, prompts: Mapping[str, Sequence[str
   only, never on the policy."""
   import jax
 
-  from rlhf_jax import respond
-  from rlhf_jax.comparisons import load_policy
+  from rlhf_jax.infer import answers as respond
+  from rlhf_jax.recipe.comparisons import load_policy
   params, model_config, _ = load_policy(policy_dir)
   key = jax.random.key(seed)
   return {lang: respond.answer(params, model_config, tokenizer, list(ps),
@@ -89,7 +89,7 @@ def evaluate_policies(policies: Mapping[str, str], tokenizer_path: str, langs: S
   """{policy name: run dir} -> `compare`'s results, plus the prompts and settings used."""
   from tqdm.auto import tqdm
 
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.text import tokenizer as tok_lib
   tokenizer = tok_lib.Tokenizer.load(tokenizer_path)
   prompts = held_out_prompts(tokenizer, langs, prompts_per_lang, data_dir=data_dir,
                              max_prompt_len=max_prompt_len)

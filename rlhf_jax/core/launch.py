@@ -5,14 +5,14 @@ Free of command-line flags, so the CLI (main.py), the demo and tests all call `r
 import importlib
 import logging
 
-log = logging.getLogger("rlhf_jax.launch")
+log = logging.getLogger("rlhf_jax.core.launch")
 
 TRAINERS = {
-    "dpo": "rlhf_jax.trainers.preference",
-    "kto": "rlhf_jax.trainers.preference",
-    "lm": "rlhf_jax.trainers.lm",
-    "ppo": "rlhf_jax.trainers.ppo",
-    "reward": "rlhf_jax.trainers.reward",
+    "dpo": "rlhf_jax.train.preference",
+    "kto": "rlhf_jax.train.preference",
+    "lm": "rlhf_jax.train.lm",
+    "ppo": "rlhf_jax.rl.trainer",
+    "reward": "rlhf_jax.train.reward",
 }
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import sharding
+from rlhf_jax.core import sharding
 
 
 @flax.struct.dataclass

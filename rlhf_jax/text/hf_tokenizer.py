@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from rlhf_jax.tokenizer import TooLongError, _check_length, _check_messages  # noqa: F401
+from rlhf_jax.text.tokenizer import TooLongError, _check_length, _check_messages  # noqa: F401
 
 _PAD = "\u2003"  # an em space: whitespace a `trim` removes, never written by a template
 _MARK = re.compile(f"({_PAD}?)\ue000(\\d+)\ue001({_PAD}?)")
@@ -343,7 +343,7 @@ def load_any_tokenizer(path: str, vocab_size: Optional[int] = None):
   file or a preset name (`smollm2_135m`). Every place that opens a run's tokenizer goes through
   here, so each stage works with either kind."""
   if path.endswith(".model"):
-    from rlhf_jax.tokenizer import Tokenizer
+    from rlhf_jax.text.tokenizer import Tokenizer
     return Tokenizer.load(path)
   from rlhf_jax.models import pretrained
   return HFTokenizer.load(pretrained.resolve(path), vocab_size)

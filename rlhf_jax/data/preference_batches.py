@@ -1,7 +1,7 @@
 """Batches for preference fine-tuning: liked / disliked answers (KTO) and answer pairs (DPO).
 
 A batch element is one prompt with K answers (K = 1 for KTO, K = 2 = (chosen, rejected) for
-DPO), each a row in the layout of rlhf_jax/logprobs.py (left-padded prompt in P columns,
+DPO), each a row in the layout of rlhf_jax/infer/logprobs.py (left-padded prompt in P columns,
 right-padded answer in N):
 
   tokens, positions, segment_ids  [B, K, P + N] int32
@@ -29,8 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlhf_jax.logprobs import encode_prompt_answer, layout_rows
-from rlhf_jax.trainers import rm_inputs
+from rlhf_jax.infer.logprobs import encode_prompt_answer, layout_rows
+from rlhf_jax.data import rm_batches as rm_inputs
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The model people chat with: which checkpoint, its shape, its tokenizer, and generation.
 
-Shared by the terminal chat (`rlhf_jax.chat`) and the web server (`rlhf_jax.serve`), so both
+Shared by the terminal chat (`rlhf_jax.chat.terminal`) and the web server (`rlhf_jax.chat.server`), so both
 answer with the same model for the same flags. `load_chat_model(workdir, checkpoint)` accepts:
 
   a run directory   holding `checkpoints/` (orbax) -- SFT, PPO, KTO, DPO or a pretraining run;
@@ -72,8 +72,8 @@ class ChatModel:
 
   def stream(self, messages) -> Iterator[str]:
     """The answer to a conversation ([{role, content}], ending with a user turn), as text
-    increments (rlhf_jax.respond.stream_answer)."""
-    from rlhf_jax import respond
+    increments (rlhf_jax.infer.answers.stream_answer)."""
+    from rlhf_jax.infer import answers as respond
     g = self.generation
     # A long answer budget still leaves half the context to the conversation.
     max_new_tokens = min(g.max_new_tokens, self.model_config.max_len // 2)
@@ -106,7 +106,7 @@ def checkpoints_dir(path: str) -> Optional[str]:
 
 
 def _checkpointer(directory: str):
-  from rlhf_jax.checkpoint import Checkpointer
+  from rlhf_jax.core.checkpoint import Checkpointer
   return Checkpointer(directory, max_to_keep=None, async_save=False)
 
 
@@ -188,9 +188,9 @@ def _model_config(params, lineage, where: str):
   """The first ModelConfig of the lineage whose parameter shapes are the checkpoint's."""
   import flax.linen as nn
   import jax
-  from rlhf_jax.checkpoint import check_shapes
+  from rlhf_jax.core.checkpoint import check_shapes
   from rlhf_jax.models import hf_import
-  from rlhf_jax.reward import model_config_from_saved
+  from rlhf_jax.infer.rm_scores import model_config_from_saved
   if "embed" not in params:
     raise ValueError(f"{where} holds params {sorted(params)}, not a language model's (a reward "
                      "model cannot chat): pass a policy run (SFT, PPO, KTO, DPO)")
@@ -213,7 +213,7 @@ def _model_config(params, lineage, where: str):
 
 def _tokenizer(lineage, vocab_size: int, where: str):
   """The tokenizer of the first run of the lineage that names or holds one."""
-  from rlhf_jax.hf_tokenizer import load_any_tokenizer
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
   from rlhf_jax.models import pretrained
   tried = []
   for run, config in lineage:
@@ -242,7 +242,7 @@ def _tokenizer(lineage, vocab_size: int, where: str):
 def load_run(run: str, step: Optional[int] = None,
              generation: Optional[Generation] = None) -> ChatModel:
   """A ChatModel from a run directory (or its checkpoints/ directory)."""
-  from rlhf_jax.checkpoint import read_params
+  from rlhf_jax.core.checkpoint import read_params
   directory = checkpoints_dir(run)
   if directory is None:
     raise FileNotFoundError(f"{run} holds no orbax checkpoint (no checkpoints/<step>/)")
@@ -261,7 +261,7 @@ def load_run(run: str, step: Optional[int] = None,
 
 def load_pretrained(path: str, generation: Optional[Generation] = None) -> ChatModel:
   """A ChatModel from a Hugging Face directory, a .gguf file or a preset name."""
-  from rlhf_jax.hf_tokenizer import HFTokenizer
+  from rlhf_jax.text.hf_tokenizer import HFTokenizer
   from rlhf_jax.models import hf_import, pretrained
   source = pretrained.resolve(path)
   model_config, params = hf_import.load_pretrained(source)

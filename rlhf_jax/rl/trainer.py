@@ -31,16 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import optim, sharding
-from rlhf_jax.metrics import MetricWriter
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.core import optim, sharding
+from rlhf_jax.core.metrics import MetricWriter
 from rlhf_jax.models import ModelConfig, ScalarModel, Transformer
-from rlhf_jax.rl import evaluation, kl, ppo
-from rlhf_jax.rl import prompts as prompts_lib
-from rlhf_jax.rl.rollout import make_rollout_fn
-from rlhf_jax.sampling import SamplingParams
-from rlhf_jax.trainers import inputs as inputs_lib
-from rlhf_jax.trainers.loop import NonFiniteLossError, Preemption, progress
+from rlhf_jax.eval import ppo_periodic as evaluation
+from rlhf_jax.rl import kl, ppo
+from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.infer.rollout import make_rollout_fn
+from rlhf_jax.infer.sampling import SamplingParams
+from rlhf_jax.train import inputs as inputs_lib
+from rlhf_jax.train.loop import NonFiniteLossError, Preemption, progress
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _checkpoint_dir(workdir: str, what: str) -> str:
 def read_checkpoint_model(directory: str, kind: str, numerics) -> ModelConfig:
   """The ModelConfig a checkpoint was trained with (its vocabulary read off the embedding),
   with this run's compute dtype and remat. Reads metadata only: nothing is loaded."""
-  from rlhf_jax.reward import model_config_from_saved
+  from rlhf_jax.infer.rm_scores import model_config_from_saved
   ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
   try:
     step = ckpt.latest_step()
@@ -124,7 +125,7 @@ def check_vocab(what: str, where: str, vocab: int, tokenizer) -> None:
 
 def load_tokenizer(config, workdir: str):
   """config.tokenizer.path, else the SFT run's tokenizer, else one trained into the workdir."""
-  from rlhf_jax.hf_tokenizer import load_any_tokenizer
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
   if config.tokenizer.path:
     return load_any_tokenizer(config.tokenizer.path)
   if config.sft_dir:
@@ -160,7 +161,7 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
 
   gain, bias = 1.0, 0.0
   if config.rm_dir:
-    from rlhf_jax.reward import read_normalization
+    from rlhf_jax.infer.rm_scores import read_normalization
     rm_ckpt = _checkpoint_dir(config.rm_dir, "reward model")
     reward = read_checkpoint_model(rm_ckpt, "reward model", config.model)
     check_vocab("reward model", rm_ckpt, reward.vocab_size, tokenizer)

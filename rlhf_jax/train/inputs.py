@@ -33,10 +33,10 @@ def load_tokenizer(config, workdir: str):
     return None, config.model.vocab_size
   if config.tokenizer.path and not config.tokenizer.path.endswith(".model"):
     # An imported model's own tokenizer: an HF directory, a .gguf file or a preset name.
-    from rlhf_jax.hf_tokenizer import load_any_tokenizer
+    from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
     tokenizer = load_any_tokenizer(config.tokenizer.path, config.model.vocab_size)
     return tokenizer, tokenizer.vocab_size
-  from rlhf_jax import tokenizer as tok_lib
+  from rlhf_jax.text import tokenizer as tok_lib
   path = tokenizer_path(config, workdir)
   if not config.tokenizer.path and not os.path.exists(path):
     if jax.process_index() == 0:

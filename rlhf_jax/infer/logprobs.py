@@ -1,6 +1,6 @@
 """log π(answer | prompt) of whole answers: what DPO and KTO compare between policy and reference.
 
-Rows use the rollout layout (rlhf_jax/rl/rollout.py): a left-padded prompt in P columns, then a
+Rows use the rollout layout (rlhf_jax/infer/rollout.py): a left-padded prompt in P columns, then a
 right-padded answer in N columns,
 
     tokens       pad <s> <|user|> ... <|assistant|> | a0 a1 ... <|end|> pad
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.losses import token_logprobs
+from rlhf_jax.models.losses import token_logprobs
 from rlhf_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
-from rlhf_jax.rl.rollout import answer_columns
+from rlhf_jax.infer.rollout import answer_columns
 
 Array = jax.Array
 

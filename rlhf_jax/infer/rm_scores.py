@@ -101,7 +101,7 @@ def load_reward_model(workdir: str, *, require_normalization: bool = True, step=
 
   Reads `<workdir>/checkpoints` (the latest step unless `step`) and `normalization.json`.
   """
-  from rlhf_jax import checkpoint as ckpt_lib
+  from rlhf_jax.core import checkpoint as ckpt_lib
   directory = os.path.join(workdir, "checkpoints")
   params = ckpt_lib.read_params(directory, step=step)
   if set(params) != {"trunk", "head"}:

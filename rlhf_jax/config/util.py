@@ -148,7 +148,7 @@ def pretrained_model_section(model: str, path: str = "", dtype: str = "float32")
 
 
 def _default_rules():
-  from rlhf_jax.sharding import DEFAULT_AXIS_RULES
+  from rlhf_jax.core.sharding import DEFAULT_AXIS_RULES
   return DEFAULT_AXIS_RULES
 
 

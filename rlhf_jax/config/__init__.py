@@ -1,0 +1,1 @@
+"""Config helpers: `get_config(arg)` parsing, size presets, sections that compose."""

@@ -1,0 +1,1 @@
+"""The run's plumbing: checkpoints, sharding, optimisers, metrics, languages, launch."""

@@ -1,0 +1,1 @@
+"""Text from params: sampling, answers to prompts, rollouts, log-probs, RM scores."""

@@ -1,0 +1,1 @@
+"""Tokenizers (sentencepiece, Hugging Face) and chat templates with their loss masks."""

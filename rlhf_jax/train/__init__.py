@@ -1,0 +1,1 @@
+"""The host loop every trainer shares, the train state, and the supervised steps."""

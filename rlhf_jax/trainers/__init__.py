@@ -1,1 +1,0 @@
-"""Trainers: host loops over pure, jitted steps. `lm` covers pretraining and SFT."""
