@@ -11,7 +11,10 @@ kto.py, dpo.py), so every field of a stage can be overridden as `--config.<stage
 paths between stages (tokenizer.path, init_from, sft_dir, rm_dir, the comparisons' data_dir)
 are filled in by the pipeline when it runs a stage; whatever a section holds there is ignored.
 The model's shape is the pretrain section's `model`: later stages take its shape fields from
-there (their own dtype and remat stay theirs).
+there (their own dtype and remat stay theirs). A field that repeats another follows it when it
+is overridden: evaluate.max_new_tokens and ppo.eval.max_new_tokens are ppo.sampling's,
+rm.eval.max_comparisons is 2 x comparisons.heldout_per_lang (every held-out comparison), each
+section's model.vocab_size its tokenizer.vocab_size; overriding the copy itself changes it alone.
 
 Arguments: size (tiny | small | ...), smoke (a few steps per stage and a handful of prompts:
 tests and notebooks), and the step counts pretrain_steps, sft_steps, ppo_steps, kto_steps,
@@ -106,7 +109,8 @@ def get_config(arg=None):
     # the rest of the way. Ending on the average of about the last 330 steps (decay 0.997):
     # Chinese 0.752 -> 0.766, English 0.817 -> 0.815 (means of five seeds, section 8).
     config.rm.optim.ema_decay = 0.997
-  config.rm.eval.max_comparisons = 2 * config.comparisons.heldout_per_lang  # all held out
+  # Every held-out comparison (two languages), however many heldout_per_lang gives.
+  config.rm.eval.max_comparisons = config.comparisons.get_oneway_ref("heldout_per_lang") * 2
   config.ppo = _stage("ppo", f"size={arg.size},lang=both,steps={ppo_steps}")
   # A few held-out evaluations along the run: the gold / proxy vs sqrt(KL) curve of the report.
   config.ppo.eval.every = max(ppo_steps // 5, 1)
@@ -127,7 +131,8 @@ def get_config(arg=None):
 
   config.evaluate = ml_collections.ConfigDict(dict(
       prompts_per_lang=8 if arg.smoke else 128,  # held-out: the validation split of rlhf_prompts
-      max_new_tokens=config.ppo.sampling.max_new_tokens,
+      # as long as PPO's answers in training, however ppo.sampling.max_new_tokens is set
+      max_new_tokens=config.ppo.sampling.get_oneway_ref("max_new_tokens"),
       temperature=1.0, top_p=1.0,  # as the policies were trained to sample
       seed=1234,  # one sampling key for every policy
       samples_per_lang=4))  # answers shown side by side in the report
@@ -142,7 +147,6 @@ def _shrink(config) -> None:
   for section in (config.pretrain, config.sft, config.rm, config.kto, config.dpo):
     section.data.batch_size = 8
     section.train.log_every = 1
-  config.rm.eval.max_comparisons = 16
   config.rm.normalize.num_prompts = 8
   config.rm.normalize.batch_size = 8
   config.dpo.eval.max_examples = 16

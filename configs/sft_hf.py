@@ -16,8 +16,7 @@ Arguments:
           a randomly initialised model of that size with the sentencepiece tokenizer, exactly as
           configs/sft.py (the config tests run every config file that way).
 """
-import ml_collections
-
+from rlhf_jax.config import sections
 from rlhf_jax.config import util as config_util
 from rlhf_jax.models import pretrained
 
@@ -26,25 +25,21 @@ def get_config(arg=None):
   arg = config_util.parse_arg(arg, model="smollm2_135m", path="", size="", mesh="cpu",
                               dtype="float32", steps=100, batch=16, seq_len=256,
                               data="rlhf_dialogues")
-  base = ml_collections.ConfigDict(dict(arg.to_dict(), size=arg.size or "small"))
-  config = config_util.base_lm_config(base)
-  config.stage = "sft"
-  config.data.name = arg.data
-  config.init_from = ""
-  config.optim.warmup_steps = max(arg.steps // 20, 1)
   if arg.mesh not in pretrained.MESH_PRESETS:
     raise ValueError(f"unknown mesh preset {arg.mesh!r}; known: {sorted(pretrained.MESH_PRESETS)}")
-  config.mesh = config_util.mesh_section(**pretrained.MESH_PRESETS[arg.mesh])
+  # An imported model keeps the small preset's sentencepiece fields; its tokenizer is its own.
+  config = sections.run_config("lm", "sft", arg.size or "small")
+  config.mesh = sections.mesh_section(**pretrained.MESH_PRESETS[arg.mesh])
+  config.init_from = ""
   if arg.size:  # a random model of a named size: configs/sft.py's set-up
-    config.optim.learning_rate = 1e-3 if arg.size in ("tiny", "small") else 2e-5
-    return config
-
-  config.model, source = config_util.pretrained_model_section(arg.model, arg.path, arg.dtype)
-  config.tokenizer.path = source  # the model's own tokenizer (HF dir or GGUF)
-  config.tokenizer.vocab_size = config.model.vocab_size
-  config.init_from = source
-  config.data.batch_size = arg.batch
-  config.data.seq_len = min(arg.seq_len, config.model.max_len)
-  config.optim.learning_rate = 2e-5
-  config.optim.weight_decay = 0.0
+    batch = sections.batch_for(arg.size, arg.batch)
+    learning_rate, weight_decay = (1e-3 if arg.size in ("tiny", "small") else 2e-5), 0.1
+  else:  # the model's own shape, weights and tokenizer (HF dir or GGUF)
+    config.init_from = sections.use_pretrained_model(config, arg.model, arg.path, arg.dtype)
+    batch, learning_rate, weight_decay = arg.batch, 2e-5, 0.0
+  config.data = sections.text_data_section(arg.data, batch,
+                                           min(arg.seq_len, config.model.max_len))
+  config.optim = sections.optim_section(learning_rate=learning_rate, weight_decay=weight_decay,
+                                        warmup_steps=max(arg.steps // 20, 1))
+  config.train = sections.train_section(arg.steps)
   return config
