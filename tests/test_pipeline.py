@@ -292,6 +292,29 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(tiny_pipeline_workdir,
     width, height = _png_size(os.path.join(w, "plots", name))
     assert width > 200 and height > 100, name
     assert f"plots/{name}" in text
+  _assert_verdicts_open_the_report(results, text, w)
+
+
+def _assert_verdicts_open_the_report(results: dict, text: str, w: str):
+  """Every policy but SFT has a verdict per language (greedy diversity included), and the
+  report opens with them: the verdict table is its first table, before the raw win rates."""
+  assert "sft" not in results["verdicts"]
+  for p in results["policies"]:
+    for lang in ("en", "zh"):
+      d = results["diagnostics"][p][lang]
+      assert 0 < d["greedy_distinct"] <= 1 and 0 < d["unique_answers"] <= 1
+      assert d["gold_win"] == results["metrics"][p][lang]["win_rate"]
+  assert text.index("|") == text.index("| policy | language | verdict |")
+  assert text.index("## Verdicts") < text.index("## Stages") < text.index("Win rate under")
+  rows = {tuple(line.split("|")[1:3]): line.split("|")[3].strip() for line in
+          text[text.index("| policy | language | verdict |"):].split("\n\n")[0].splitlines()[2:]}
+  assert len(rows) == len(results["policies"]) * 2
+  for p in results["policies"][1:]:
+    for lang in ("en", "zh"):
+      verdict = results["verdicts"][p]["langs"][lang]["verdict"]
+      assert verdict in ("collapsed", "hacked", "improved", "no change", "worse")
+      assert rows[(f" {p.upper()} ", f" {lang} ")] == f"**{verdict}**"
+  assert os.path.exists(os.path.join(w, "plots", "win_rates_gold_vs_check.png"))
 
 
 @pytest.mark.slow

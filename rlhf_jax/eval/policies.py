@@ -5,15 +5,22 @@ stage trains on) with the same sampling key, so two policies' answers to a promp
 by the policy. The gold scorer (rlhf_jax/data/labelers.py) stands in for people; win rate is
 P(policy's answer scores higher than SFT's to the same prompt), a tie counting half, so SFT
 against itself is exactly 0.5.
+
+A win rate alone cannot say whether a policy got better or found a trick (a collapsed policy
+answering "Haha haha" to everything beats SFT under VADER), so each comparison also carries
+the diagnostics of eval/diagnostics.py -- diversity, greedy diversity, script consistency, the
+check scorer's win rate, prompt sensitivity -- and a verdict per policy and language.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from rlhf_jax.data import labelers
+from rlhf_jax.eval import diagnostics as diag
 from rlhf_jax.eval.ppo_periodic import win_rate
 
 BASELINE = "sft"
@@ -35,35 +42,47 @@ def held_out_prompts(tokenizer, langs: Sequence[str], n: int, *, data_dir: str |
 
 
 def sample_policy(policy_dir: str, tokenizer, prompts: Mapping[str, Sequence[str]], *, seed: int,
-                  max_new_tokens: int, temperature: float, top_p: float) -> dict[str, list[str]]:
+                  max_new_tokens: int, temperature: float, top_p: float,
+                  greedy: bool = False) -> dict[str, list[str]] | tuple[dict, dict]:
   """{lang: answers} of the policy trained in policy_dir; the key depends on the language
-  only, never on the policy."""
+  only, never on the policy. With greedy=True, ({lang: sampled answers}, {lang: greedy
+  (temperature 0, argmax) answers}) from one load of the checkpoint."""
   import jax
 
   from rlhf_jax.infer import answers as respond
-  from rlhf_jax.recipe.comparisons import load_policy
-  params, model_config, _ = load_policy(policy_dir)
+  from rlhf_jax.core import run_folder
+  params, model_config = run_folder.load_policy(policy_dir)
   key = jax.random.key(seed)
-  return {lang: respond.answer(params, model_config, tokenizer, list(ps),
-                               rng=jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p)
-          for i, (lang, ps) in enumerate(prompts.items())}
+
+  def run(argmax: bool) -> dict[str, list[str]]:
+    return {lang: respond.answer(params, model_config, tokenizer, list(ps),
+                                 rng=jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, greedy=argmax)
+            for i, (lang, ps) in enumerate(prompts.items())}
+
+  return (run(False), run(True)) if greedy else run(False)
 
 
 def compare(answers: Mapping[str, Mapping[str, Sequence[str]]],
             prompts: Mapping[str, Sequence[str]], *, samples_per_lang: int = 4,
-            scorer: str = "gold") -> dict:
+            scorer: str = "gold", check_scorer: str = "check",
+            greedy: Mapping[str, Mapping[str, Sequence[str]]] | None = None) -> dict:
   """Scores {policy: {lang: answers}} and compares each policy with the baseline (SFT).
 
   Returns {"policies", "langs", "metrics": {policy: {lang: {gold, gold_std, win_rate,
   answer_length, n}}}, "samples": {lang: [{prompt, answers: {policy: text}, gold: {policy:
-  score}}]}}.
+  score}}]}, "diagnostics": {policy: {lang: ...}}, "verdicts": {policy: {line, langs: {lang:
+  {verdict, reason}}}}, "verdict_thresholds"}: diagnostics and verdicts as in
+  eval/diagnostics.py, the second opinion given by `check_scorer`; greedy: {policy: {lang:
+  temperature-0 answers}}, or None (then no greedy diversity, and no collapse judged by it).
   """
   if BASELINE not in answers:
     raise ValueError(f"the baseline policy {BASELINE!r} is missing (got {sorted(answers)})")
   langs = list(prompts)
   gold = {name: {lang: labelers.score(list(by_lang[lang]), lang, scorer) for lang in langs}
           for name, by_lang in answers.items()}
+  check = {name: {lang: labelers.score(list(by_lang[lang]), lang, check_scorer)
+                  for lang in langs} for name, by_lang in answers.items()}
   metrics: dict = {}
   for name in answers:
     metrics[name] = {}
@@ -79,28 +98,39 @@ def compare(answers: Mapping[str, Mapping[str, Sequence[str]]],
                      "gold": {name: float(gold[name][lang][i]) for name in answers}}
                     for i in range(min(samples_per_lang, len(prompts[lang])))]
              for lang in langs}
-  return {"policies": list(answers), "langs": langs, "metrics": metrics, "samples": samples}
+  diagnostics, verdicts = diag.diagnose(answers, prompts, gold, check, baseline=BASELINE,
+                                        greedy=greedy)
+  return {"policies": list(answers), "langs": langs, "metrics": metrics, "samples": samples,
+          "diagnostics": diagnostics, "verdicts": verdicts,
+          "verdict_thresholds": dataclasses.asdict(diag.THRESHOLDS)}
 
 
 def evaluate_policies(policies: Mapping[str, str], tokenizer_path: str, langs: Sequence[str], *,
                       data_dir: str | None, prompts_per_lang: int, max_prompt_len: int,
                       max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                      samples_per_lang: int = 4) -> dict:
-  """{policy name: run dir} -> `compare`'s results, plus the prompts and settings used."""
+                      samples_per_lang: int = 4, greedy: bool = True) -> dict:
+  """{policy name: run dir} -> `compare`'s results, plus the prompts and settings used.
+
+  greedy: also answer every prompt by greedy (temperature 0) decoding, for the greedy
+  diversity diagnostic (one more generation per policy and language).
+  """
   from tqdm.auto import tqdm
 
   from rlhf_jax.text import tokenizer as tok_lib
   tokenizer = tok_lib.Tokenizer.load(tokenizer_path)
   prompts = held_out_prompts(tokenizer, langs, prompts_per_lang, data_dir=data_dir,
                              max_prompt_len=max_prompt_len)
-  answers = {}
+  answers, greedy_answers = {}, {}
   for name in tqdm(list(policies), desc="evaluate", file=sys.stderr):
-    answers[name] = sample_policy(policies[name], tokenizer, prompts, seed=seed,
-                                  max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p)
-  results = compare(answers, prompts, samples_per_lang=samples_per_lang)
+    out = sample_policy(policies[name], tokenizer, prompts, seed=seed,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        greedy=greedy)
+    answers[name], greedy_answers[name] = out if greedy else (out, None)
+  results = compare(answers, prompts, samples_per_lang=samples_per_lang,
+                    greedy=greedy_answers if greedy else None)
   results["settings"] = {"prompts_per_lang": {lang: len(p) for lang, p in prompts.items()},
                          "split": "validation", "max_new_tokens": max_new_tokens,
                          "temperature": temperature, "top_p": top_p, "seed": seed,
-                         "scorer": "gold", "policies": dict(policies)}
+                         "scorer": "gold", "check_scorer": "check", "greedy": greedy,
+                         "policies": dict(policies)}
   return results
