@@ -5,6 +5,8 @@ Free of command-line flags, so the CLI (main.py), the demo and tests all call `r
 import importlib
 import logging
 
+from rlhf_jax.config import validate
+
 log = logging.getLogger("rlhf_jax.core.launch")
 
 TRAINERS = {
@@ -44,5 +46,6 @@ def setup_logging() -> None:
 def run(config, workdir: str) -> dict:
   if config.trainer not in TRAINERS:
     raise ValueError(f"unknown trainer {config.trainer!r}; known: {sorted(TRAINERS)}")
+  validate.validate_or_raise(config)  # every problem at once, before any work
   maybe_initialize_distributed(config.distributed)
   return importlib.import_module(TRAINERS[config.trainer]).train(config, workdir)

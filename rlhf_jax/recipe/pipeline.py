@@ -44,6 +44,8 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
+from rlhf_jax.config import overrides, validate
+
 log = logging.getLogger("rlhf_jax.recipe.pipeline")
 
 STAGES = ("tokenizer", "pretrain", "sft", "comparisons", "rm", "ppo", "kto", "dpo",
@@ -526,6 +528,7 @@ def run_pipeline(config, workdir: str, *, only=None, start=None, upstream=None) 
   resumes it.
   """
   local, redo, skip = plan(config, workdir, only, start, upstream)
+  validate.validate_or_raise(config, stages=local)  # every stage it runs, before the first
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()  # the stages' own bars say more
   os.makedirs(workdir, exist_ok=True)
@@ -598,4 +601,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("from", "", "Redo this stage and every later one.")
   flags.DEFINE_string("upstream", "", "A finished pipeline workdir to take the stages not run "
                                       "here from (needs --from or --only).")
-  app.run(main)
+  app.run(main, flags_parser=overrides.flags_parser("config", "configs/pipeline.py"))
