@@ -70,7 +70,7 @@ def unknown_field_message(config, path: str) -> str | None:
   if close:
     return f"unknown config field {path!r}; did you mean {' or '.join(close)}?"
   if not isinstance(node, ml_collections.ConfigDict):  # below a field: 'kl.coef.x'
-    return f"unknown config field {path!r}: {section} is a field, not a section"
+    return f"unknown config field {path!r}; {section} is a field, not a section"
   where = f"config.{section}" if section else "the config"
   return f"unknown config field {path!r}; {where} has {', '.join(sorted(node.keys()))}"
 
