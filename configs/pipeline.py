@@ -59,8 +59,29 @@ def get_config(arg=None):
   config.data_dir = ""  # the bundled TFDS datasets; '' = ~/.cache/rlhf_jax/tfds
   config.seed = 0
   config.skip = ""  # stages to leave out, of ppo, kto and dpo (e.g. 'kto,dpo')
+  config.tokenizer = _tokenizer_section(tiny)
 
-  config.tokenizer = ml_collections.ConfigDict(dict(
+  config.pretrain = _stage("pretrain", f"size={arg.size},steps={pretrain_steps}")
+  config.sft = _stage("sft", f"size={arg.size},steps={sft_steps}")
+  for section in (config.pretrain, config.sft):
+    section.data.batch_size = 32  # the stage files use 8 at tiny (tests); 4x the text here
+  config.comparisons = _comparisons_section(arg)
+  _add_reward_model(config, arg)
+  _add_ppo(config, arg, ppo_steps)
+  config.kto = _stage("kto", f"size={arg.size},steps={kto_steps}")
+  # DPO on the same comparisons the RM learns from (every pair their grades imply).
+  config.dpo = _stage("dpo", f"size={arg.size},steps={dpo_steps}")
+  for section in (config.kto, config.dpo) if tiny else ():
+    section.optim.learning_rate = 3e-4  # as PPO's: 1e-4 barely moves a tiny policy in 150 steps
+  _add_evaluate(config, arg)
+
+  if arg.smoke:
+    _shrink(config)
+  return config
+
+
+def _tokenizer_section(tiny: bool) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
       path="",  # an existing sentencepiece .model to use instead of training one
       # 4096 pieces, not 2048, even at tiny: with 2048 the Chinese characters take nearly all
       # of the vocabulary, English is spelled almost letter by letter, and a tiny model's
@@ -69,12 +90,10 @@ def get_config(arg=None):
       vocab_size=4096 if tiny else 8192,
       character_coverage=0.995 if tiny else 0.9995))
 
-  config.pretrain = _stage("pretrain", f"size={arg.size},steps={pretrain_steps}")
-  config.sft = _stage("sft", f"size={arg.size},steps={sft_steps}")
-  for section in (config.pretrain, config.sft):
-    section.data.batch_size = 32  # the stage files use 8 at tiny (tests); 4x the text here
 
-  config.comparisons = ml_collections.ConfigDict(dict(
+def _comparisons_section(arg) -> ml_collections.ConfigDict:
+  tiny = arg.size == "tiny"
+  return ml_collections.ConfigDict(dict(
       name="round0",  # rlhf_comparisons/<name> in <workdir>/comparisons/tfds
       prompts_per_lang=12 if arg.smoke else 1500,  # training prompts (English has ~2,400)
       heldout_per_lang=8 if arg.smoke else 128,  # validation prompts: the RM's held-out accuracy
@@ -91,13 +110,15 @@ def get_config(arg=None):
       label="ranking",
       batch_size=16 if arg.smoke else 64))
 
+
+def _add_reward_model(config, arg) -> None:
   config.rm = _stage("reward", f"size={arg.size},k={config.comparisons.k}")
   # The RM is normalised on the comparisons' answers: they are the SFT policy's own samples,
   # drawn as PPO draws them, so sampling afresh would only cost time.
   config.rm.normalize.source = "responses"
   # A fresh scalar head on a small trunk: 1e-4 for one epoch leaves the English RM near chance
   # against the gold ordering; 1e-3 for two epochs reaches 0.77 (experiments/demo_tuning).
-  if tiny:
+  if arg.size == "tiny":
     config.rm.optim.learning_rate = 1e-3
     config.rm.data.epochs = 2
     # The embeddings (N(0, 1) at init) hardly move at lr 1e-3, and the English gold scorer is a
@@ -111,11 +132,14 @@ def get_config(arg=None):
     config.rm.optim.ema_decay = 0.997
   # Every held-out comparison (two languages), however many heldout_per_lang gives.
   config.rm.eval.max_comparisons = config.comparisons.get_oneway_ref("heldout_per_lang") * 2
-  config.ppo = _stage("ppo", f"size={arg.size},lang=both,steps={ppo_steps}")
+
+
+def _add_ppo(config, arg, steps: int) -> None:
+  config.ppo = _stage("ppo", f"size={arg.size},lang=both,steps={steps}")
   # A few held-out evaluations along the run: the gold / proxy vs sqrt(KL) curve of the report.
-  config.ppo.eval.every = max(ppo_steps // 5, 1)
+  config.ppo.eval.every = max(steps // 5, 1)
   config.ppo.data.batch_size = 16  # episodes per iteration
-  if tiny:
+  if arg.size == "tiny":
     config.ppo.optim.learning_rate = 3e-4
   # Ziegler et al.'s horizon of 10k episodes is longer than this whole run (300 x 16): beta
   # would never move. 500 lets it double in about 200 iterations, so the KL budget holds. The
@@ -123,12 +147,9 @@ def get_config(arg=None):
   # (3.8 in the demo), target 4 went past the 6-nat budget (experiments/demo_tuning 7, 8).
   config.ppo.kl.target = 3.0
   config.ppo.kl.horizon = 500.0
-  config.kto = _stage("kto", f"size={arg.size},steps={kto_steps}")
-  # DPO on the same comparisons the RM learns from (every pair their grades imply).
-  config.dpo = _stage("dpo", f"size={arg.size},steps={dpo_steps}")
-  for section in (config.kto, config.dpo) if tiny else ():
-    section.optim.learning_rate = 3e-4  # as PPO's: 1e-4 barely moves a tiny policy in 150 steps
 
+
+def _add_evaluate(config, arg) -> None:
   config.evaluate = ml_collections.ConfigDict(dict(
       prompts_per_lang=8 if arg.smoke else 128,  # held-out: the validation split of rlhf_prompts
       # as long as PPO's answers in training, however ppo.sampling.max_new_tokens is set
@@ -136,10 +157,6 @@ def get_config(arg=None):
       temperature=1.0, top_p=1.0,  # as the policies were trained to sample
       seed=1234,  # one sampling key for every policy
       samples_per_lang=4))  # answers shown side by side in the report
-
-  if arg.smoke:
-    _shrink(config)
-  return config
 
 
 def _shrink(config) -> None:
