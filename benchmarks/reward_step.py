@@ -35,7 +35,7 @@ from rlhf_jax.config import util as config_util  # noqa: E402
 from rlhf_jax.core import optim, sharding
 from rlhf_jax.models import ScalarModel, model_config  # noqa: E402
 from rlhf_jax.train import reward as rm  # noqa: E402
-from rlhf_jax.train.state import create_train_state, param_count  # noqa: E402
+from rlhf_jax.train.state import init_params_fn, create_train_state, param_count  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -80,7 +80,7 @@ def measure_step(size: str, dtype: str, layout: str, b: int, k: int, seq_len: in
   rules = sharding.axis_rules(None)
   schedule = optim.make_schedule(config.optim, 1000)
   tx = optim.make_optimizer(config.optim, 1000)
-  state, shardings = create_train_state(rm._init_params_fn(model, seq_len), tx, mesh, rules, 0)
+  state, shardings = create_train_state(init_params_fn(model, seq_len), tx, mesh, rules, 0)
   batches = [sharding.make_global_batch(random_batch(b, k, seq_len, vocab, s), mesh, rules)
              for s in range(2)]
   batch_shardings = {key: sharding.batch_sharding(mesh, rules, v.ndim)

@@ -40,7 +40,7 @@ from rlhf_jax.core import optim, sharding
 from rlhf_jax.data.synthetic import SyntheticLMIterator  # noqa: E402
 from rlhf_jax.models import model_config  # noqa: E402
 from rlhf_jax.train import lm  # noqa: E402
-from rlhf_jax.train.state import create_train_state, param_count  # noqa: E402
+from rlhf_jax.train.state import init_params_fn, create_train_state, param_count  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,7 +76,7 @@ def build_step(size: str, dtype: str, batch: int, seq_len: int, vocab: int):
   model = lm.build_model(config, vocab)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  state, shardings = create_train_state(lm._init_params_fn(model, seq_len), tx, mesh, rules, 0)
+  state, shardings = create_train_state(init_params_fn(model, seq_len), tx, mesh, rules, 0)
   data = SyntheticLMIterator(batch, seq_len, vocab, seed=1)
   batch_arrays = sharding.make_global_batch(next(data), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

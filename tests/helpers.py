@@ -28,24 +28,32 @@ def flat_params(tree) -> dict:
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
 
 
+def write_run(workdir, params, model_config, tokenizer_path, *, kind="policy", step=1,
+              saved=None):
+  """A run folder as a trainer leaves it: its record (run.json, with the tokenizer copied in
+  when one is given) and checkpoints/<step> holding `params` and the saved config."""
+  from rlhf_jax.core import run_folder
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+  tokenizer = load_any_tokenizer(tokenizer_path) if tokenizer_path else None
+  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind=kind)
+  ckpt = run_folder.checkpointer(workdir, max_to_keep=None, async_save=False)
+  ckpt.save(step, params, {"step": np.full((), step, np.int32)}, {}, saved or {}, force=True)
+  ckpt.close()
+
+
 def write_policy_run(workdir, tokenizer_path, vocab, *, seed=0, step=1, steps=1, size="tiny",
                      scale=0.1, config=None):
-  """A run dir as a policy stage (SFT, PPO, KTO) leaves it: checkpoints/<step> holding random
-  params of a `size` model and a saved config naming the tokenizer. Returns (params, config).
+  """A run dir as a policy stage (SFT, PPO, KTO) leaves it: its record and checkpoints/<step>
+  holding random params of a `size` model. Returns (params, saved config).
 
   `config` entries are merged into the saved config (e.g. a PPO run's `sft_dir`)."""
-  import os
-
   import ppo_setup
-  from rlhf_jax.core.checkpoint import Checkpointer
   from rlhf_jax.models import Transformer, model_config
   fields = config_util.model_section(size).to_dict()
   fields["vocab_size"] = vocab
-  params = ppo_setup.random_params(Transformer(model_config(size, vocab_size=vocab)), seed,
-                                   scale=scale)
+  shape = model_config(size, vocab_size=vocab)
+  params = ppo_setup.random_params(Transformer(shape), seed, scale=scale)
   saved = {"model": fields, "tokenizer": {"path": tokenizer_path}, "train": {"steps": steps},
            **(config or {})}
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None, async_save=False)
-  ckpt.save(step, params, {"step": np.full((), step, np.int32)}, {}, saved, force=True)
-  ckpt.close()
+  write_run(workdir, params, shape, tokenizer_path, step=step, saved=saved)
   return params, saved

@@ -13,6 +13,7 @@ import jax
 import pytest
 
 from helpers import write_policy_run
+from rlhf_jax.config import util as config_util
 from rlhf_jax.chat import terminal as chat, model_choice as chat_model
 from rlhf_jax.infer import answers as respond
 from rlhf_jax.text import tokenizer as tok_lib
@@ -78,38 +79,39 @@ def test_newest_finished_stage_is_chosen(tmp_path, bundled_tokenizer):
   assert chat_model.find_stage(str(tmp_path / "solo")) == str(tmp_path / "solo")
 
 
-def test_ppo_run_takes_shape_and_tokenizer_from_its_sft_run(tmp_path, bundled_tokenizer):
-  """PPO saves its own config, whose `model` section need not be the policy's shape (the SFT
-  checkpoint's wins) and whose tokenizer.path may be empty (the SFT run's is used)."""
+def test_a_run_answers_from_its_own_record(tmp_path, bundled_tokenizer):
+  """The model's shape and tokenizer come from the run's record, never from its saved config or
+  the runs it points to: a saved config claiming another shape and another run's tokenizer
+  changes nothing, and the run still loads once the SFT run it came from is gone."""
+  import shutil
   vocab = tok_lib.Tokenizer.load(bundled_tokenizer).vocab_size
-  sft = str(tmp_path / "sft")
+  sft, ppo = str(tmp_path / "sft"), str(tmp_path / "ppo")
   write_policy_run(sft, bundled_tokenizer, vocab)
-  ppo = str(tmp_path / "ppo")
-  params, saved = write_policy_run(ppo, "", vocab, step=4, steps=4, seed=7,
+  params, saved = write_policy_run(ppo, bundled_tokenizer, vocab, step=4, steps=4, seed=7,
                                    config={"sft_dir": sft, "trainer": "ppo"})
-  from rlhf_jax.core import checkpoint
-  from rlhf_jax.config import util as config_util
-  ckpt = checkpoint.Checkpointer(os.path.join(ppo, "checkpoints"), async_save=False)
+  from rlhf_jax.core import run_folder
+  ckpt = run_folder.checkpointer(ppo, async_save=False)
   ckpt.save(5, params, {"step": 5}, {}, {**saved, "model": config_util.model_section(
-      "small").to_dict()}, force=True)  # a config claiming another shape than the params
+      "small").to_dict(), "tokenizer": {"path": "/nonexistent/tokenizer.model"}}, force=True)
   ckpt.close()
+  shutil.rmtree(sft)
   model = chat_model.load_chat_model(str(tmp_path), ppo)
-  assert model.step == 5 and model.checkpoint_dir == os.path.join(ppo, "checkpoints")
-  assert model.model_config.d_model == 64  # tiny, from the SFT run's config
-  assert model.tokenizer.path == bundled_tokenizer
+  assert model.step == 5 and model.checkpoint_dir == run_folder.checkpoint_dir(ppo)
+  assert model.model_config.d_model == 64  # tiny, from the record
+  assert model.tokenizer.path == run_folder.tokenizer_file(ppo)  # the run's own copy
   # The PPO params, not the SFT run's.
   assert (jax.device_get(model.params["embed"]["embedding"]) ==
           jax.device_get(params["embed"]["embedding"])).all()
 
 
 def test_reward_model_or_empty_dir_is_a_clear_error(tmp_path, bundled_tokenizer):
-  import numpy as np
-  from rlhf_jax.core.checkpoint import Checkpointer
-  ckpt = Checkpointer(str(tmp_path / "rm" / "checkpoints"), async_save=False)
-  ckpt.save(1, {"trunk": {"embed": {"embedding": np.zeros((8, 4), np.float32)}},
-                "head": {"kernel": np.zeros((4, 1), np.float32)}}, {"step": 1}, {},
-            {"model": {}}, force=True)
-  ckpt.close()
+  from helpers import write_run
+  from rlhf_jax.models import ScalarModel, model_config
+  import ppo_setup
+  vocab = tok_lib.Tokenizer.load(bundled_tokenizer).vocab_size
+  shape = model_config("tiny", vocab_size=vocab)
+  write_run(str(tmp_path / "rm"), ppo_setup.random_params(ScalarModel(shape), 0), shape,
+            bundled_tokenizer, kind="scalar")
   with pytest.raises(ValueError, match="not a language model"):
     chat_model.load_chat_model(str(tmp_path), str(tmp_path / "rm"))
   os.makedirs(tmp_path / "empty")

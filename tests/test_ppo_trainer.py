@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import ppo_setup as S
+from helpers import write_run
 from rlhf_jax.config import util as config_util
 from rlhf_jax.core import launch
 from rlhf_jax.core.checkpoint import Checkpointer, read_params
@@ -25,12 +26,12 @@ def _model_fields(vocab):
   return fields
 
 
-def _write_run(workdir, params, vocab, gain=None, bias=0.0):
-  """A workdir as the SFT or RM stage leaves it: checkpoints/ (+ normalization.json)."""
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None, async_save=False)
-  ckpt.save(1, params, {"step": np.ones((), np.int32)}, {}, {"model": _model_fields(vocab)},
-            force=True)
-  ckpt.close()
+def _write_run(workdir, params, model_config, gain=None, bias=0.0):
+  """A run folder as the SFT or RM stage leaves it: record, checkpoints/ (+ normalization.json).
+  No tokenizer: these runs only give the PPO run its models' shapes and params."""
+  kind = "scalar" if "trunk" in params else "policy"
+  write_run(workdir, params, model_config, "", kind=kind,
+            saved={"model": _model_fields(model_config.vocab_size)})
   if gain is not None:
     with open(os.path.join(workdir, "normalization.json"), "w") as f:
       json.dump({"gain": gain, "bias": bias}, f)
@@ -43,12 +44,12 @@ def stage_dirs(tmp_path_factory, bundled_tokenizer):
   RM with a different vocabulary."""
   root = tmp_path_factory.mktemp("stages")
   cfg = model_config("tiny", vocab_size=2048)
-  sft = _write_run(str(root / "sft"), S.random_params(Transformer(cfg), 0), 2048)
-  rm = _write_run(str(root / "rm"), S.random_params(ScalarModel(cfg), 1), 2048, gain=2.0,
+  sft = _write_run(str(root / "sft"), S.random_params(Transformer(cfg), 0), cfg)
+  rm = _write_run(str(root / "rm"), S.random_params(ScalarModel(cfg), 1), cfg, gain=2.0,
                   bias=-0.5)
   small = model_config("tiny", vocab_size=64)
-  rm64 = _write_run(str(root / "rm64"), S.random_params(ScalarModel(small), 1), 64, gain=1.0)
-  sft64 = _write_run(str(root / "sft64"), S.random_params(Transformer(small), 0), 64)
+  rm64 = _write_run(str(root / "rm64"), S.random_params(ScalarModel(small), 1), small, gain=1.0)
+  sft64 = _write_run(str(root / "sft64"), S.random_params(Transformer(small), 0), small)
   return {"sft": sft, "rm": rm, "rm64": rm64, "sft64": sft64}
 
 

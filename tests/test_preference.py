@@ -19,6 +19,7 @@ from rlhf_jax.infer import logprobs as logprobs_lib
 from rlhf_jax.data import builders
 from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.eval import held_out
 from rlhf_jax.train import preference as pref
 from rlhf_jax.data import preference_batches as pref_inputs
 
@@ -160,8 +161,8 @@ def test_preferred_rate_equals_pair_loop():
   rng = np.random.default_rng(5)
   w, l = rng.integers(0, 6, 40).astype(float), rng.integers(0, 6, 13).astype(float)  # ties
   want = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in w for b in l])
-  assert pref.preferred_rate(w, l) == pytest.approx(want)
-  assert math.isnan(pref.preferred_rate(w, []))
+  assert held_out.preferred_rate(w, l) == pytest.approx(want)
+  assert math.isnan(held_out.preferred_rate(w, []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,20 +442,19 @@ def test_init_checkpoint_of_another_shape_is_an_error(tmp_path, data_dir, bundle
     launch.run(config, str(tmp_path / "kto"))
 
 
-def test_tokenizer_is_found_through_a_ppo_run(tmp_path, bundled_tokenizer):
-  """A PPO run saves the policy as `params` and names its SFT run, whose tokenizer it used."""
-  sft_run, ppo_run = tmp_path / "sft", tmp_path / "ppo"
-  (sft_run / "tokenizer").mkdir(parents=True)
-  with open(bundled_tokenizer, "rb") as src, open(sft_run / "tokenizer" / "tokenizer.model",
-                                                    "wb") as dst:
-    dst.write(src.read())
-  ckpt = ckpt_lib.Checkpointer(str(ppo_run / "checkpoints"), async_save=False)
-  ckpt.save(1, {"embed": np.zeros(2, np.float32)}, {"step": np.ones((), np.int32)}, {},
-            {"sft_dir": str(sft_run), "tokenizer": {"path": ""}})
-  ckpt.close()
-  found = pref.init_tokenizer_path(str(ppo_run / "checkpoints"))
-  assert found == str(sft_run / "tokenizer" / "tokenizer.model")
-  assert pref.checkpoint_dir(str(ppo_run)) == str(ppo_run / "checkpoints")
+def test_tokenizer_is_the_init_runs_own(tmp_path, bundled_tokenizer):
+  """A PPO run folder records (and keeps a copy of) the tokenizer it trained with; KTO/DPO
+  from it read that copy, whatever the run's saved config says."""
+  from helpers import write_policy_run
+  from rlhf_jax.core import run_folder
+  from rlhf_jax.text import tokenizer as tok_lib
+  vocab = tok_lib.Tokenizer.load(bundled_tokenizer).vocab_size
+  ppo_run = str(tmp_path / "ppo")
+  write_policy_run(ppo_run, bundled_tokenizer, vocab, config={"tokenizer": {"path": ""}})
+  found = run_folder.tokenizer_source(run_folder.checkpoint_dir(ppo_run))
+  assert found == run_folder.tokenizer_file(ppo_run)
+  with open(found, "rb") as copy, open(bundled_tokenizer, "rb") as original:
+    assert copy.read() == original.read()
 
 
 @pytest.mark.slow

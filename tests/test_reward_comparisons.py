@@ -2,16 +2,15 @@
 when most pairs are tied), records accepted by the comparisons writer's checks."""
 import numpy as np
 
+from rlhf_jax.data import annotators, jsonl, labelers
 from rlhf_jax.recipe import comparisons
-from rlhf_jax.data import annotators, jsonl
 
 
 def test_planted_score_counts_positive_minus_negative_words():
+  planted = labelers.get_scorer("planted")
   np.testing.assert_array_equal(
-      comparisons.planted_score(["good day and great food", "bad sad movie", "the cat"], "en"),
-      [2, -2, 0])
-  np.testing.assert_array_equal(comparisons.planted_score(["我们喜欢这个手机，很好", "质量差"], "zh"),
-                                [2, -1])
+      planted(["good day and great food", "bad sad movie", "the cat"], "en"), [2, -2, 0])
+  np.testing.assert_array_equal(planted(["我们喜欢这个手机，很好", "质量差"], "zh"), [2, -1])
 
 
 def test_empty_and_duplicate_answers_are_dropped_and_counted():

@@ -209,11 +209,10 @@ def save_run(directory, params, config):
 
 
 def test_load_reward_model_round_trip(tmp_path, rm_params):
+  from helpers import write_run
   workdir = str(tmp_path)
-  saved_model = {**{k: getattr(CFG, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads",
-                                                  "d_ff", "max_len", "dtype")},
-                 "size": "tiny", "vocab_size": 8192}  # vocab is read off the embedding
-  save_run(os.path.join(workdir, "checkpoints"), rm_params, {"model": saved_model})
+  # The shape comes from the run's record, not from its saved config (which claims another).
+  write_run(workdir, rm_params, CFG, "", kind="scalar", saved={"model": {"vocab_size": 8192}})
   with pytest.raises(FileNotFoundError, match="normalization.json"):
     reward.load_reward_model(workdir)
   reward.write_normalization(workdir, reward.fit_normalization([1.0, 2.0, 4.0, 7.0]))

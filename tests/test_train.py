@@ -17,7 +17,7 @@ from rlhf_jax.core import optim, sharding
 from rlhf_jax.data.synthetic import SyntheticLMIterator
 from rlhf_jax.train import lm
 from rlhf_jax.train.loop import NonFiniteLossError
-from rlhf_jax.train.state import create_train_state
+from rlhf_jax.train.state import init_params_fn, create_train_state
 from tests.helpers import flat_params, tiny_lm_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def run_steps(config, mesh_config, devices, n_steps=3, grad_accum=1):
   model = lm.build_model(config, config.model.vocab_size)
   schedule = optim.make_schedule(config.optim, 10)
   tx = optim.make_optimizer(config.optim, 10)
-  state, shardings = create_train_state(lm._init_params_fn(model, config.data.seq_len), tx,
+  state, shardings = create_train_state(init_params_fn(model, config.data.seq_len), tx,
                                         mesh, rules, seed=0)
   data = SyntheticLMIterator(config.data.batch_size, config.data.seq_len,
                              config.model.vocab_size, seed=1)
@@ -86,7 +86,7 @@ def test_params_are_sharded_as_the_rules_say():
   mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
   model = lm.build_model(config, 128)
   tx = optim.make_optimizer(config.optim, 10)
-  state, _ = create_train_state(lm._init_params_fn(model, 16), tx, mesh,
+  state, _ = create_train_state(init_params_fn(model, 16), tx, mesh,
                                 sharding.DEFAULT_AXIS_RULES, seed=0)
   up = state.params["layer_0"]["mlp"]["up"]["kernel"]  # ('embed', 'mlp') -> ('fsdp', 'tensor')
   assert up.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -170,7 +170,7 @@ def test_param_ema_state_is_checkpointed_and_restored_exactly(tmp_path):
   tx = optax.chain(optim.make_optimizer(config.optim, 10), optim.param_ema(0.9))
 
   def fresh():
-    return create_train_state(lm._init_params_fn(model, config.data.seq_len), tx, mesh, rules,
+    return create_train_state(init_params_fn(model, config.data.seq_len), tx, mesh, rules,
                               seed=0)[0]
 
   state = fresh()

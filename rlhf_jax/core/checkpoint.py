@@ -1,10 +1,13 @@
 """A thin wrapper over orbax's CheckpointManager: save, restore, resume.
 
-A checkpoint holds four items, so each can be read alone:
-  params   the model params (a later stage initialises from these only)
-  train    optimizer state, step and rng key data
-  data     the input iterator's position (JSON), so a resumed run sees the same next batch
-  config   the run's config (JSON), so a workdir says what made it
+A checkpoint holds five items, so each can be read alone:
+  params     the model params (a later stage initialises from these only)
+  train      optimizer state, step and rng key data
+  data       the input iterator's position (JSON), so a resumed run sees the same next batch
+  config     the run's config (JSON), so a workdir says what made it
+  checksums  a CRC-32 of every saved array (JSON), checked on every restore: bytes flipped
+             inside a params file are an error naming the tensor and the file, never silently
+             wrong weights. `verify=False` skips it (huge models; said in the log).
 
 Restoring onto the shardings of a freshly built abstract state puts each shard straight onto its
 device (orbax restores bit-exactly onto a different mesh). A checkpoint whose shapes differ from
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+import zlib
+from typing import Optional
 
 import jax
 import numpy as np
@@ -22,11 +26,43 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("params", "train", "data", "config")
+ITEMS = ("params", "train", "data", "config", "checksums")
 
 
 class CheckpointShapeError(ValueError):
   pass
+
+
+class CheckpointCorruptError(ValueError):
+  """A restored array whose bytes are not the ones saved."""
+
+
+def checksums(tree) -> dict[str, str] | None:
+  """{'layer_0/attn/q/kernel': CRC-32 of its bytes}; None when an array is not wholly on this
+  process (several hosts): each process sees only its shards."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out = {}
+  for path, leaf in flat:
+    if not getattr(leaf, "is_fully_addressable", True):
+      return None
+    data = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    out["/".join(_key_name(e) for e in path)] = f"{zlib.crc32(data.view(np.uint8)):08x}"
+  return out
+
+
+def verify(saved: dict | None, tree, where: str) -> None:
+  """CheckpointCorruptError naming every tensor whose CRC-32 differs from the saved one."""
+  if not saved:
+    return
+  now = checksums(tree)
+  if now is None:
+    return
+  bad = sorted(name for name, crc in now.items() if saved.get(name) not in (None, crc))
+  if bad:
+    shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    raise CheckpointCorruptError(
+        f"{where}: {len(bad)} tensor(s) differ from what was saved (CRC-32 mismatch): {shown}. "
+        "The checkpoint's files are corrupt; use an earlier step or re-create the run.")
 
 
 def _abstract(tree):
@@ -69,13 +105,19 @@ def check_shapes(saved, expected, what: str) -> None:
 class Checkpointer:
   """Saves and restores {params, train, data, config} under `directory`."""
 
-  def __init__(self, directory: str, max_to_keep: Optional[int] = 3, async_save: bool = True):
+  def __init__(self, directory: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
+               verify: bool = True):
     self.directory = os.path.abspath(directory)
+    self.verify = verify
+    if not verify:
+      log.info("checkpoints in %s: checksums neither written nor verified (verify=False)",
+               self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     # Handlers named up front, so a fresh process can read metadata before any save/restore.
     handlers = dict(params=ocp.StandardCheckpointHandler(), train=ocp.StandardCheckpointHandler(),
-                    data=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler())
+                    data=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+                    checksums=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
@@ -90,13 +132,31 @@ class Checkpointer:
     final save) is a no-op rather than orbax's StepAlreadyExistsError."""
     if int(step) in self.manager.all_steps():
       return False
+    if not (force or self.manager.should_save(int(step))):
+      return False
+    sums = {"params": checksums(params), "train": checksums(train)} if self.verify else {}
     return self.manager.save(
         int(step), force=force,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(data or {}), config=ocp.args.JsonSave(config or {})))
+            data=ocp.args.JsonSave(data or {}), config=ocp.args.JsonSave(config or {}),
+            checksums=ocp.args.JsonSave(sums)))
 
-  def _saved_tree(self, step: int, item: str):
+  def saved_checksums(self, step: int) -> dict:
+    """The CRC-32s saved with a step ({} for a checkpoint written before they were)."""
+    if not self.verify or "checksums" not in os.listdir(os.path.join(self.directory, str(step))):
+      return {}
+    return self.manager.restore(step, args=ocp.args.Composite(
+        checksums=ocp.args.JsonRestore())).checksums or {}
+
+  def verified(self, step: int, item: str, tree):
+    """`tree` after checking it against the CRC-32s saved for `item` at `step`."""
+    verify(self.saved_checksums(step).get(item), tree,
+           f"{os.path.join(self.directory, str(step), item)}")
+    return tree
+
+  def saved_tree(self, step: int, item: str):
+    """The saved tree of an item (metadata only: shapes and dtypes, nothing is read)."""
     metadata = self.manager.item_metadata(step)
     tree = metadata[item]
     return getattr(tree, "tree", tree)
@@ -109,16 +169,17 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    check_shapes(self._saved_tree(step, "params"), params,
+    check_shapes(self.saved_tree(step, "params"), params,
                  f"checkpoint {self.directory} step {step} (params)")
     args = dict(params=ocp.args.StandardRestore(_abstract(params)),
                 data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
     if train is not None:
-      check_shapes(self._saved_tree(step, "train"), train,
+      check_shapes(self.saved_tree(step, "train"), train,
                    f"checkpoint {self.directory} step {step} (optimizer state)")
       args["train"] = ocp.args.StandardRestore(_abstract(train))
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return out.params, out.get("train") if train is not None else None, out.data, out.config
+    restored_train = self.verified(step, "train", out.train) if train is not None else None
+    return self.verified(step, "params", out.params), restored_train, out.data, out.config
 
   def read_config(self, step: Optional[int] = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -133,12 +194,8 @@ class Checkpointer:
 
 
 def restore_params(directory: str, params_like, step: Optional[int] = None):
-  """Params only, from another run's checkpoint directory (e.g. SFT initialised from pretrain),
-  or from a pretrained Hugging Face directory / GGUF file / preset name (models/hf_import.py)."""
-  from rlhf_jax.models import hf_import, pretrained
-  source = pretrained.resolve(directory)
-  if hf_import.is_pretrained_path(source):
-    return hf_import.load_params_like(source, params_like)
+  """Params only, from an orbax checkpoint directory, onto the shapes and shardings of
+  `params_like` (core/run_folder.restore_params also takes run folders and pretrained models)."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint directory {directory}")
   ckpt = Checkpointer(directory, max_to_keep=None, async_save=False)
@@ -146,12 +203,12 @@ def restore_params(directory: str, params_like, step: Optional[int] = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    check_shapes(ckpt._saved_tree(step, "params"), params_like,
+    check_shapes(ckpt.saved_tree(step, "params"), params_like,
                  f"checkpoint {directory} step {step}")
     out = ckpt.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params_like))))
     log.info("initialised params from %s step %d", directory, step)
-    return out.params
+    return ckpt.verified(step, "params", out.params)
   finally:
     ckpt.close()
 
@@ -170,11 +227,11 @@ def read_params(directory: str, step: Optional[int] = None, device=None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    saved = ckpt._saved_tree(step, "params")
+    saved = ckpt.saved_tree(step, "params")
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
         m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), saved)
     out = ckpt.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target)))
-    return out.params
+    return ckpt.verified(step, "params", out.params)
   finally:
     ckpt.close()

@@ -39,6 +39,19 @@ class MetricWriter:
         self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
 
+  def drop_after(self, step: int) -> None:
+    """Forgets the records after `step`: a run resumed from its step-`step` checkpoint logs
+    those steps again, and metrics.jsonl must read as one uninterrupted run."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
+
   def close(self):
     if self._tb is not None:
       self._tb.close()

@@ -41,9 +41,10 @@ import threading
 import uuid
 from typing import Any, Optional
 
+from rlhf_jax.core.langs import LANGS
+
 LABELS = ("like", "dislike")
 ROLES = ("system", "user", "assistant")
-LANGS = ("en", "zh")
 DEFAULT_EXPORT_CONFIG = "chat"
 MAX_EVENT_ID_CHARS = 200
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER PRIMARY KEY range; a larger id cannot be stored

@@ -24,6 +24,7 @@ import argparse
 import json
 from typing import Any, Callable, Iterable, Sequence
 
+from rlhf_jax.core.langs import LANGS
 from rlhf_jax.data import builders, sources
 
 DATASET_OF_FORMAT = {
@@ -34,7 +35,6 @@ DATASET_OF_FORMAT = {
     "feedback": "rlhf_feedback",
     "messages": "rlhf_dialogues",
 }
-LANGS = ("en", "zh")
 MAX_REPORTED = 50  # Errors shown in the exception message (all are kept in `.errors`).
 
 

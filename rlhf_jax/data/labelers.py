@@ -41,7 +41,8 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-LANGS = ("en", "zh")
+from rlhf_jax.core.langs import LANGS
+
 
 # A scorer maps (texts, lang) to a float array of shape [len(texts)].
 Scorer = Callable[[Sequence[str], str], np.ndarray]
@@ -225,6 +226,34 @@ def _hownet_zh(text: str) -> float:
   return total / (mass + 1.0)
 
 
+# ------------------------------------------------------------- A planted rule, for tests.
+
+# score = (# positive words) - (# negative words): a rule a small RM can learn in seconds, so
+# tests can tell learning from chance (recipe/comparisons.planted_records builds data on it).
+PLANTED_WORDS = {
+    "en": {"pos": ("good", "great", "happy", "love", "nice", "fun"),
+           "neg": ("bad", "sad", "awful", "hate", "boring", "ugly"),
+           "neutral": ("the", "a", "cat", "day", "we", "it", "is", "was", "and", "today",
+                       "park", "food", "movie", "friend", "home", "very")},
+    "zh": {"pos": ("好", "喜欢", "开心", "棒", "满意"),
+           "neg": ("差", "讨厌", "难过", "糟糕", "失望"),
+           "neutral": ("我们", "今天", "这个", "手机", "电影", "朋友", "吃饭", "天气", "东西",
+                       "质量", "真的", "有点")},
+}
+
+
+def _planted_en(text: str) -> float:
+  """Whole words."""
+  words, tokens = PLANTED_WORDS["en"], text.lower().split()
+  return float(sum(t in words["pos"] for t in tokens) - sum(t in words["neg"] for t in tokens))
+
+
+def _planted_zh(text: str) -> float:
+  """Substrings: Chinese has no spaces."""
+  words = PLANTED_WORDS["zh"]
+  return float(sum(text.count(w) for w in words["pos"]) - sum(text.count(w) for w in words["neg"]))
+
+
 # ---------------------------------------------------------------------------- Registry.
 
 # name -> lang -> per-text function. Add a scorer by adding an entry; `score` and
@@ -232,6 +261,7 @@ def _hownet_zh(text: str) -> float:
 SCORERS: dict[str, dict[str, Callable[[str], float]]] = {
     "gold": {"en": _vader_en, "zh": _snownlp_zh},
     "check": {"en": _textblob_en, "zh": _hownet_zh},
+    "planted": {"en": _planted_en, "zh": _planted_zh},  # tests only
 }
 
 

@@ -29,12 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlhf_jax.core.langs import LANGS
 from rlhf_jax.infer.logprobs import encode_prompt_answer, layout_rows
 from rlhf_jax.data import rm_batches as rm_inputs
 
 log = logging.getLogger(__name__)
 
-LANGS = rm_inputs.LANGS
 KINDS = ("kto", "dpo")
 FEEDBACK, COMPARISONS = "rlhf_feedback", "rlhf_comparisons"
 
@@ -277,3 +277,11 @@ def auto_undesirable_weight(desirable_weight: float, liked: int, disliked: int,
   """λ_U with λ_D·n_D / (λ_U·n_U) = ratio: likes and dislikes pull with equal total weight at
   ratio 1 (KTO's advice is a ratio in [1, 4/3])."""
   return desirable_weight * liked / (disliked * ratio)
+
+
+ROW_KEYS = ("tokens", "positions", "segment_ids", "answer_mask")  # one row per answer
+
+
+def flat_rows(batch) -> dict:
+  """{tokens, positions, segment_ids: [B*K, S], answer_mask: [B*K, N]} of a [B, K, ...] batch."""
+  return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in ROW_KEYS}

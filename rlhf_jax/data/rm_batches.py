@@ -33,11 +33,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from rlhf_jax.core.langs import LANGS
 from rlhf_jax.infer.rm_scores import encode_answer
 
 log = logging.getLogger(__name__)
 
-LANGS = ("en", "zh")
 UNITS = ("comparison", "pair")
 STAT_KEYS = ("elements", "skipped_no_pairs", "identical_pairs", "truncated_answers")
 _WARN_SKIPS = 3  # skipped records named in the log, per process; the rest are only counted

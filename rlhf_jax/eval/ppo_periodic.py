@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import labelers
+from rlhf_jax.eval.held_out import to_host  # noqa: F401 (used here and re-exported)
 from rlhf_jax.data import prompts as prompts_lib
 
 
@@ -33,14 +34,6 @@ def decode_answers(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]
   stop = set(tokenizer.stop_ids())
   return [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m and int(t) not in stop])
           for row, row_mask in zip(tokens, mask)]
-
-
-def to_host(x) -> np.ndarray:
-  """A global array as numpy on every process (gathered when it spans several)."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class Evaluator:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from rlhf_jax.core.langs import LANGS
 from typing import Sequence
 
-LANGS = ("en", "zh")
 HUMAN_AGREEMENT = 0.726  # InstructGPT's labelers; the simulated annotators are calibrated to it
 # The losses plotted per stage: (metric, label).
 LOSS_KEYS = {

@@ -22,7 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-LANGS = ("en", "zh")
+from rlhf_jax.core.langs import LANGS
+from rlhf_jax.data import labelers
+
 
 
 def _sigmoid(x):
@@ -121,8 +123,7 @@ def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, label
 
 def gold_scores(records: Sequence[dict], max_answers: int, scorer: str = "gold") -> np.ndarray:
   """[N, max_answers] gold scores of each record's answers (NaN where no answer or language)."""
-  from rlhf_jax.recipe.comparisons import resolve_scorer
-  score = resolve_scorer(scorer)
+  score = labelers.get_scorer(scorer)
   out = np.full((len(records), max_answers), np.nan)
   by_lang: dict[str, list[tuple[int, int, str]]] = {}
   for n, record in enumerate(records):
@@ -144,10 +145,10 @@ def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *
   """Scores every answer of `records` with the RM (one device) and computes the metrics."""
   import jax
 
-  from rlhf_jax.infer.rm_scores import _jitted_score
+  from rlhf_jax.infer.rm_scores import jitted_score
   from rlhf_jax.data.rm_batches import STAT_KEYS, Encoder
   encoder = Encoder(tokenizer, seq_len=seq_len, max_answers=max_answers)
-  fn = _jitted_score(model_config)
+  fn = jitted_score(model_config)
   parts = []
   stats = np.zeros(len(STAT_KEYS), np.int64)
   for start in range(0, len(records), batch_size):
@@ -194,20 +195,12 @@ def main(argv=None):
   p.add_argument("--json_out", default="")
   args = p.parse_args(argv)
 
-  import os
-
-  from rlhf_jax.core import checkpoint as ckpt_lib
-  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+  from rlhf_jax.core import run_folder
   from rlhf_jax.infer.rm_scores import load_reward_model
   from rlhf_jax.data.rm_batches import read_records
   model_config, params, _, _ = load_reward_model(args.workdir, require_normalization=False)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=None,
-                               async_save=False)
-  saved = ckpt.read_config()
-  ckpt.close()
-  tokenizer = load_any_tokenizer(saved["tokenizer"]["path"] or os.path.join(
-      args.workdir, "tokenizer", "tokenizer.model"))
-  data = saved["data"]
+  tokenizer = run_folder.tokenizer(args.workdir)
+  data = run_folder.read_saved_config(args.workdir)["data"]
   records = read_records(args.data or data["name"], args.split,
                          args.data_dir or data["data_dir"] or None, args.limit)
   metrics, table = evaluate_records(params, model_config, tokenizer, records,

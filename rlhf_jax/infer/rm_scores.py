@@ -86,39 +86,29 @@ def read_normalization(workdir: str) -> dict:
 # Loading a trained RM.
 
 
-def model_config_from_saved(saved_config: dict, params) -> ModelConfig:
-  """The ModelConfig of a run from its saved config; vocab_size is read off the embedding,
-  since trainers take it from the tokenizer rather than from config.model."""
-  fields = dict(saved_config["model"])
-  fields.pop("size", None)
-  trunk = params["trunk"] if "trunk" in params else params
-  fields["vocab_size"] = int(trunk["embed"]["embedding"].shape[0])
-  return ModelConfig.from_config(fields)
-
-
 def load_reward_model(workdir: str, *, require_normalization: bool = True, step=None):
   """(ModelConfig, params, gain, bias) of the RM trained in `workdir`, params on one device.
 
-  Reads `<workdir>/checkpoints` (the latest step unless `step`) and `normalization.json`.
+  Reads the run folder's latest step unless `step` (core/run_folder.py) and
+  `normalization.json`.
   """
-  from rlhf_jax.core import checkpoint as ckpt_lib
-  directory = os.path.join(workdir, "checkpoints")
-  params = ckpt_lib.read_params(directory, step=step)
-  if set(params) != {"trunk", "head"}:
-    raise ValueError(f"{directory} holds params {sorted(params)}, not a reward model's "
-                     "{'trunk', 'head'}: is this an RM run's workdir?")
-  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
-  try:
-    saved = ckpt.read_config(step)
-  finally:
-    ckpt.close()
-  model_config = model_config_from_saved(saved, params)
+  from rlhf_jax.core import run_folder
+  params, model_config = run_folder.load_scalar_model(workdir, step)
   if require_normalization:
     norm = read_normalization(workdir)
     gain, bias = float(norm["gain"]), float(norm["bias"])
   else:
     gain, bias = 1.0, 0.0
   return model_config, params, gain, bias
+
+
+def comparison_scores(params, batch, model: ScalarModel):
+  """Raw scores [B, K]: the B*K answers of a batch in one forward pass, one row each."""
+  b, k, t = batch["tokens"].shape
+  flat = lambda x: x.reshape(b * k, t)  # noqa: E731
+  values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),
+                       flat(batch["segment_ids"]))  # [B*K, T]
+  return last_token_value(values, flat(batch["segment_ids"])).reshape(b, k)  # [B, K]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +145,7 @@ def pad_rows(rows: Sequence[np.ndarray], seq_len: int, pad_id: int, n_rows: int 
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_score(model_config: ModelConfig):
+def jitted_score(model_config: ModelConfig):
   return jax.jit(functools.partial(score_sequences, model_config=model_config))
 
 
@@ -170,7 +160,7 @@ def score_texts(params, model_config: ModelConfig, tokenizer, prompts, answers, 
   if len(prompts) != len(answers):
     raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers")
   seq_len = seq_len or model_config.max_len
-  fn = _jitted_score(model_config)
+  fn = jitted_score(model_config)
   out = []
   for start in range(0, len(answers), batch_size):
     rows = [encode_answer(tokenizer, p, a, seq_len)[0]

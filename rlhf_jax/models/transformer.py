@@ -35,6 +35,11 @@ Cache = dict  # {'k': [L, B, Hkv, S, Dh], 'v': [L, B, Hkv, S, Dh], 'segment': [B
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+# ModelConfig fields that change how a model computes, not which params it has: a later stage
+# (PPO, KTO, DPO, the RM from an SFT trunk) takes an earlier run's shape and sets these itself.
+NUMERICS_FIELDS = ("dtype", "remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of the transformer. Built from `config.model` (a ConfigDict)."""

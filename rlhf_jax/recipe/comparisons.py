@@ -15,8 +15,8 @@ duplicates are dropped (a comparison between two copies is noise), and a prompt 
 than two answers is dropped; all of it is counted in the info JSON printed at the end, with the
 annotators' temperature per language and their agreement with the gold ordering.
 
-`planted_records` makes a comparisons set with a planted rule (count of positive minus negative
-words), for tests: an RM that learns it shows up as held-out accuracy well above chance.
+`planted_records` makes a comparisons set with a planted rule (labelers' "planted" scorer:
+positive minus negative words), for tests: an RM that learns it shows up as held-out accuracy well above chance.
 """
 from __future__ import annotations
 
@@ -25,56 +25,23 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.data import annotators
+from rlhf_jax.core.langs import LANGS
+from rlhf_jax.core import run_folder
+from rlhf_jax.data import annotators, labelers
 
 log = logging.getLogger(__name__)
 
-LANGS = ("en", "zh")
 
 # ---------------------------------------------------------------------------------------------
-# A planted rule, for tests: score = (# positive words) - (# negative words).
-
-PLANTED_WORDS = {
-    "en": {"pos": ("good", "great", "happy", "love", "nice", "fun"),
-           "neg": ("bad", "sad", "awful", "hate", "boring", "ugly"),
-           "neutral": ("the", "a", "cat", "day", "we", "it", "is", "was", "and", "today",
-                       "park", "food", "movie", "friend", "home", "very")},
-    "zh": {"pos": ("好", "喜欢", "开心", "棒", "满意"),
-           "neg": ("差", "讨厌", "难过", "糟糕", "失望"),
-           "neutral": ("我们", "今天", "这个", "手机", "电影", "朋友", "吃饭", "天气", "东西",
-                       "质量", "真的", "有点")},
-}
-
-
-def planted_score(texts: Sequence[str], lang: str) -> np.ndarray:
-  """float32 [N]: positive minus negative words (whole words in English, substrings in
-  Chinese, which has no spaces)."""
-  words = PLANTED_WORDS[lang]
-  out = []
-  for text in texts:
-    if lang == "en":
-      tokens = text.lower().split()
-      out.append(sum(t in words["pos"] for t in tokens) - sum(t in words["neg"] for t in tokens))
-    else:
-      out.append(sum(text.count(w) for w in words["pos"]) -
-                 sum(text.count(w) for w in words["neg"]))
-  return np.asarray(out, np.float32)
-
-
-def resolve_scorer(name: str) -> Callable[[Sequence[str], str], np.ndarray]:
-  """A gold scorer by name: 'planted', or a registered labelers scorer ('gold', 'check')."""
-  if name == "planted":
-    return planted_score
-  from rlhf_jax.data import labelers
-  return labelers.get_scorer(name)
+# A planted rule, for tests: answers of random words scored by labelers' "planted" scorer.
 
 
 def _planted_answer(lang: str, rng: np.random.Generator, min_words: int, max_words: int) -> str:
-  words = PLANTED_WORDS[lang]
+  words = labelers.PLANTED_WORDS[lang]
   n = int(rng.integers(min_words, max_words + 1))
   n_sentiment = int(rng.integers(0, min(n, 4) + 1))
   chosen = list(rng.choice(words["neutral"], size=n - n_sentiment))
@@ -151,6 +118,24 @@ def _calibrate(scores_by_prompt: list[np.ndarray], target: float, lang: str) -> 
             f"calibrated on untied pairs ({len(untied)} of {len(pairs)})")
 
 
+def label_answers(panel, s: np.ndarray, label: str, **record):
+  """(record with the panel's grades or ranking of answers with gold scores s [K], pairs where
+  the label agrees with gold, pairs gold orders)."""
+  ranking = panel.rank(s[None])[0]
+  k = len(s)
+  if label == "grades":
+    record["grades"] = [int(g) for g in annotators.grades_from_rankings(ranking[None])[0]]
+    prefer = np.asarray(record["grades"])[:, None] < np.asarray(record["grades"])[None, :]
+  else:
+    record["ranking"] = [int(r) for r in ranking]
+    position = np.empty(k, int)
+    position[ranking] = np.arange(k)
+    prefer = position[:, None] < position[None, :]
+  gold_prefer = s[:, None] > s[None, :]
+  return (record, int((prefer & gold_prefer).sum()),
+          int((prefer & (gold_prefer | gold_prefer.T)).sum()))
+
+
 def build_records(prompts: Sequence, answers: Sequence[Sequence[str]], langs: Sequence[str], *,
                   scorer: str = "gold", seed: int = 0, label: str = "grades",
                   tau: float | None = None, n_annotators: int = 1,
@@ -161,7 +146,7 @@ def build_records(prompts: Sequence, answers: Sequence[Sequence[str]], langs: Se
   """
   if label not in ("grades", "ranking"):
     raise ValueError(f"label must be 'grades' or 'ranking', got {label!r}")
-  score = resolve_scorer(scorer)
+  score = labelers.get_scorer(scorer)
   info: dict = {"scorer": scorer, "label": label, "target_agreement": target_agreement,
                 "langs": {}}
   records = []
@@ -191,20 +176,10 @@ def build_records(prompts: Sequence, answers: Sequence[Sequence[str]], langs: Se
     panel = annotators.AnnotatorPanel(lang_tau, n_annotators, seed=seed + 1000 * li)
     agree = n_gold_pairs = 0
     for (i, clean), s in zip(kept, per_prompt):
-      ranking = panel.rank(s[None])[0]
-      record = {"id": f"{source or 'cmp'}-{lang}-{i}", "prompt": prompts[i], "responses": clean,
-                "lang": lang, "source": source}
-      if label == "grades":
-        record["grades"] = [int(g) for g in annotators.grades_from_rankings(ranking[None])[0]]
-        prefer = np.asarray(record["grades"])[:, None] < np.asarray(record["grades"])[None, :]
-      else:
-        record["ranking"] = [int(r) for r in ranking]
-        position = np.empty(len(clean), int)
-        position[ranking] = np.arange(len(clean))
-        prefer = position[:, None] < position[None, :]
-      gold_prefer = s[:, None] > s[None, :]
-      n_gold_pairs += int((prefer & (gold_prefer | gold_prefer.T)).sum())
-      agree += int((prefer & gold_prefer).sum())
+      record, agreeing, gold_pairs = label_answers(
+          panel, s, label, id=f"{source or 'cmp'}-{lang}-{i}", prompt=prompts[i],
+          responses=clean, lang=lang, source=source)
+      agree, n_gold_pairs = agree + agreeing, n_gold_pairs + gold_pairs
       records.append(record)
     all_scores = np.concatenate(per_prompt) if per_prompt else np.zeros(0)
     info["langs"][lang] = {
@@ -248,21 +223,6 @@ def sample_answers(params, model_config, tokenizer, prompts: Sequence[str], k: i
   return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
-def load_policy(sft: str):
-  """(params, ModelConfig, saved config) of an SFT run (its workdir or checkpoints dir)."""
-  from rlhf_jax.core import checkpoint as ckpt_lib
-  from rlhf_jax.infer.rm_scores import model_config_from_saved
-  directory = sft if os.path.basename(os.path.normpath(sft)) == "checkpoints" else os.path.join(
-      sft, "checkpoints")
-  params = ckpt_lib.read_params(directory)
-  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
-  try:
-    saved = ckpt.read_config()
-  finally:
-    ckpt.close()
-  return params, model_config_from_saved(saved, params), saved
-
-
 def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
                    max_prompt_tokens: int, splits=("train", "validation", "test"),
                    sources: Sequence[str] = (), langs: Sequence[str] = LANGS
@@ -293,7 +253,7 @@ def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sft", required=True, help="an SFT run's workdir (or its checkpoints/)")
-  p.add_argument("--tokenizer", default="", help="default: the SFT run's tokenizer.path")
+  p.add_argument("--tokenizer", default="", help="default: the SFT run's own tokenizer")
   p.add_argument("--config", default="round0", help="writes rlhf_comparisons/<config>")
   p.add_argument("--data_dir", default="", help="TFDS data_dir (default ~/.cache/rlhf_jax/tfds)")
   p.add_argument("--prompts_data_dir", default="", help="where rlhf_prompts is (default: data_dir)")
@@ -315,9 +275,8 @@ def main(argv=None):
 
   from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
   from rlhf_jax.data import builders
-  params, model_config, saved = load_policy(args.sft)
-  tok_path = args.tokenizer or saved["tokenizer"]["path"] or os.path.join(
-      args.sft, "tokenizer", "tokenizer.model")
+  params, model_config = run_folder.load_policy(args.sft)
+  tok_path = args.tokenizer or run_folder.tokenizer_source(args.sft)
   tokenizer = load_any_tokenizer(tok_path)
   data_dir = args.data_dir or None
   prompts, langs = choose_prompts(tokenizer, args.prompts_per_lang,

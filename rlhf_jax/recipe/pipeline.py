@@ -45,6 +45,9 @@ from typing import Callable, Sequence
 from absl import app, flags
 
 from rlhf_jax.config import overrides, validate
+from rlhf_jax.core.langs import LANGS
+from rlhf_jax.core import run_folder
+from rlhf_jax.models.transformer import NUMERICS_FIELDS
 
 log = logging.getLogger("rlhf_jax.recipe.pipeline")
 
@@ -53,7 +56,6 @@ STAGES = ("tokenizer", "pretrain", "sft", "comparisons", "rm", "ppo", "kto", "dp
 TRAINED = ("pretrain", "sft", "rm", "ppo", "kto", "dpo")  # run by a trainer (resumable)
 OPTIONAL = ("ppo", "kto", "dpo")  # stages `config.skip` may leave out
 POLICIES = ("sft", "ppo", "kto", "dpo")  # compared by the evaluate stage, SFT the baseline
-LANGS = ("en", "zh")
 # Whose outputs each stage reads: a stage finished before one of these was redone is stale.
 DEPENDS = {"pretrain": ("tokenizer",), "sft": ("tokenizer", "pretrain"), "comparisons": ("sft",),
            "rm": ("sft", "comparisons"), "ppo": ("sft", "rm"), "kto": ("sft",),
@@ -61,8 +63,8 @@ DEPENDS = {"pretrain": ("tokenizer",), "sft": ("tokenizer", "pretrain"), "compar
 DONE = "DONE.json"
 STARTED = "STARTED.json"  # the config hash a stage was started with (to resume, or not)
 SUMMARY = "summary.json"
-# Model fields a stage keeps its own; every other model field comes from config.pretrain.model.
-NUMERICS = ("dtype", "remat", "scan_layers")
+# Model fields a stage keeps its own (models.transformer.NUMERICS_FIELDS); every other model
+# field comes from config.pretrain.model.
 
 
 class StageStopped(RuntimeError):
@@ -206,14 +208,16 @@ class Context:
 
   @property
   def tokenizer_path(self) -> str:
-    return os.path.join(self.require("tokenizer"), "tokenizer.model")
+    # The tokenizer stage writes it where a run folder keeps its own (core/run_folder.py).
+    return run_folder.tokenizer_file(os.path.dirname(self.require("tokenizer")))
 
   def stage_config(self, stage: str):
     """A copy of the stage's section with the paths between stages and the shared fields
     filled in (never written back into the pipeline config)."""
     config = copy.deepcopy(self.config[stage])
     config.unlock()
-    shape = {k: v for k, v in self.config.pretrain.model.to_dict().items() if k not in NUMERICS}
+    shape = {k: v for k, v in self.config.pretrain.model.to_dict().items()
+             if k not in NUMERICS_FIELDS}
     for key, value in shape.items():
       config.model[key] = value
     config.model.vocab_size = self.config.tokenizer.vocab_size
@@ -232,7 +236,7 @@ def run_tokenizer(ctx: Context):
   from rlhf_jax.text import tokenizer as tok_lib
   from rlhf_jax.train.inputs import tokenizer_corpus
   cfg = ctx.config.tokenizer
-  path = os.path.join(ctx.workdir, "tokenizer", "tokenizer.model")
+  path = run_folder.tokenizer_file(ctx.workdir)
   if cfg.path:  # a given model, copied in so the workdir stands on its own
     if not os.path.exists(cfg.path):
       raise FileNotFoundError(f"config.tokenizer.path={cfg.path} does not exist")
@@ -254,16 +258,10 @@ def run_tokenizer(ctx: Context):
 def _run_trainer(ctx: Context, stage: str, config) -> dict:
   """launch.run in W/<stage>; StageStopped unless the run reached its last step."""
   from rlhf_jax.core import launch
-  from rlhf_jax.core.checkpoint import Checkpointer
   from rlhf_jax.core.metrics import read_metrics
   stage_dir = os.path.join(ctx.workdir, stage)
   returned = launch.run(config, stage_dir)
-  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=None,
-                      async_save=False)
-  try:
-    step = ckpt.latest_step()
-  finally:
-    ckpt.close()
+  step = run_folder.latest_step(stage_dir)
   if stage == "rm":  # one epoch by default: its normalisation is written only after the last
     finished = os.path.exists(os.path.join(stage_dir, "normalization.json"))
   elif config.train.steps:
@@ -284,7 +282,7 @@ def run_pretrain(ctx: Context):
 
 def run_sft(ctx: Context):
   config = ctx.stage_config("sft")
-  config.init_from = os.path.join(ctx.require("pretrain"), "checkpoints")
+  config.init_from = ctx.require("pretrain")
   m = _run_trainer(ctx, "sft", config)
   return {"train/loss": m.get("train/loss")}, f"loss {_fmt(m.get('train/loss'), 3)}"
 
@@ -302,7 +300,7 @@ def run_comparisons(ctx: Context):
     raise ValueError(f"config.comparisons.rounds must be >= 1, got {cfg.rounds}")
   sft_dir = ctx.require("sft")
   tokenizer = tok_lib.Tokenizer.load(ctx.tokenizer_path)
-  params, model_config, _ = comparisons.load_policy(sft_dir)
+  params, model_config = run_folder.load_policy(sft_dir)
   prompts, prompt_langs = [], []
   # Training prompts, then held-out ones: the comparisons keep their prompt's split, so the
   # RM's held-out accuracy is measured on prompts it never trained on.
@@ -340,7 +338,7 @@ def run_comparisons(ctx: Context):
 def run_rm(ctx: Context):
   config = ctx.stage_config("rm")
   cfg = ctx.config.comparisons
-  config.init_from = os.path.join(ctx.require("sft"), "checkpoints")
+  config.init_from = ctx.require("sft")
   config.data.name = f"rlhf_comparisons/{cfg.name}"
   config.data.data_dir = comparisons_data_dir(ctx.require("comparisons"))
   config.data.max_answers = cfg.k
@@ -371,7 +369,7 @@ def run_ppo(ctx: Context):
 
 def run_kto(ctx: Context):
   config = ctx.stage_config("kto")  # the bundled human thumbs, in config.data_dir
-  config.init_from = os.path.join(ctx.require("sft"), "checkpoints")
+  config.init_from = ctx.require("sft")
   m = _run_trainer(ctx, "kto", config)
   metrics = {k: m.get(k) for k in ("kto/loss", "eval/kto/liked_over_disliked",
                                    "eval/kto/initial/liked_over_disliked")}
@@ -382,7 +380,7 @@ def run_kto(ctx: Context):
 
 def run_dpo(ctx: Context):
   config = ctx.stage_config("dpo")
-  config.init_from = os.path.join(ctx.require("sft"), "checkpoints")
+  config.init_from = ctx.require("sft")
   config.data.names = f"rlhf_comparisons/{ctx.config.comparisons.name}"
   config.data.data_dir = comparisons_data_dir(ctx.require("comparisons"))
   m = _run_trainer(ctx, "dpo", config)

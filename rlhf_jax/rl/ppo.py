@@ -124,6 +124,28 @@ class PPOState:
     """This iteration's key: a resumed run draws the same answers and minibatches."""
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
+  def checkpoint_params(self):
+    """A checkpoint's 'params' item is the policy alone: a later stage starts from it exactly
+    as from SFT."""
+    return self.params["policy"]
+
+  def train_items(self) -> dict:
+    """A checkpoint's 'train' item: the critic, optimizer state, EMA, β, step and rng."""
+    items = {"step": self.step, "critic": self.params["critic"], "opt_state": self.opt_state,
+             "kl_coef": self.kl_coef, "rng": self.rng}
+    if self.ema is not None:
+      items["ema"] = self.ema
+    return items
+
+  def restored(self, policy, items: dict) -> "PPOState":
+    return self.replace(step=items["step"], params={"policy": policy, "critic": items["critic"]},
+                        opt_state=items["opt_state"], kl_coef=items["kl_coef"], rng=items["rng"],
+                        ema=items.get("ema"))
+
+  def eval_params(self):
+    """What held-out evaluation answers with: the EMA of the policy when kept."""
+    return self.ema if self.ema is not None else self.params["policy"]
+
 
 class Frozen(NamedTuple):
   reference: Any  # Transformer params (the SFT policy)
@@ -331,7 +353,8 @@ def ppo_update(state: PPOState, experience: Experience, ptx_batches: Optional[di
     (loss, stats), grads = grad_fn(params, batch, ptx)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = apply_update_if(finite, tx, grads, params, opt_state)
+    params, opt_state, applied = apply_update_if(finite, tx, grads, params, opt_state)
+    finite = finite & applied
     if ema is not None:
       d = hyper.ema_decay
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params["policy"])

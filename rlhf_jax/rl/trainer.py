@@ -1,4 +1,5 @@
-"""The PPO host loop: four models in, a policy out. Orchestration only; the step is rl/ppo.py.
+"""PPO's setup: four models in, a policy out. The step is rl/iteration.py (host side) over
+rl/ppo.py (the pure, jitted numerics); the loop is the one every trainer runs (train/loop.py).
 
 Models, all on the same mesh:
   policy      trained; from the SFT checkpoint (`config.sft_dir`)
@@ -7,8 +8,8 @@ Models, all on the same mesh:
               the RM's normalisation folded into its head so its first values are in reward units
   reward      frozen; the RM checkpoint (`config.rm_dir`) and its normalization.json
 
-Per iteration: prompts -> rollout (jit) -> experience (jit) -> NaN check -> update (jit, state
-donated). Device values reach the host once per iteration, for the metrics and the checks.
+Per iteration (rl/iteration.py): prompts -> rollout (jit) -> experience (jit) -> NaN check ->
+update (jit, state donated). Device values reach the host once per iteration.
 Every problem with the inputs -- β < 0, clip ranges outside (0, 1), minibatches that do not
 divide the batch, a checkpoint whose vocabulary is not the tokenizer's -- is an error raised
 before anything is compiled.
@@ -19,39 +20,30 @@ stream's position. The same command in the same workdir resumes mid-run.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.core import checkpoint as ckpt_lib
-from rlhf_jax.core import optim, sharding
-from rlhf_jax.core.metrics import MetricWriter
-from rlhf_jax.models import ModelConfig, ScalarModel, Transformer
-from rlhf_jax.eval import ppo_periodic as evaluation
-from rlhf_jax.rl import kl, ppo
+from rlhf_jax.core import optim, run_folder, sharding
 from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.eval import ppo_periodic as evaluation
 from rlhf_jax.infer.rollout import make_rollout_fn
 from rlhf_jax.infer.sampling import SamplingParams
+from rlhf_jax.models import ModelConfig, ScalarModel, Transformer
+from rlhf_jax.models.transformer import NUMERICS_FIELDS
+from rlhf_jax.rl import iteration, kl, ppo
+from rlhf_jax.rl.iteration import Iteration, NonFiniteRewardError  # noqa: F401 (re-exported)
+from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 from rlhf_jax.train import inputs as inputs_lib
-from rlhf_jax.train.loop import NonFiniteLossError, Preemption, progress
+from rlhf_jax.train.loop import Composite, Evaluation, resume, run_train_loop
 
 log = logging.getLogger(__name__)
-
-# Fields of the policy's shape taken from the PPO config even when an SFT checkpoint is given.
-NUMERICS_FIELDS = ("dtype", "remat")
-
-
-class NonFiniteRewardError(NonFiniteLossError):
-  """A reward went NaN/inf. That iteration's update was not applied; nothing was saved."""
-
 
 # ---------------------------------------------------------------------------------------------
 # The config, checked before anything runs.
@@ -86,33 +78,15 @@ def sampling_from_config(section) -> SamplingParams:
 # Where the models come from.
 
 
-def _checkpoint_dir(workdir: str, what: str) -> str:
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{what} workdir {workdir} has no checkpoints/ directory")
-  return directory
-
-
-def read_checkpoint_model(directory: str, kind: str, numerics) -> ModelConfig:
-  """The ModelConfig a checkpoint was trained with (its vocabulary read off the embedding),
-  with this run's compute dtype and remat. Reads metadata only: nothing is loaded."""
-  from rlhf_jax.infer.rm_scores import model_config_from_saved
-  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-    saved_config = ckpt.read_config(step) or {}
-    tree = ckpt.manager.item_metadata(step)["params"]
-    tree = getattr(tree, "tree", tree)
-  finally:
-    ckpt.close()
-  expected = {"policy": "embed", "reward model": "trunk"}[kind]
-  if expected not in tree or "model" not in saved_config:
-    raise ValueError(f"{directory} does not hold a {kind} checkpoint (params {sorted(tree)}, "
-                     f"config sections {sorted(saved_config)})")
-  config = model_config_from_saved(saved_config, tree)
-  return dataclasses.replace(config, **{k: numerics[k] for k in NUMERICS_FIELDS})
+def read_run_model(run: str, kind: str, numerics) -> ModelConfig:
+  """The ModelConfig a run's record names (core/run_folder.py), with this run's compute dtype
+  and remat: the shape is the checkpoint's, the precision this run's."""
+  record_kind = {"policy": "policy", "reward model": "scalar"}[kind]
+  found = run_folder.read_record(run)["kind"]
+  if found != record_kind:
+    raise ValueError(f"{run_folder.root(run)} does not hold a {kind} checkpoint (its record "
+                     f"says {found})")
+  return run_folder.model_config(run, **{k: numerics[k] for k in NUMERICS_FIELDS})
 
 
 def check_vocab(what: str, where: str, vocab: int, tokenizer) -> None:
@@ -125,24 +99,10 @@ def check_vocab(what: str, where: str, vocab: int, tokenizer) -> None:
 
 def load_tokenizer(config, workdir: str):
   """config.tokenizer.path, else the SFT run's tokenizer, else one trained into the workdir."""
-  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
   if config.tokenizer.path:
     return load_any_tokenizer(config.tokenizer.path)
   if config.sft_dir:
-    candidates = [os.path.join(config.sft_dir, "tokenizer", "tokenizer.model")]
-    try:
-      saved = ckpt_lib.Checkpointer(_checkpoint_dir(config.sft_dir, "SFT"), max_to_keep=None,
-                                    async_save=False)
-      path = (saved.read_config() or {}).get("tokenizer", {}).get("path", "")
-      saved.close()
-      candidates.insert(0, path)
-    except (FileNotFoundError, KeyError, TypeError):
-      pass
-    for path in filter(None, candidates):
-      if os.path.exists(path) or (path and not path.endswith(".model")):
-        return load_any_tokenizer(path)
-    raise FileNotFoundError(f"no tokenizer found for SFT run {config.sft_dir}; set "
-                            "tokenizer.path")
+    return run_folder.tokenizer(config.sft_dir)
   tokenizer, _ = inputs_lib.load_tokenizer(config, workdir)
   return tokenizer
 
@@ -150,8 +110,8 @@ def load_tokenizer(config, workdir: str):
 def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
   """Shapes of the four models and where their params come from; all checks, no compiling."""
   if config.sft_dir:
-    sft_ckpt = _checkpoint_dir(config.sft_dir, "SFT")
-    policy = read_checkpoint_model(sft_ckpt, "policy", config.model)
+    sft_ckpt = run_folder.root(config.sft_dir)
+    policy = read_run_model(sft_ckpt, "policy", config.model)
     check_vocab("SFT", sft_ckpt, policy.vocab_size, tokenizer)
   else:
     log.warning("no sft_dir: the policy and the reference start from random params")
@@ -162,8 +122,8 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
   gain, bias = 1.0, 0.0
   if config.rm_dir:
     from rlhf_jax.infer.rm_scores import read_normalization
-    rm_ckpt = _checkpoint_dir(config.rm_dir, "reward model")
-    reward = read_checkpoint_model(rm_ckpt, "reward model", config.model)
+    rm_ckpt = run_folder.root(config.rm_dir)
+    reward = read_run_model(rm_ckpt, "reward model", config.model)
     check_vocab("reward model", rm_ckpt, reward.vocab_size, tokenizer)
     norm = read_normalization(config.rm_dir)  # PPO needs the RM's scale pinned
     gain, bias = float(norm["gain"]), float(norm["bias"])
@@ -245,10 +205,10 @@ def copy_tree(tree, shardings):
 def load_frozen(frozen: ppo.Frozen, sources: dict) -> ppo.Frozen:
   """The SFT params into the reference, the RM checkpoint into the reward model."""
   if sources["sft"]:
-    frozen = frozen._replace(reference=ckpt_lib.restore_params(sources["sft"],
+    frozen = frozen._replace(reference=run_folder.restore_params(sources["sft"],
                                                                frozen.reference))
   if sources["rm"]:
-    frozen = frozen._replace(reward=ckpt_lib.restore_params(sources["rm"], frozen.reward))
+    frozen = frozen._replace(reward=run_folder.restore_params(sources["rm"], frozen.reward))
   return frozen
 
 
@@ -257,30 +217,15 @@ def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sou
   """The SFT params into the policy, the RM (normalisation folded in) into the critic."""
   params = state.params
   if sources["sft"]:
-    params = {**params, "policy": ckpt_lib.restore_params(sources["sft"], params["policy"])}
+    params = {**params, "policy": run_folder.restore_params(sources["sft"], params["policy"])}
   if sources["rm"]:
-    critic = ckpt_lib.restore_params(sources["rm"], params["critic"])
+    critic = run_folder.restore_params(sources["rm"], params["critic"])
     fold = jax.jit(fold_normalization, out_shardings=state_shardings.params["critic"])
     params = {**params, "critic": fold(critic, frozen.reward_gain, frozen.reward_bias)}
   state = state.replace(params=params)
   if hyper.ema_decay:
     state = state.replace(ema=copy_tree(params["policy"], state_shardings.params["policy"]))
   return state
-
-
-def train_items(state: ppo.PPOState) -> dict:
-  """What a checkpoint's `train` item holds (the policy is saved as `params`)."""
-  items = {"step": state.step, "critic": state.params["critic"], "opt_state": state.opt_state,
-           "kl_coef": state.kl_coef, "rng": state.rng}
-  if state.ema is not None:
-    items["ema"] = state.ema
-  return items
-
-
-def from_train_items(state: ppo.PPOState, policy, items: dict) -> ppo.PPOState:
-  return state.replace(step=items["step"], params={"policy": policy, "critic": items["critic"]},
-                       opt_state=items["opt_state"], kl_coef=items["kl_coef"], rng=items["rng"],
-                       ema=items.get("ema"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,25 +325,49 @@ def make_step_fns(models, hyper, controller, tx, tokenizer, config, state_shardi
   return rollout_fn, experience_fn, update_fn
 
 
-def train(config, workdir: str) -> dict:
-  """Runs (or resumes) PPO in `workdir`. Returns the last iteration's metrics."""
-  hyper = hyper_from_config(config)  # bad hyperparameters fail here, before any work
-  controller = controller_from_config(config)
-  langs = prompts_lib.parse_langs(config.data.lang)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.axis_rules(config.get("axis_rules"))
+def check_config(config, langs, mesh, rules) -> ppo.PPOHyper:
+  """PPO's hyperparameters; every problem with them an error before any work."""
+  hyper = hyper_from_config(config)
   hyper.check_batch(config.data.batch_size, sharding.batch_shards(mesh, rules))
   if config.data.batch_size % len(langs):
     raise ValueError(f"data.batch_size={config.data.batch_size} must split evenly over the "
                      f"languages {langs}")
-  tokenizer = load_tokenizer(config, workdir)
-  models, sources = resolve_models(config, tokenizer)
+  return hyper
+
+
+def check_lengths(config, models: ppo.PPOModels) -> None:
   need = config.data.max_prompt_len + max(config.sampling.max_new_tokens,
                                           config.eval.max_new_tokens)
   if need > models.policy.max_len:
     raise ValueError(f"data.max_prompt_len + max_new_tokens = {need} exceeds the policy's "
                      f"max_len={models.policy.max_len}")
+
+
+def make_evaluations(config, tokenizer, langs, models, frozen, workdir, mesh, rules):
+  """PPO's periodic held-out evaluation (gold score, win rate against SFT), timed."""
+  if not config.eval.n_prompts:
+    return []
+  evaluator = make_evaluator(config, tokenizer, langs, models, workdir, mesh, rules)
+
+  def evaluate(step, policy):
+    t0 = time.perf_counter()
+    metrics = evaluator(step, policy, frozen)
+    return {**metrics, "time/eval": time.perf_counter() - t0}
+
+  return [Evaluation(evaluate, config.eval.every)]
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) PPO in `workdir`. Returns the last iteration's metrics."""
+  controller = controller_from_config(config)
+  langs = prompts_lib.parse_langs(config.data.lang)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.get("axis_rules"))
+  hyper = check_config(config, langs, mesh, rules)  # bad hyperparameters fail here
+  tokenizer = load_tokenizer(config, workdir)
+  models, sources = resolve_models(config, tokenizer)
+  check_lengths(config, models)
 
   total = config.train.steps
   tx = make_optimizer(tuple(sorted(config.optim.to_dict().items())),
@@ -406,129 +375,27 @@ def train(config, workdir: str) -> dict:
   (state, frozen), (state_shardings, _) = create_models(
       models, tx, controller, sources["gain"], sources["bias"], mesh, rules, config.seed)
   prompt_stream = make_prompt_stream(config, tokenizer, langs)
-  ptx_iter = make_ptx_iterator(config, tokenizer)
-
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.train.max_to_keep)
+  data = Composite(prompts=prompt_stream, ptx=make_ptx_iterator(config, tokenizer))
+  run_folder.write_record(workdir, model_config=models.policy, tokenizer=tokenizer,
+                          kind="policy")
+  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   frozen = load_frozen(frozen, sources)
-  start = ckpt.latest_step()
-  if start is not None:
-    # The EMA slot only gives the restore its shapes and shardings.
-    target = state.replace(ema=state.params["policy"] if hyper.ema_decay else None)
-    policy, items, data_state, _ = ckpt.restore(start, state.params["policy"],
-                                                train_items(target))
-    state = from_train_items(state, policy, items)
-    if data_state:
-      prompt_stream.set_state(data_state["prompts"])
-      if ptx_iter is not None and data_state.get("ptx"):
-        ptx_iter.set_state(data_state["ptx"])
-    log.info("resumed from %s at iteration %d", ckpt.directory, start)
-  else:
-    state = load_trainable(state, frozen, state_shardings, sources, hyper)
+  # The EMA slot only gives a restore its shapes and shardings.
+  target = state.replace(ema=state.params["policy"] if hyper.ema_decay else None)
+  state, start = resume(ckpt, target, data)
+  if start is None:
+    state = load_trainable(state.replace(ema=None), frozen, state_shardings, sources, hyper)
   log.info("PPO: policy %s, critic/RM %s, mesh %s", models.policy, models.critic,
            dict(mesh.shape))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fns = make_step_fns(models, hyper, controller, tx, tokenizer, config, state_shardings)
-    evaluator = (make_evaluator(config, tokenizer, langs, models, workdir, mesh, rules)
-                 if config.eval.n_prompts else None)
-    return _host_loop(config, workdir, state, frozen, fns, evaluator, prompt_stream, ptx_iter,
-                      ckpt, mesh, rules, int(state.step), total)
-
-
-def _host_loop(config, workdir, state, frozen, fns, evaluator, prompt_stream, ptx_iter, ckpt,
-               mesh, rules, start, total):
-  rollout_fn, experience_fn, update_fn = fns
-  writer = MetricWriter(workdir)
-  preemption = Preemption()
-  config_json = config.to_dict()
-  bar = progress(total, start, "ppo")
-  last: dict[str, Any] = {}
-  eval_every = config.eval.every
-
-  def data_state():
-    return {"prompts": prompt_stream.get_state(),
-            "ptx": ptx_iter.get_state() if ptx_iter is not None else None}
-
-  def save(done, force=False):
-    if ckpt.latest_step() != done:
-      ckpt.save(done, state.params["policy"], train_items(state), data_state(), config_json,
-                force=force)
-
-  try:
-    for it in range(start, total):
-      done = it + 1
-      t0 = time.perf_counter()
-      batch = next(prompt_stream)
-      prompts = sharding.make_global_batch({"tokens": batch["tokens"], "mask": batch["mask"]},
-                                           mesh, rules)
-      key = jax.random.fold_in(state.key(), 0)
-      rollout = jax.block_until_ready(
-          rollout_fn({"params": state.params["policy"]}, prompts["tokens"], prompts["mask"], key))
-      t1 = time.perf_counter()
-      experience, exp_metrics = experience_fn(state.params, frozen, rollout, state.kl_coef)
-      exp_metrics = jax.device_get(exp_metrics)
-      scores, seq_kl = evaluation.to_host(experience.scores), evaluation.to_host(experience.kl)
-      t2 = time.perf_counter()
-      if not bool(exp_metrics.pop("finite")):
-        good = ckpt.latest_step()
-        raise NonFiniteRewardError(
-            f"a reward is NaN/inf at iteration {done}: stopped before its update. The last "
-            f"good checkpoint ({'iteration ' + str(good) if good is not None else 'none'}) in "
-            f"{ckpt.directory} is kept.")
-      ptx = None
-      if ptx_iter is not None:
-        local = next(ptx_iter)
-        ptx = sharding.make_global_batch({k: local[k] for k in (
-            "inputs", "targets", "positions", "segment_ids", "loss_mask")}, mesh, rules)
-      state, stats = update_fn(state, experience, ptx)
-      stats = jax.device_get(stats)
-      t3 = time.perf_counter()
-
-      metrics = {k: float(v) for k, v in exp_metrics.items()}
-      metrics.update(ppo.summarize_update(stats))
-      if metrics["ppo/skipped_updates"]:
-        log.warning("iteration %d: %d minibatch updates had a non-finite loss or gradient and "
-                    "were skipped", done, int(metrics["ppo/skipped_updates"]))
-      # Every process's rows are laid out alike, so the global rows' languages repeat.
-      row_langs = np.tile(np.asarray(batch["lang"]), jax.process_count())
-      if len(set(batch["lang"])) > 1:
-        for lang in sorted(set(batch["lang"])):
-          metrics[f"objective/{lang}/scores"] = float(np.mean(scores[row_langs == lang]))
-          metrics[f"objective/{lang}/kl"] = float(np.mean(seq_kl[row_langs == lang]))
-      episodes = config.data.batch_size
-      metrics.update({
-          "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-          "time/iteration": t3 - t0, "train/episodes_per_s": episodes / max(t3 - t0, 1e-9),
-          "train/tokens": metrics.pop("rollout/tokens"),
-          "rollout/skipped_prompts": float(prompt_stream.skipped),
-      })
-      if evaluator is not None and ((eval_every and done % eval_every == 0) or done == total):
-        t4 = time.perf_counter()
-        policy = state.ema if state.ema is not None else state.params["policy"]
-        metrics.update(evaluator(done, policy, frozen))
-        metrics["time/eval"] = time.perf_counter() - t4
-      if done % config.train.log_every == 0 or done == total:
-        writer.write(done, metrics)
-      bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",
-                      kl=f"{metrics['objective/kl']:.2f}",
-                      ep_s=f"{metrics['train/episodes_per_s']:.1f}")
-      bar.update(1)
-      last = metrics
-      if done % config.train.checkpoint_every == 0 or done == total:
-        save(done)
-      if done == config.train.get("stop_after", 0):
-        save(done, force=True)
-        log.info("stopped after iteration %d as configured (train.stop_after)", done)
-        break
-      if preemption.requested():
-        save(done, force=True)
-        log.warning("preempted at iteration %d; checkpoint saved", done)
-        last["preempted_at"] = done
-        break
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
-    preemption.close()
+    rollout_fn, experience_fn, update_fn = make_step_fns(models, hyper, controller, tx,
+                                                         tokenizer, config, state_shardings)
+    step = Iteration(rollout_fn, experience_fn, update_fn, frozen, mesh, rules, prompt_stream,
+                     last_good=ckpt.latest_step)
+    evaluations = make_evaluations(config, tokenizer, langs, models, frozen, workdir, mesh,
+                                   rules)
+    _, last = run_train_loop(config, workdir, state, step, data, ckpt, total=total,
+                             loss_key="objective/scores", summarize=iteration.summarize,
+                             evaluations=evaluations)
   return last

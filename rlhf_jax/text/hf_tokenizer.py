@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from rlhf_jax.text.tokenizer import TooLongError, _check_length, _check_messages  # noqa: F401
+from rlhf_jax.text.tokenizer import TooLongError, check_length, check_messages  # noqa: F401
 
 _PAD = "\u2003"  # an em space: whitespace a `trim` removes, never written by a template
 _MARK = re.compile(f"({_PAD}?)\ue000(\\d+)\ue001({_PAD}?)")
@@ -228,17 +228,17 @@ class HFTokenizer:
   def render_chat(self, messages: Sequence[Mapping[str, str]], *,
                   max_len: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [T], loss_mask int32 [T]) of a chat ending with an assistant turn."""
-    _check_messages(messages, last_role="assistant", caller="render_chat")
+    check_messages(messages, last_role="assistant", caller="render_chat")
     ids, mask = self._render(messages, generation_prompt=False)
-    _check_length(len(ids), max_len)
+    check_length(len(ids), max_len)
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
   def render_prompt(self, messages: Sequence[Mapping[str, str]], *,
                     max_len: Optional[int] = None) -> np.ndarray:
     """ids int32 [T] of a chat ending with a user turn, then the assistant header."""
-    _check_messages(messages, last_role="user", caller="render_prompt")
+    check_messages(messages, last_role="user", caller="render_prompt")
     ids, _ = self._render(messages, generation_prompt=True)
-    _check_length(len(ids), max_len)
+    check_length(len(ids), max_len)
     return np.asarray(ids, np.int32)
 
   def stop_ids(self) -> tuple[int, ...]:

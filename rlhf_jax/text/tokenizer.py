@@ -263,9 +263,9 @@ class Tokenizer:
     Raises ValueError naming the offending message for malformed input, and TooLongError when
     T > max_len (see the module docstring).
     """
-    _check_messages(messages, last_role="assistant", caller="render_chat")
+    check_messages(messages, last_role="assistant", caller="render_chat")
     ids, mask = self._render_turns(messages)
-    _check_length(len(ids), max_len)
+    check_length(len(ids), max_len)
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)  # [T], [T]
 
   def render_prompt(self, messages: Sequence[Mapping[str, str]], *,
@@ -274,10 +274,10 @@ class Tokenizer:
 
     Equal to the first T ids of `render_chat(messages + [answer])` for any answer.
     """
-    _check_messages(messages, last_role="user", caller="render_prompt")
+    check_messages(messages, last_role="user", caller="render_prompt")
     ids, _ = self._render_turns(messages)
     ids.append(self.assistant_id)
-    _check_length(len(ids), max_len)
+    check_length(len(ids), max_len)
     return np.asarray(ids, np.int32)  # [T]
 
   def stop_ids(self) -> tuple[int, ...]:
@@ -296,7 +296,7 @@ class Tokenizer:
     return ids, mask
 
 
-def _check_messages(messages, *, last_role: str, caller: str) -> None:
+def check_messages(messages, *, last_role: str, caller: str) -> None:
   """ValueError, naming the message index, for anything the template cannot render."""
   if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
     raise ValueError(f"{caller} takes a list of messages, got {type(messages).__name__}")
@@ -317,6 +317,6 @@ def _check_messages(messages, *, last_role: str, caller: str) -> None:
                      f"to end with a {last_role} turn{hint}")
 
 
-def _check_length(length: int, max_len: Optional[int]) -> None:
+def check_length(length: int, max_len: Optional[int]) -> None:
   if max_len is not None and length > max_len:
     raise TooLongError(length, max_len)

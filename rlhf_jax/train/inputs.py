@@ -11,13 +11,14 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
+from rlhf_jax.core import run_folder
 from rlhf_jax.data.synthetic import SyntheticLMIterator
 
 log = logging.getLogger(__name__)
 
 
 def tokenizer_path(config, workdir: str) -> str:
-  return config.tokenizer.path or os.path.join(workdir, "tokenizer", "tokenizer.model")
+  return config.tokenizer.path or run_folder.tokenizer_file(workdir)
 
 
 def tokenizer_corpus():

@@ -17,16 +17,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.core import run_folder
 from rlhf_jax.models import losses
 from rlhf_jax.core import optim, sharding
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.train.loop import resume, run_train_loop
-from rlhf_jax.train.state import TrainState, create_train_state, param_count, apply_update_if
+from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
+                                  init_params_fn, param_count, setup_mesh,
+                                  split_microbatches)
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ def lm_loss(params, batch, model: Transformer):
   logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
                           batch["segment_ids"])  # [B, T, V]
   return losses.next_token_loss(logits, batch["targets"], batch["loss_mask"])
-
-
-def _split_microbatches(batch, n: int):
-  """[B, ...] -> [n, B/n, ...] taking every n-th row, so each device keeps its own rows."""
-  def split(x):
-    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-  return jax.tree.map(split, batch)
 
 
 def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.GradientTransformation,
@@ -68,14 +62,15 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss_sum, count, grads), _ = jax.lax.scan(
-        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), _split_microbatches(batch, grad_accum))
+        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), split_microbatches(batch, grad_accum))
 
   denom = jnp.maximum(count, 1.0)
   loss = loss_sum / denom
   grads = jax.tree.map(lambda g: g / denom, grads)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  params, opt_state = apply_update_if(finite, tx, grads, state.params, state.opt_state)
+  params, opt_state, applied = apply_update_if(finite, tx, grads, state.params, state.opt_state)
+  finite = finite & applied
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/tokens": count,
              "train/lr": schedule(state.step), "train/finite": finite}
@@ -94,23 +89,11 @@ def make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_sha
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def _init_params_fn(model: Transformer, seq_len: int):
-  def init(key):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(key, tokens, tokens, jnp.ones_like(tokens))["params"]
-  return init
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) next-token training in `workdir`. Returns the last logged metrics."""
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.axis_rules(config.get("axis_rules"))
-  n_shards = sharding.batch_shards(mesh, rules)
-  batch_size, grad_accum = config.data.batch_size, config.optim.grad_accum
-  if batch_size % (n_shards * grad_accum):
-    raise ValueError(f"data.batch_size={batch_size} must be a multiple of the batch shards "
-                     f"({n_shards}) times optim.grad_accum ({grad_accum})")
+  mesh, rules = setup_mesh(config, config.optim.grad_accum)
+  grad_accum = config.optim.grad_accum
 
   tokenizer, vocab_size = inputs_lib.load_tokenizer(config, workdir)
   model = build_model(config, vocab_size)
@@ -122,38 +105,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optim, total_steps)
 
   state, state_shardings = create_train_state(
-      _init_params_fn(model, config.data.seq_len), tx, mesh, rules, config.seed)
+      init_params_fn(model, config.data.seq_len), tx, mesh, rules, config.seed)
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
 
   data_iter = inputs_lib.make_lm_inputs(config, tokenizer, jax.process_index(),
                                         jax.process_count())
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.train.max_to_keep)
+  run_folder.write_record(workdir, model_config=model.config, tokenizer=tokenizer, kind="policy")
+  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   state, start = resume(ckpt, state, data_iter)
   if start is None and config.get("init_from"):
-    state = state.replace(params=ckpt_lib.restore_params(config.init_from, state.params))
-  start = int(state.step)
+    state = state.replace(params=run_folder.restore_params(config.init_from, state.params))
 
   batch_shard = sharding.batch_sharding(mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_shard)
-    last = _host_loop(config, workdir, state, step_fn, data_iter, ckpt, mesh, rules, start,
-                      total_steps)
+    _, last = run_train_loop(config, workdir, state, step_fn, data_iter, ckpt,
+                             functools.partial(make_batch, mesh=mesh, rules=rules),
+                             total=total_steps, summarize=functools.partial(summarize,
+                                                                            data=data_iter))
   return last
 
 
-def _host_loop(config, workdir, state, step_fn, data_iter, ckpt, mesh, rules, start, total):
-  def make_batch(local):
-    return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
+def make_batch(local, *, mesh, rules):
+  """The local rows of a batch -> global arrays split over the mesh's batch axes."""
+  return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
 
-  def summarize(host, steps, seconds):
-    # Tokens of the last step times the steps in the window: batches are of fixed shape.
-    host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
-    stats = getattr(data_iter, "stats", None)  # the pipeline counts what it truncated
-    if stats:
-      host.update({f"data/{k}": float(stats[k]) for k in ("examples", "truncated") if k in stats})
-    return host, {"loss": f"{host['train/loss']:.3f}",
-                  "tok_s": f"{host['train/tokens_per_s']:.0f}"}
 
-  return run_train_loop(config, workdir, state, step_fn, data_iter, ckpt, make_batch,
-                        start=start, total=total, summarize=summarize)
+def summarize(host, steps, seconds, *, data):
+  """Tokens per second over the logging window, and what the data pipeline truncated."""
+  # Tokens of the last step times the steps in the window: batches are of fixed shape.
+  host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
+  stats = getattr(data, "stats", None)
+  if stats:
+    host.update({f"data/{k}": float(stats[k]) for k in ("examples", "truncated") if k in stats})
+  return host, {"loss": f"{host['train/loss']:.3f}",
+                "tok_s": f"{host['train/tokens_per_s']:.0f}"}

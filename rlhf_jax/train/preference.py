@@ -47,6 +47,7 @@ import numpy as np
 import optax
 
 from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.core import run_folder
 from rlhf_jax.infer import logprobs as logprobs_lib
 from rlhf_jax.models import losses
 from rlhf_jax.core import optim, sharding
@@ -54,12 +55,15 @@ from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.train import lm as lm_trainer
 from rlhf_jax.data import preference_batches as pref_inputs
 from rlhf_jax.data import rm_batches as rm_inputs
-from rlhf_jax.train.loop import resume, run_train_loop
-from rlhf_jax.train.state import TrainState, create_train_state, param_count, apply_update_if
+from rlhf_jax.core.metrics import MetricWriter, read_metrics
+from rlhf_jax.data.preference_batches import ROW_KEYS, flat_rows
+from rlhf_jax.eval.held_out import PreferenceHeldOut
+from rlhf_jax.train.loop import Evaluation, resume, run_train_loop
+from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
+                                  init_params_fn, param_count, setup_mesh)
 
 log = logging.getLogger(__name__)
 
-ROW_KEYS = ("tokens", "positions", "segment_ids", "answer_mask")
 BATCH_KEYS = ROW_KEYS + ("valid", "label", "lang")
 
 
@@ -119,11 +123,6 @@ def objective_from_config(config, label_counts: tuple[int, int] | None = None) -
 # The pure step.
 
 
-def flat_rows(batch) -> dict:
-  """{tokens, positions, segment_ids: [B*K, S], answer_mask: [B*K, N]} of a [B, K, ...] batch."""
-  return {k: batch[k].reshape(-1, *batch[k].shape[2:]) for k in ROW_KEYS}
-
-
 def concat_rows(a, b) -> dict:
   return {k: jnp.concatenate([a[k], b[k]], axis=0) for k in ROW_KEYS}
 
@@ -166,8 +165,9 @@ def train_step(state: TrainState, reference, batch, *, model_config, tx, schedul
   grad_norm = optax.global_norm(grads)
   count = jnp.sum(batch["valid"])
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  params, opt_state = apply_update_if(finite & (count > 0), tx, grads, state.params,
-                                      state.opt_state)
+  params, opt_state, applied = apply_update_if(finite & (count > 0), tx, grads, state.params,
+                                               state.opt_state)
+  finite = finite & (applied | (count == 0))  # a batch with nothing to learn is no failure
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   prefix = objective.kind
   out = {f"{prefix}/loss": loss, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
@@ -189,176 +189,16 @@ def make_jitted_step(model_config, tx, schedule, objective, state_shardings, par
 # Held-out evaluation.
 
 
-def preferred_rate(winners, losers) -> float:
-  """P(w > l) + ½·P(w == l) over every (winner, loser) pair of two score lists: a rank
-  statistic (the Mann-Whitney U over n_w·n_l), computed by sorting rather than pair by pair."""
-  w = np.sort(np.asarray(winners, np.float64))
-  l = np.asarray(losers, np.float64)
-  if not len(w) or not len(l):
-    return float("nan")
-  above = len(w) - np.searchsorted(w, l, side="right")  # winners strictly above each loser
-  ties = np.searchsorted(w, l, side="right") - np.searchsorted(w, l, side="left")
-  return float((above.sum() + 0.5 * ties.sum()) / (len(w) * len(l)))
-
-
-def _mean(x) -> float:
-  return float(np.mean(x)) if len(x) else float("nan")
-
-
-def kto_eval_metrics(policy, reference, tokens, label, lang, beta: float) -> dict[str, float]:
-  """eval/kto/* from per-answer log-probs [M] (policy, reference), answer lengths, labels."""
-  reward = beta * (policy - reference)
-  per_token = policy / np.maximum(tokens, 1.0)
-  out = {}
-  groups = [("", np.ones_like(label, bool))]
-  langs = sorted(set(lang.tolist()))
-  if len(langs) > 1:
-    groups += [(f"/{rm_inputs.LANGS[i]}", lang == i) for i in langs if i >= 0]
-  for suffix, rows in groups:
-    liked, disliked = rows & (label == 1), rows & (label == 0)
-    out[f"eval/kto/liked_over_disliked{suffix}"] = preferred_rate(reward[liked],
-                                                                  reward[disliked])
-    out[f"eval/kto/logp_liked_over_disliked{suffix}"] = preferred_rate(per_token[liked],
-                                                                       per_token[disliked])
-    out[f"eval/kto/reward_liked{suffix}"] = _mean(reward[liked])
-    out[f"eval/kto/reward_disliked{suffix}"] = _mean(reward[disliked])
-    out[f"eval/kto/logp_per_token_liked{suffix}"] = _mean(per_token[liked])
-    out[f"eval/kto/logp_per_token_disliked{suffix}"] = _mean(per_token[disliked])
-    out[f"eval/kto/liked{suffix}"] = float(liked.sum())
-    out[f"eval/kto/disliked{suffix}"] = float(disliked.sum())
-  return out
-
-
-def dpo_eval_metrics(policy, reference, tokens, beta: float,
-                     label_smoothing: float) -> dict[str, float]:
-  """eval/dpo/* from [M, 2] (chosen, rejected) log-probs and answer lengths."""
-  reward = beta * (policy - reference)
-  margin = reward[:, 0] - reward[:, 1]
-  per_token = policy / np.maximum(tokens, 1.0)
-  token_margin = per_token[:, 0] - per_token[:, 1]
-  softplus = lambda x: np.logaddexp(0.0, x)  # noqa: E731
-  loss = (1 - label_smoothing) * softplus(-margin) + label_smoothing * softplus(margin)
-  return {"eval/dpo/accuracy": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
-          "eval/dpo/logp_accuracy": float(np.mean((token_margin > 0) + 0.5 * (token_margin == 0))),
-          "eval/dpo/margin": float(np.mean(margin)),
-          "eval/dpo/loss": float(np.mean(loss)),
-          "eval/dpo/pairs": float(len(margin))}
-
-
-class HeldOut:
-  """The held-out split, encoded once; `evaluate(policy, reference)` runs one jitted pass per
-  batch for both models and returns eval/<kind>/* metrics."""
-
-  def __init__(self, config, tokenizer, objective: Objective, mesh, rules, param_shardings):
-    data_cfg, eval_cfg = config.data, config.eval
-    kind = objective.kind
-    names = []
-    for name in pref_inputs.parse_names(data_cfg.names):
-      try:
-        pref_inputs.PreferenceData(kind, name, eval_cfg.split, data_cfg.data_dir or None)
-        names.append(name)
-      except ValueError as e:  # a small data set whose hashed split came out empty
-        log.warning("no held-out %s from %s: %s", eval_cfg.split, name, str(e)[:300])
-    if not names:
-      raise ValueError(f"no held-out {eval_cfg.split!r} split in {data_cfg.names}")
-    data = pref_inputs.PreferenceData(kind, names, eval_cfg.split, data_cfg.data_dir or None,
-                                      limit=eval_cfg.max_examples)
-    self.objective, self.mesh, self.rules = objective, mesh, rules
-    self.batch_size = eval_cfg.batch_size or data_cfg.batch_size
-    encoder = pref_inputs.PreferenceEncoder(tokenizer, kind=kind,
-                                            max_prompt_len=data_cfg.max_prompt_len,
-                                            max_answer_len=data_cfg.max_answer_len)
-    elements = data.records()
-    self.n = len(elements)
-    padded = -(-self.n // self.batch_size) * self.batch_size
-    self.arrays = encoder.encode_batch([r for r, _ in elements], [p for _, p in elements],
-                                       padded)
-    self.arrays.pop("stats")
-    model_config = lm_trainer.build_model(config, tokenizer.vocab_size).config
-
-    def logps(params, batch):
-      rows = flat_rows(batch)
-      return logprobs_lib.sequence_logprobs(params, *logprobs_lib.row_args(rows),
-                                            model_config=model_config
-                                            ).reshape(batch["valid"].shape + (-1,))  # [B, K]
-
-    shardings = {k: sharding.batch_sharding(mesh, rules, self.arrays[k].ndim)
-                 for k in ROW_KEYS + ("valid",)}
-    self._logps = jax.jit(logps, in_shardings=(param_shardings, shardings))
-    self._reference = None  # (the frozen params, their log-probs): computed once
-    log.info("held-out: %d %s elements of %s[%s]", self.n, kind, "+".join(names),
-             eval_cfg.split)
-
-  def logprobs(self, params) -> np.ndarray:
-    """float64 [M, K] log π of every held-out answer under `params`."""
-    from rlhf_jax.eval.ppo_periodic import to_host
-    p, count = jax.process_index(), jax.process_count()
-    local = self.batch_size // count
-    outs = []
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      for start in range(0, len(self.arrays["valid"]), self.batch_size):
-        rows = slice(start + p * local, start + (p + 1) * local)
-        batch = sharding.make_global_batch(
-            {k: self.arrays[k][rows] for k in ROW_KEYS + ("valid",)}, self.mesh, self.rules)
-        outs.append(to_host(self._logps(params, batch)))
-    return np.concatenate(outs)[:self.n].astype(np.float64)
-
-  def evaluate(self, policy, reference) -> dict[str, float]:
-    if self._reference is None or self._reference[0] is not reference:
-      self._reference = (reference, self.logprobs(reference))
-    ref = self._reference[1]
-    pol = ref if policy is reference else self.logprobs(policy)
-    tokens = self.arrays["answer_mask"].sum(-1)[:self.n]  # [M, K]
-    if self.objective.kind == "kto":
-      return kto_eval_metrics(pol[:, 0], ref[:, 0], tokens[:, 0],
-                              self.arrays["label"][:self.n], self.arrays["lang"][:self.n],
-                              self.objective.beta)
-    return dpo_eval_metrics(pol, ref, tokens, self.objective.beta,
-                            self.objective.label_smoothing)
-
-
 # ---------------------------------------------------------------------------------------------
 # Where the policy starts.
-
-
-def checkpoint_dir(init_from: str) -> str:
-  """A run's checkpoints/ directory, given it or the run's workdir."""
-  nested = os.path.join(init_from, "checkpoints")
-  return nested if os.path.isdir(nested) else init_from
-
-
-def init_tokenizer_path(init_from: str, depth: int = 3) -> str:
-  """The tokenizer the init run used: its config's tokenizer.path, its own tokenizer/, or (a
-  PPO run) its SFT run's. '' if none is found."""
-  directory = checkpoint_dir(init_from)
-  runs = [os.path.dirname(os.path.abspath(directory)), os.path.abspath(init_from)]
-  saved = {}
-  if os.path.isdir(directory):
-    ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
-    try:
-      if ckpt.latest_step() is not None:
-        saved = ckpt.read_config() or {}
-    finally:
-      ckpt.close()
-  candidates = [(saved.get("tokenizer") or {}).get("path", "")]
-  candidates += [os.path.join(run, "tokenizer", "tokenizer.model") for run in runs]
-  for path in filter(None, candidates):
-    if os.path.exists(path):
-      return path
-  if saved.get("sft_dir") and depth > 0:
-    return init_tokenizer_path(saved["sft_dir"], depth - 1)
-  return ""
 
 
 def load_tokenizer(config, workdir: str):
   """config.tokenizer.path, else the init run's tokenizer, else one trained into the workdir."""
   path = config.tokenizer.path
   if not path and config.init_from:
-    path = init_tokenizer_path(config.init_from)
-    if path:
-      log.info("tokenizer of the init run: %s", path)
-    else:
-      log.warning("no tokenizer found for init_from=%s; set tokenizer.path", config.init_from)
+    path = run_folder.tokenizer_source(config.init_from)
+    log.info("tokenizer of the init run: %s", path)
   # What inputs.load_tokenizer reads, with the path found (the run's config stays as given).
   view = ml_collections.ConfigDict(dict(
       tokenizer={**config.tokenizer.to_dict(), "path": path}, data={"name": "preference"},
@@ -369,15 +209,15 @@ def load_tokenizer(config, workdir: str):
 def check_init_shapes(init_from: str, abstract_params) -> None:
   """CheckpointShapeError, before anything is compiled, when the init checkpoint's params are
   not the shapes of the model being built (restore_params checks again when it loads)."""
-  directory = checkpoint_dir(init_from)
+  directory = run_folder.checkpoint_dir(init_from)
   if not os.path.isdir(directory):
     return  # a pretrained model path or a missing directory: restore_params says which
-  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False)
+  ckpt = run_folder.reader(init_from)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory} (init_from)")
-    ckpt_lib.check_shapes(ckpt._saved_tree(step, "params"), nn.unbox(abstract_params),
+    ckpt_lib.check_shapes(ckpt.saved_tree(step, "params"), nn.unbox(abstract_params),
                           f"init_from checkpoint {directory} step {step}")
   finally:
     ckpt.close()
@@ -434,21 +274,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kind = config.trainer
   objective_from_config(config)  # bad β or weights fail before any data is read
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.axis_rules(config.get("axis_rules"))
-  n_shards = sharding.batch_shards(mesh, rules)
+  mesh, rules = setup_mesh(config)
   data_cfg = config.data
-  if data_cfg.batch_size % n_shards:
-    raise ValueError(f"data.batch_size={data_cfg.batch_size} must be a multiple of the batch "
-                     f"shards ({n_shards})")
 
-  data_dir = data_cfg.data_dir or None
-  data = pref_inputs.PreferenceData(kind, data_cfg.names, data_cfg.split, data_dir)
-  counts = None
-  if kind == "kto":
-    data.check_feedback()
-    counts = data.label_counts()
-  objective = objective_from_config(config, counts)
+  data, objective = preference_data(config)
 
   tokenizer = load_tokenizer(config, workdir)
   model = lm_trainer.build_model(config, tokenizer.vocab_size)
@@ -459,22 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
            data_cfg.split, total_steps, data_cfg.batch_size)
   schedule = optim.make_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps)
-  seq_len = data_cfg.max_prompt_len + data_cfg.max_answer_len
-  init_fn = lm_trainer._init_params_fn(model, seq_len)
-  # The reference is the starting policy, whatever step a resumed run is at; the policy and
-  # its optimizer state are built from it (a random init would only be thrown away).
-  if config.init_from:
-    check_init_shapes(config.init_from, jax.eval_shape(init_fn, jax.random.key(0)))
-    state_shardings = train_state_shardings(init_fn, tx, mesh, rules)
-    like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        nn.unbox(jax.eval_shape(init_fn, jax.random.key(0))),
-                        state_shardings.params)
-    reference = ckpt_lib.restore_params(checkpoint_dir(config.init_from), like)
-    state = state_from_params(reference, tx, state_shardings, config.seed)
-  else:
-    log.warning("no init_from: the policy and the reference start from random params")
-    state, state_shardings = create_train_state(init_fn, tx, mesh, rules, config.seed)
-    reference = copy_tree(state.params, state_shardings.params)
+  state, state_shardings, reference = starting_state(config, model, tx, mesh, rules)
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
 
   encoder = pref_inputs.PreferenceEncoder(tokenizer, kind=kind,
@@ -484,70 +298,108 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data, encoder, batch_size=data_cfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_epochs=None if config.train.steps else data_cfg.epochs)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.train.max_to_keep)
+  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="policy")
+  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   state, _ = resume(ckpt, state, data_iter)
-  start = int(state.step)
 
-  held_out = None
-  if config.eval.split:
-    try:
-      held_out = HeldOut(config, tokenizer, objective, mesh, rules, state_shardings.params)
-    except ValueError as e:
-      log.warning("no held-out evaluation: %s", e)
-  results: dict = {}
-  initial: dict = {}
-  if start == 0:
-    if held_out is not None:
-      initial = held_out.evaluate(reference, reference)  # the policy starts as the reference
-      log.info("held-out before training: %s", _brief(initial))
-    from rlhf_jax.core.metrics import MetricWriter
-    writer = MetricWriter(workdir)
-    writer.write(0, {**initial, **settings_metrics(objective)})
-    writer.close()
-  eval_every = config.eval.every
-
-  def after_step(done, current):
-    box["state"] = current
-    if held_out is None or not (done == total_steps or (eval_every and done % eval_every == 0)):
-      return {}
-    metrics = held_out.evaluate(current.params, reference)
-    results.update(metrics)
-    return metrics
-
-  def summarize(host, steps, seconds):
-    host["train/elements_per_s"] = host["train/elements"] * steps / seconds
-    host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
-    host.update({f"data/{k}": float(v) for k, v in data_iter.stats.items()})
-    host = {k: v for k, v in host.items() if np.isfinite(v) or not k.startswith(kind)}
-    return host, {"loss": f"{host[f'{kind}/loss']:.3f}",
-                  "el_s": f"{host['train/elements_per_s']:.1f}"}
-
+  held_out = make_held_out(config, tokenizer, objective, model_config, mesh, rules,
+                           state_shardings.params)
+  initial = initial_metrics(workdir, held_out, reference, objective, int(state.step))
+  evaluations = [] if held_out is None else [Evaluation(held_out.bind(reference),
+                                                        config.eval.every)]
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
                      for k, v in encoder.empty(1).items() if k in BATCH_KEYS}
-
-  def make_batch(local):
-    return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
-
-  box: dict = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = make_jitted_step(model_config, tx, schedule, objective, state_shardings,
                               state_shardings.params, batch_shardings)
-
-    def step_fn(current, batch):
-      return jitted(current, reference, batch)
-
-    last = run_train_loop(config, workdir, state, step_fn, data_iter, ckpt, make_batch,
-                          start=start, total=total_steps, loss_key=f"{kind}/loss",
-                          summarize=summarize, after_step=after_step)
-  if held_out is not None and start == total_steps and not results:
-    results.update(held_out.evaluate(box.get("state", state).params, reference))
-  if results:
-    log.info("held-out after %d steps: %s", total_steps, _brief(results))
-  out = {**last, **results}
+    _, last = run_train_loop(
+        config, workdir, state, lambda current, batch: jitted(current, reference, batch),
+        data_iter, ckpt, functools.partial(make_batch, mesh=mesh, rules=rules),
+        total=total_steps, loss_key=f"{kind}/loss",
+        summarize=functools.partial(summarize, data=data_iter, kind=kind),
+        evaluations=evaluations)
+  if held_out is not None:
+    log.info("held-out after %d steps: %s", total_steps,
+             _brief({k: v for k, v in last.items() if k.startswith("eval/")}))
+  out = dict(last)
   out.update({k.replace(f"eval/{kind}/", f"eval/{kind}/initial/"): v for k, v in initial.items()})
   out.update(settings_metrics(objective))
   return out
+
+
+def preference_data(config):
+  """(the training split, the objective): KTO's weights may depend on the like/dislike counts."""
+  kind, data_cfg = config.trainer, config.data
+  data = pref_inputs.PreferenceData(kind, data_cfg.names, data_cfg.split,
+                                    data_cfg.data_dir or None)
+  counts = None
+  if kind == "kto":
+    data.check_feedback()
+    counts = data.label_counts()
+  return data, objective_from_config(config, counts)
+
+
+def starting_state(config, model, tx, mesh, rules):
+  """(state, its shardings, the frozen reference). The reference is the starting policy,
+  whatever step a resumed run is at; the policy and its optimizer state are built from it (a
+  random init would only be thrown away)."""
+  data_cfg = config.data
+  init_fn = init_params_fn(model, data_cfg.max_prompt_len + data_cfg.max_answer_len)
+  if not config.init_from:
+    log.warning("no init_from: the policy and the reference start from random params")
+    state, state_shardings = create_train_state(init_fn, tx, mesh, rules, config.seed)
+    return state, state_shardings, copy_tree(state.params, state_shardings.params)
+  check_init_shapes(config.init_from, jax.eval_shape(init_fn, jax.random.key(0)))
+  state_shardings = train_state_shardings(init_fn, tx, mesh, rules)
+  like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      nn.unbox(jax.eval_shape(init_fn, jax.random.key(0))),
+                      state_shardings.params)
+  reference = run_folder.restore_params(config.init_from, like)
+  return state_from_params(reference, tx, state_shardings, config.seed), state_shardings, reference
+
+
+def make_held_out(config, tokenizer, objective, model_config, mesh, rules, param_shardings):
+  if not config.eval.split:
+    return None
+  try:
+    return PreferenceHeldOut(config, tokenizer, objective, model_config, mesh, rules,
+                             param_shardings)
+  except ValueError as e:
+    log.warning("no held-out evaluation: %s", e)
+    return None
+
+
+def initial_metrics(workdir: str, held_out, reference, objective, start: int) -> dict:
+  """The held-out metrics before training (the policy starts as the reference), written at
+  step 0 with the loss settings; a resumed run reads them back from its metrics.jsonl, so its
+  summary equals an uninterrupted run's."""
+  if start > 0:
+    records = [r for r in read_metrics(workdir) if r["step"] == 0]
+    prefix = f"eval/{objective.kind}/"
+    return {k: v for r in records for k, v in r.items() if k.startswith(prefix)}
+  initial = held_out.evaluate(reference, reference) if held_out is not None else {}
+  if initial:
+    log.info("held-out before training: %s", _brief(initial))
+  writer = MetricWriter(workdir)
+  writer.drop_after(-1)  # a run started over writes its step 0 again
+  writer.write(0, {**initial, **settings_metrics(objective)})
+  writer.close()
+  return initial
+
+
+def make_batch(local, *, mesh, rules):
+  """The local rows of a batch -> global arrays split over the mesh's batch axes."""
+  return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
+
+
+def summarize(host, steps, seconds, *, data, kind: str):
+  """Throughput over the logging window; NaN metrics of an absent language dropped."""
+  host["train/elements_per_s"] = host["train/elements"] * steps / seconds
+  host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
+  host.update({f"data/{k}": float(v) for k, v in data.stats.items()})
+  host = {k: v for k, v in host.items() if np.isfinite(v) or not k.startswith(kind)}
+  return host, {"loss": f"{host[f'{kind}/loss']:.3f}",
+                "el_s": f"{host['train/elements_per_s']:.1f}"}
 
 
 def settings_metrics(objective: Objective) -> dict[str, float]:

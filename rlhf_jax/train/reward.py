@@ -29,14 +29,21 @@ import numpy as np
 import optax
 
 from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.core import run_folder
+from rlhf_jax.core.langs import LANGS
 from rlhf_jax.models import losses
 from rlhf_jax.core import optim, sharding
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.models.heads import ScalarModel, last_token_value
+from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.data import rm_batches as rm_inputs
-from rlhf_jax.train.loop import resume, run_train_loop
-from rlhf_jax.train.state import TrainState, create_train_state, param_count, apply_update_if
+from rlhf_jax.data.pipeline import load_source
+from rlhf_jax.eval.held_out import RewardModelHeldOut
+from rlhf_jax.infer.rm_scores import NORMALIZATION_FILE, comparison_scores
+from rlhf_jax.train.loop import Evaluation, resume, run_train_loop
+from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
+                                  init_params_fn, param_count, setup_mesh,
+                                  split_microbatches)
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +71,6 @@ def resolve_loss(name: str, data_name: str) -> str:
 # The pure step.
 
 
-def rm_scores(params, batch, model: ScalarModel):
-  """Raw scores [B, K]: the B*K answers of a batch in one forward pass, one row each."""
-  b, k, t = batch["tokens"].shape
-  flat = lambda x: x.reshape(b * k, t)  # noqa: E731
-  values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),
-                       flat(batch["segment_ids"]))  # [B*K, T]
-  return last_token_value(values, flat(batch["segment_ids"])).reshape(b, k)  # [B, K]
-
-
 def batch_loss(scores, batch, kind: str, reduction: str | None, rows=None):
   """(loss sum, count) of scores [B, K]; rows [B] restricts it to some prompts."""
   if kind == "binary":
@@ -83,7 +81,7 @@ def batch_loss(scores, batch, kind: str, reduction: str | None, rows=None):
 
 
 def rm_loss(params, batch, *, model: ScalarModel, kind: str, reduction: str | None):
-  scores = rm_scores(params, batch, model)
+  scores = comparison_scores(params, batch, model)
   loss_sum, count = batch_loss(scores, batch, kind, reduction)
   return loss_sum, (count, scores)
 
@@ -98,7 +96,7 @@ def step_metrics(scores, batch, kind: str, reduction: str | None) -> dict:
   out = {}
   for suffix, rows in [("", None)] + [
       (f"/{lang}", (batch["lang"] == i).astype(jnp.float32))
-      for i, lang in enumerate(rm_inputs.LANGS)]:
+      for i, lang in enumerate(LANGS)]:
     loss_sum, count = batch_loss(scores, batch, kind, reduction, rows)
     if kind == "binary":
       labeled = batch["labeled"] if rows is None else batch["labeled"] * rows[:, None]
@@ -133,8 +131,6 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
   if grad_accum == 1:
     (loss_sum, (count, scores)), grads = grad_fn(state.params, batch)
   else:
-    from rlhf_jax.train.lm import _split_microbatches
-
     def accumulate(carry, micro):
       (loss_sum, (count, scores)), grads = grad_fn(state.params, micro)
       acc_loss, acc_count, acc_grads = carry
@@ -143,15 +139,16 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss_sum, count, grads), micro_scores = jax.lax.scan(
-        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), _split_microbatches(batch, grad_accum))
+        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), split_microbatches(batch, grad_accum))
     scores = micro_scores.swapaxes(0, 1).reshape(-1, micro_scores.shape[-1])  # [B, K]
 
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-  params, opt_state = apply_update_if(finite & (count > 0), tx, grads, state.params,
-                                      state.opt_state)
+  params, opt_state, applied = apply_update_if(finite & (count > 0), tx, grads, state.params,
+                                               state.opt_state)
+  finite = finite & (applied | (count == 0))  # a batch with nothing to learn is no failure
   if end_on_average_at:
     params = jax.lax.cond(state.step + 1 == end_on_average_at,
                           lambda p: optim.ema_params(opt_state, p), lambda p: p, params)
@@ -182,13 +179,6 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Mo
   return ModelConfig(**{**fields, "vocab_size": vocab_size})
 
 
-def _init_params_fn(model: ScalarModel, seq_len: int):
-  def init(key):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return model.init(key, tokens, tokens, jnp.ones_like(tokens))["params"]
-  return init
-
-
 def _abstract_policy_params(model_config: ModelConfig, mesh, rules, seq_len: int):
   """ShapeDtypeStructs (with shardings) of a full Transformer's params, lm_head included."""
   model = Transformer(model_config)
@@ -207,7 +197,7 @@ def restore_policy(init_from: str, model_config: ModelConfig, mesh, rules, seq_l
   """The SFT checkpoint's params onto the mesh. A checkpoint of another shape is an error that
   names every tensor and both shapes (checkpoint.check_shapes)."""
   like = _abstract_policy_params(model_config, mesh, rules, seq_len)
-  return ckpt_lib.restore_params(init_from, like)
+  return run_folder.restore_params(init_from, like)
 
 
 def trunk_of(policy_params) -> dict:
@@ -217,58 +207,6 @@ def trunk_of(policy_params) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Held-out evaluation.
-
-
-def _to_host(x) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-class HeldOut:
-  """The held-out comparisons, encoded once, with their gold scores; `evaluate` scores them with
-  the current params (one jitted forward pass per batch) and computes eval/rm/* metrics."""
-
-  def __init__(self, config, tokenizer, model, mesh, rules, param_shardings):
-    from rlhf_jax.eval import reward_model as evaluate_rm
-    self.config, self.mesh, self.rules = config, mesh, rules
-    data = config.data
-    self.records = rm_inputs.read_records(data.name, config.eval.split, data.data_dir or None,
-                                          config.eval.max_comparisons)
-    self.batch_size = config.eval.batch_size or data.batch_size
-    encoder = rm_inputs.Encoder(tokenizer, seq_len=data.seq_len, max_answers=data.max_answers)
-    n = len(self.records)
-    padded = -(-n // self.batch_size) * self.batch_size
-    self.arrays = encoder.encode_batch(self.records, [None] * n, padded)
-    self.stats = self.arrays.pop("stats")
-    self.n = n
-    self.gold = (evaluate_rm.gold_scores(self.records, data.max_answers, config.eval.scorer)
-                 if config.eval.scorer else None)
-    shardings = {k: sharding.batch_sharding(mesh, rules, self.arrays[k].ndim)
-                 for k in ("tokens", "positions", "segment_ids")}
-    self._score = jax.jit(lambda params, batch: rm_scores(params, batch, model),
-                          in_shardings=(param_shardings, shardings))
-    log.info("held-out: %d comparisons of %s[%s]", n, data.name, config.eval.split)
-
-  def evaluate(self, params) -> dict[str, float]:
-    from rlhf_jax.eval import reward_model as evaluate_rm
-    p, count = jax.process_index(), jax.process_count()
-    local = self.batch_size // count
-    scores = []
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      for start in range(0, len(self.arrays["tokens"]), self.batch_size):
-        rows = slice(start + p * local, start + (p + 1) * local)
-        batch = sharding.make_global_batch(
-            {k: self.arrays[k][rows] for k in ("tokens", "positions", "segment_ids")},
-            self.mesh, self.rules)
-        scores.append(_to_host(self._score(params, batch)))
-    scores = np.concatenate(scores)[:self.n]
-    a = {k: v[:self.n] for k, v in self.arrays.items()}
-    metrics, _ = evaluate_rm.comparison_metrics(
-        scores, a["valid"], a["prefer"], a["lang"], self.gold, a["label"], a["labeled"],
-        self.config.eval.bins)
-    return {f"eval/rm/{k}": v for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,14 +289,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) a reward model in `workdir`, then normalises it. Returns the last
   logged metrics (plus the held-out and normalisation results)."""
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.axis_rules(config.get("axis_rules"))
-  n_shards = sharding.batch_shards(mesh, rules)
+  mesh, rules = setup_mesh(config, config.optim.grad_accum)
   data = config.data
-  batch_size, grad_accum = data.batch_size, config.optim.grad_accum
-  if batch_size % (n_shards * grad_accum):
-    raise ValueError(f"data.batch_size={batch_size} must be a multiple of the batch shards "
-                     f"({n_shards}) times optim.grad_accum ({grad_accum})")
+  grad_accum = config.optim.grad_accum
   loss_name = resolve_loss(config.loss.name, data.name)
   kind, reduction, unit = LOSSES[loss_name]
 
@@ -368,101 +301,101 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"data.seq_len={data.seq_len} exceeds model.max_len={model_config.max_len}")
   model = ScalarModel(model_config)
 
-  from rlhf_jax.data.pipeline import load_source
-  data_dir = data.data_dir or None
-  source = load_source(data.name, data.split, data_dir)
-  table = rm_inputs.element_table(source, unit)
-  total_steps = config.train.steps or rm_inputs.steps_per_epochs(
-      len(table), batch_size, jax.process_count(), data.epochs)
-  log.info("reward model: loss %s on %d %ss of %s[%s]; %d steps of %d", loss_name, len(table),
-           unit, data.name, data.split, total_steps, batch_size)
+  data_iter, total_steps = make_comparison_batches(config, tokenizer, unit, loss_name)
   schedule = optim.make_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps)
   ema_decay = config.optim.get("ema_decay", 0.0)
   if ema_decay:
     tx = optax.chain(tx, optim.param_ema(ema_decay))
-  state, state_shardings = create_train_state(_init_params_fn(model, data.seq_len), tx, mesh,
+  state, state_shardings = create_train_state(init_params_fn(model, data.seq_len), tx, mesh,
                                               rules, config.seed)
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
-
-  # Independent pairs are elements of two answers: no padded slots to pay for.
-  max_answers = 2 if unit == "pair" else data.max_answers
-  encoder = rm_inputs.Encoder(tokenizer, seq_len=data.seq_len, max_answers=max_answers,
-                              margin=config.loss.margin)
-  data_iter = rm_inputs.ComparisonBatches(
-      source, table, encoder, batch_size=batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_epochs=None if config.train.steps else data.epochs)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.train.max_to_keep)
+  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="scalar")
+  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   state, start = resume(ckpt, state, data_iter)
   if start is None and config.init_from:
-    policy = restore_policy(config.init_from, model_config, mesh, rules, data.seq_len)
-    trunk = trunk_of(policy)
-    ckpt_lib.check_shapes(trunk, state.params["trunk"], f"SFT checkpoint {config.init_from}")
-    state = state.replace(params={"trunk": trunk, "head": state.params["head"]})
-    del policy
+    state = state.replace(params=init_from_sft(config, state.params, model_config, mesh, rules))
   start = int(state.step)
-
-  held_out = None
-  if config.eval.split:
-    try:
-      held_out = HeldOut(config, tokenizer, model, mesh, rules, state_shardings.params)
-    except ValueError as e:  # e.g. a small data set whose hashed split came out empty
-      log.warning("no held-out evaluation: %s", e)
-  eval_every = config.eval.every
-  results: dict = {}
-
-  def after_step(done, current):
-    if held_out is None or not (done == total_steps or (eval_every and done % eval_every == 0)):
-      return {}
-    metrics = held_out.evaluate(current.params)
-    results.update(metrics)
-    return metrics
-
-  def summarize(host, steps, seconds):
-    for lang in rm_inputs.LANGS:  # a language absent from the batch has no metrics
-      if not host.get(f"rm/pairs/{lang}"):
-        for key in [k for k in host if k.endswith(f"/{lang}")]:
-          del host[key]
-    host["train/comparisons_per_s"] = host["train/comparisons"] * steps / seconds
-    host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
-    host.update({f"data/{k}": float(v) for k, v in data_iter.stats.items()})
-    return host, {"loss": f"{host['rm/loss']:.3f}", "acc": f"{host.get('rm/accuracy', 0):.2f}",
-                  "cmp_s": f"{host['train/comparisons_per_s']:.1f}"}
-
+  evaluations = held_out_evaluations(config, tokenizer, model, mesh, rules,
+                                     state_shardings.params)
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
-                     for k, v in encoder.empty(1).items()}
-
-  def make_batch(local):
-    return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
-
+                     for k, v in data_iter.encoder.empty(1).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = make_jitted_step(model, tx, schedule, kind, reduction, grad_accum, state_shardings,
                                batch_shardings, end_on_average_at=total_steps if ema_decay else 0)
-    box = {}
-
-    def after_step_keep(done, current):
-      box["state"] = current
-      return after_step(done, current)
-
-    last = run_train_loop(config, workdir, state, step_fn, data_iter, ckpt, make_batch,
-                          start=start, total=total_steps, loss_key="rm/loss",
-                          summarize=summarize, after_step=after_step_keep)
+    final_state, last = run_train_loop(
+        config, workdir, state, step_fn, data_iter, ckpt,
+        functools.partial(make_batch, mesh=mesh, rules=rules), total=total_steps,
+        loss_key="rm/loss", summarize=functools.partial(summarize, data=data_iter),
+        evaluations=evaluations)
   stats = data_iter.stats
   if stats["skipped_no_pairs"] or stats["identical_pairs"]:
     log.warning("reward data: %d comparisons skipped (no pair: all tied or identical answers), "
                 "%d pairs between identical answers dropped",
                 stats["skipped_no_pairs"], stats["identical_pairs"])
-  final_state = box.get("state", state)
   finished = int(final_state.step) == total_steps and "preempted_at" not in last
-  from rlhf_jax.infer.rm_scores import NORMALIZATION_FILE
   already = start == total_steps and os.path.exists(os.path.join(workdir, NORMALIZATION_FILE))
   if finished and config.normalize.enabled and not already:
     # Outside the logical-rules scope: restoring the policy unboxes abstract params there.
     norm = run_normalization(config, workdir, final_state.params, model_config, tokenizer,
                              mesh, rules)
     last = {**last, **{f"normalize/{k}": float(v) for k, v in norm.items()}}
-  if held_out is not None and start == total_steps and not results:
-    results.update(held_out.evaluate(final_state.params))  # a finished run asked again
-  return {**last, **results, **{f"data/{k}": float(v) for k, v in stats.items()}}
+  return {**last, **{f"data/{k}": float(v) for k, v in stats.items()}}
+
+
+def make_comparison_batches(config, tokenizer, unit: str, loss_name: str):
+  """(the training batches, the number of steps): data.epochs over the table of elements
+  (comparisons or independent pairs) unless train.steps says how many."""
+  data = config.data
+  source = load_source(data.name, data.split, data.data_dir or None)
+  table = rm_inputs.element_table(source, unit)
+  total_steps = config.train.steps or rm_inputs.steps_per_epochs(
+      len(table), data.batch_size, jax.process_count(), data.epochs)
+  log.info("reward model: loss %s on %d %ss of %s[%s]; %d steps of %d", loss_name, len(table),
+           unit, data.name, data.split, total_steps, data.batch_size)
+  # Independent pairs are elements of two answers: no padded slots to pay for.
+  max_answers = 2 if unit == "pair" else data.max_answers
+  encoder = rm_inputs.Encoder(tokenizer, seq_len=data.seq_len, max_answers=max_answers,
+                              margin=config.loss.margin)
+  batches = rm_inputs.ComparisonBatches(
+      source, table, encoder, batch_size=data.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_epochs=None if config.train.steps else data.epochs)
+  return batches, total_steps
+
+
+def init_from_sft(config, params, model_config, mesh, rules):
+  """The RM's params with its trunk taken from the SFT policy (the head stays as initialised)."""
+  policy = restore_policy(config.init_from, model_config, mesh, rules, config.data.seq_len)
+  trunk = trunk_of(policy)
+  ckpt_lib.check_shapes(trunk, params["trunk"], f"SFT checkpoint {config.init_from}")
+  return {"trunk": trunk, "head": params["head"]}
+
+
+def held_out_evaluations(config, tokenizer, model, mesh, rules, param_shardings) -> list:
+  if not config.eval.split:
+    return []
+  try:
+    held_out = RewardModelHeldOut(config, tokenizer, model, mesh, rules, param_shardings)
+  except ValueError as e:  # e.g. a small data set whose hashed split came out empty
+    log.warning("no held-out evaluation: %s", e)
+    return []
+  return [Evaluation(held_out, config.eval.every)]
+
+
+def make_batch(local, *, mesh, rules):
+  """The local rows of a batch -> global arrays split over the mesh's batch axes."""
+  return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
+
+
+def summarize(host, steps, seconds, *, data):
+  """Throughput over the logging window; a language absent from the batch has no metrics."""
+  for lang in LANGS:
+    if not host.get(f"rm/pairs/{lang}"):
+      for key in [k for k in host if k.endswith(f"/{lang}")]:
+        del host[key]
+  host["train/comparisons_per_s"] = host["train/comparisons"] * steps / seconds
+  host["train/tokens_per_s"] = host["train/tokens"] * steps / seconds
+  host.update({f"data/{k}": float(v) for k, v in data.stats.items()})
+  return host, {"loss": f"{host['rm/loss']:.3f}", "acc": f"{host.get('rm/accuracy', 0):.2f}",
+                "cmp_s": f"{host['train/comparisons_per_s']:.1f}"}

@@ -27,6 +27,31 @@ class TrainState:
     """What a checkpoint's 'train' item holds (params are saved on their own)."""
     return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
 
+  def checkpoint_params(self):
+    """What a checkpoint's 'params' item holds: what a later stage starts from."""
+    return self.params
+
+  def restored(self, params, items: dict) -> "TrainState":
+    """This state with a checkpoint's params and train items put back."""
+    return self.replace(params=params, **items)
+
+  def eval_params(self):
+    """The params held-out evaluators look at."""
+    return self.params
+
+
+def setup_mesh(config, grad_accum: int = 1):
+  """(mesh, axis rules) of a run, checking data.batch_size splits over the batch shards (times
+  optim.grad_accum micro-batches): one place for every trainer."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.get("axis_rules"))
+  n_shards = sharding.batch_shards(mesh, rules)
+  batch_size = config.data.batch_size
+  if batch_size % (n_shards * grad_accum):
+    raise ValueError(f"data.batch_size={batch_size} must be a multiple of the batch shards "
+                     f"({n_shards}) times optim.grad_accum ({grad_accum})")
+  return mesh, rules
+
 
 def create_train_state(init_params_fn, tx: optax.GradientTransformation, mesh, rules, seed: int):
   """Builds the state straight into its sharded layout (optimizer state included).
@@ -45,17 +70,40 @@ def create_train_state(init_params_fn, tx: optax.GradientTransformation, mesh, r
 
 
 def apply_update_if(ok, tx, grads, params, opt_state):
-  """(params, opt_state) after one optimizer update when `ok` (a scalar bool), else unchanged.
+  """(params, opt_state, applied): one optimizer update when `ok` (a scalar bool) and the
+  updated params come out finite, else the params and optimizer state unchanged.
 
-  A branch rather than a select of the new against the old trees: a select reads and writes
+  The params are checked, not only the loss and gradient: a NaN learning rate (or an optimizer
+  that overflows) turns finite gradients into NaN params, which must never be kept or saved.
+  Branches rather than a select of the new against the old trees: a select reads and writes
   every parameter and moment once more per step (~5% of a small model's step on a CPU).
   """
-  def update(params, opt_state):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  def keep(params, opt_state):
+    return params, opt_state, jnp.array(False)
 
-  return jax.lax.cond(ok, update, lambda params, opt_state: (params, opt_state), params,
-                      opt_state)
+  def update(params, opt_state):
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(optax.global_norm(new_params))
+    return jax.lax.cond(finite, lambda: (new_params, new_opt_state, finite),
+                        lambda: keep(params, opt_state))
+
+  return jax.lax.cond(ok, update, keep, params, opt_state)
+
+
+def init_params_fn(model, seq_len: int):
+  """key -> boxed params of a Transformer or ScalarModel, traced on a [1, seq_len] row."""
+  def init(key):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(key, tokens, tokens, jnp.ones_like(tokens))["params"]
+  return init
+
+
+def split_microbatches(batch, n: int):
+  """[B, ...] -> [n, B/n, ...] taking every n-th row, so each device keeps its own rows."""
+  def split(x):
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
 
 
 def param_count(params) -> int:

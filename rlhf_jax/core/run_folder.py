@@ -1,0 +1,265 @@
+"""A run folder: what a training run writes, and the record that says what its checkpoint is.
+
+Layout (every path below is relative to the run folder, so a run copied anywhere works the same):
+
+  run.json                  the record: which model the checkpoint's params are (its resolved
+                            ModelConfig, vocabulary included), and which tokenizer reads its ids
+  checkpoints/<step>/       orbax: params, train state, data position, config (core/checkpoint.py)
+  tokenizer/tokenizer.model a copy of the run's sentencepiece tokenizer (for an imported model's
+                            own tokenizer the record holds its identity instead: a preset name or
+                            an absolute path, the only kind of path that points outside the run)
+  metrics.jsonl, events.*   metrics (core/metrics.py)
+
+Why a record: without it, a checkpoint's shape and tokenizer had to be reconstructed by
+searching the configs of the runs it came from until parameter shapes matched. The record is
+written by the trainer before its first step, from the very objects it trains with, and every
+reader (chat, evaluation, later stages) asks this module, never another run's config.
+
+A record is checked against the run's contents where it matters: the tokenizer copy carries its
+sha256 and a copy that differs (corrupt, replaced) is an error naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+
+from rlhf_jax.core import checkpoint as ckpt_lib
+from rlhf_jax.models import hf_import, pretrained
+from rlhf_jax.models.transformer import NUMERICS_FIELDS, ModelConfig
+from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+TOKENIZER_FILE = os.path.join("tokenizer", "tokenizer.model")
+FORMAT = 1
+KINDS = ("policy", "scalar")  # a language model's params, or a reward model's / critic's
+
+
+class RunFolderError(ValueError):
+  """A run folder that is missing, unrecorded, or whose contents disagree with its record."""
+
+
+# ------------------------------------------------------------------------------------ paths
+
+
+def root(path: str) -> str:
+  """The run folder of `path`, which may be the run folder or its checkpoints/ directory."""
+  path = os.path.abspath(path)
+  return os.path.dirname(path) if os.path.basename(path) == CHECKPOINTS else path
+
+
+def checkpoint_dir(path: str) -> str:
+  """The orbax directory of a run folder (or of the checkpoints/ directory itself)."""
+  return os.path.join(root(path), CHECKPOINTS)
+
+
+def tokenizer_file(run: str) -> str:
+  """Where a run keeps (or trains) its own sentencepiece tokenizer."""
+  return os.path.join(root(run), TOKENIZER_FILE)
+
+
+def has_checkpoint(path: str) -> bool:
+  """Whether `path` (a run folder or its checkpoints/) holds at least one saved step."""
+  directory = checkpoint_dir(path)
+  return os.path.isdir(directory) and any(
+      name.isdigit() and os.path.isdir(os.path.join(directory, name))
+      for name in os.listdir(directory))
+
+
+def checkpointer(run: str, max_to_keep: Optional[int] = 3,
+                 async_save: bool = True) -> ckpt_lib.Checkpointer:
+  return ckpt_lib.Checkpointer(checkpoint_dir(run), max_to_keep=max_to_keep,
+                               async_save=async_save)
+
+
+def reader(run: str) -> ckpt_lib.Checkpointer:
+  """A checkpointer for reading a finished run (no async saves, nothing deleted)."""
+  if not os.path.isdir(checkpoint_dir(run)):
+    raise FileNotFoundError(f"{root(run)} is not a run folder: no {CHECKPOINTS}/ directory")
+  return checkpointer(run, max_to_keep=None, async_save=False)
+
+
+def latest_step(run: str) -> Optional[int]:
+  """The newest saved step of a run, None when it has none yet."""
+  if not has_checkpoint(run):
+    return None
+  ckpt = reader(run)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def read_saved_config(run: str, step: Optional[int] = None) -> dict:
+  """The config a run saved with its checkpoint (the latest step unless given)."""
+  ckpt = reader(run)
+  try:
+    return ckpt.read_config(step) or {}
+  finally:
+    ckpt.close()
+
+
+# ----------------------------------------------------------------------------------- record
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def tokenizer_identity(tokenizer, run: str) -> dict:
+  """What the record says of a tokenizer; copies a sentencepiece model into the run folder."""
+  if tokenizer is None:  # synthetic token streams: no text, no tokenizer
+    return {"kind": "none"}
+  source = getattr(tokenizer, "path", "") or ""
+  if source.endswith(".model"):
+    target = tokenizer_file(run)
+    if os.path.abspath(source) != target:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copyfile(source, target + ".tmp")
+      os.replace(target + ".tmp", target)
+    return {"kind": "sentencepiece", "path": TOKENIZER_FILE, "sha256": _sha256(target),
+            "vocab_size": int(tokenizer.vocab_size)}
+  # An imported model's own tokenizer: a preset name stays a name, a path becomes absolute.
+  name = source if source in pretrained.SHAPES else os.path.abspath(source)
+  return {"kind": "pretrained", "source": name, "vocab_size": int(tokenizer.vocab_size)}
+
+
+def _model_fields(model_config: ModelConfig) -> dict:
+  """The config as JSON reads it back (tuples become lists), so records compare equal."""
+  return json.loads(json.dumps(dataclasses.asdict(model_config)))
+
+
+def _shape(fields: dict) -> dict:
+  """What a record's params are: every field but the numerics a run may change on resume."""
+  return {k: v for k, v in fields.items() if k not in NUMERICS_FIELDS}
+
+
+def write_record(run: str, *, model_config: ModelConfig, tokenizer, kind: str,
+                 extra: Optional[dict] = None) -> dict:
+  """Writes run.json (process 0), or checks the one already there describes the same model.
+
+  A resumed run finds its own record; a workdir that holds another model's run is an error
+  rather than a silent mix of two runs.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  run = root(run)
+  path = os.path.join(run, RECORD_FILE)
+  record = {"format": FORMAT, "kind": kind, "model": _model_fields(model_config),
+            **(extra or {})}
+  if os.path.exists(path):
+    old = read_record(run)
+    if (old.get("kind"), _shape(old.get("model", {}))) != (kind, _shape(record["model"])):
+      raise RunFolderError(
+          f"{path} records a {old.get('kind')} model {old.get('model')}, but this run builds a "
+          f"{kind} model {record['model']}: use a fresh workdir, or the config that made it")
+  if jax.process_index() != 0:
+    return record
+  os.makedirs(run, exist_ok=True)
+  record["tokenizer"] = tokenizer_identity(tokenizer, run)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  return record
+
+
+def read_record(run: str) -> dict:
+  """The record of a run folder; a clear error for a folder made before runs had one."""
+  path = os.path.join(root(run), RECORD_FILE)
+  if not os.path.exists(path):
+    if not os.path.isdir(root(run)):
+      raise FileNotFoundError(f"no run folder {root(run)}")
+    raise RunFolderError(
+        f"{root(run)} has no {RECORD_FILE}: it was made before run folders recorded their model "
+        "and tokenizer. Re-create it by running its stage again into a fresh workdir (for a "
+        "pipeline: python -m rlhf_jax.recipe.pipeline ... --only=<stage>).")
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RunFolderError(f"{path}: not a valid run record ({e})") from None
+  if not isinstance(record, dict) or "model" not in record or "kind" not in record:
+    raise RunFolderError(f"{path}: not a run record (needs 'kind' and 'model')")
+  return record
+
+
+def model_config(run: str, **numerics: Any) -> ModelConfig:
+  """The ModelConfig of a run's params, with numerics (dtype, remat, ...) optionally replaced:
+  a later stage keeps the shape and computes in its own precision."""
+  fields = dict(read_record(run)["model"])
+  fields.update(numerics)
+  return ModelConfig.from_config(fields)
+
+
+def tokenizer(run: str):
+  """The tokenizer a run's ids are in: its own copy (checked against the record's sha256), or
+  the imported model's tokenizer the record names."""
+  record = read_record(run)
+  entry = record.get("tokenizer") or {"kind": "none"}
+  if entry["kind"] == "none":
+    raise RunFolderError(f"{root(run)} was trained on synthetic tokens: it has no tokenizer")
+  if entry["kind"] == "sentencepiece":
+    path = os.path.join(root(run), entry["path"])
+    if not os.path.isfile(path):
+      raise RunFolderError(f"{path} is missing: the run's tokenizer copy ({RECORD_FILE})")
+    if _sha256(path) != entry["sha256"]:
+      raise RunFolderError(f"{path} is not the tokenizer the run recorded (sha256 differs): "
+                           "corrupt or replaced")
+    return load_any_tokenizer(path)
+  return load_any_tokenizer(entry["source"], record["model"]["vocab_size"])
+
+
+def tokenizer_source(run: str) -> str:
+  """A path (or preset name) another stage can open the run's tokenizer from; a pretrained
+  model (HF directory, .gguf file, preset name) is its own tokenizer's source."""
+  if hf_import.is_pretrained_path(pretrained.resolve(run)):
+    return run
+  entry = read_record(run).get("tokenizer") or {}
+  if entry.get("kind") == "sentencepiece":
+    return os.path.join(root(run), entry["path"])
+  return entry.get("source", "")
+
+
+# ------------------------------------------------------------------------------------ params
+
+
+def _load(run: str, kind: str, step: Optional[int], numerics: dict):
+  record = read_record(run)
+  if record["kind"] != kind:
+    raise RunFolderError(f"{root(run)} holds a {record['kind']} model, not a {kind} one")
+  config = model_config(run, **numerics)
+  params = ckpt_lib.read_params(checkpoint_dir(run), step)
+  return params, config
+
+
+def load_policy(run: str, step: Optional[int] = None, **numerics: Any):
+  """(params on one device, ModelConfig) of a language-model run: SFT, PPO, KTO, DPO."""
+  return _load(run, "policy", step, numerics)
+
+
+def load_scalar_model(run: str, step: Optional[int] = None, **numerics: Any):
+  """(params on one device, ModelConfig) of a reward-model run ({'trunk', 'head'})."""
+  return _load(run, "scalar", step, numerics)
+
+
+def restore_params(source: str, params_like):
+  """Params shaped and sharded like `params_like`, from a run folder (or its checkpoints/), or
+  from a pretrained model: a Hugging Face directory, a .gguf file or a preset name. How a
+  trainer starts from an earlier stage (init_from, sft_dir, rm_dir)."""
+  resolved = pretrained.resolve(source)
+  if hf_import.is_pretrained_path(resolved):
+    return hf_import.load_params_like(resolved, params_like)
+  return ckpt_lib.restore_params(checkpoint_dir(source), params_like)
