@@ -11,7 +11,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rlhf_jax.config import overrides, validate
-from rlhf_jax.core.launch import run, setup_logging
+from rlhf_jax.core.logs import setup_logging
+from rlhf_jax.train.launch import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
                                           lock_config=True)

@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from rlhf_jax.config import overrides, validate
 from rlhf_jax.config import util as config_util
-from rlhf_jax.core import launch
+from rlhf_jax.train import launch
 from rlhf_jax.recipe import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from rlhf_jax.config import util as config_util
-from rlhf_jax.core import launch
+from rlhf_jax.train import launch
 from rlhf_jax.core.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

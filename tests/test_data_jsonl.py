@@ -206,3 +206,18 @@ def test_cli(tmp_path, capsys):
   bad = write_jsonl(tmp_path / "bad.jsonl", ["{"])
   with pytest.raises(SystemExit, match="bad.jsonl:1"):
     jsonl.main([bad, "--format=messages", "--config=x", f"--data_dir={tmp_path}/tfds"])
+
+
+def test_bad_bytes_and_deep_nesting_name_the_file_and_line(tmp_path):
+  """Invalid UTF-8 and JSON nested deeper than Python parses are reported per line, like any
+  malformed line, instead of a raw UnicodeDecodeError / RecursionError; nothing is written."""
+  path = str(tmp_path / "in.jsonl")
+  good = json.dumps(GOOD["feedback"][0], ensure_ascii=False).encode()
+  with open(path, "wb") as f:
+    f.write(good + b"\n" + b'{"prompt": "caf\xe9"}\n' + b"[" * 100000 + b"]" * 100000 + b"\n")
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(jsonl.JsonlError) as e:
+    jsonl.import_jsonl(path, "feedback", config="bad", data_dir=data_dir)
+  assert e.value.errors[0] == f"{path}:2: field '<line>': not UTF-8 (byte 0xe9 at column 16)"
+  assert e.value.errors[1].startswith(f"{path}:3: field '<line>': JSON nested too deeply")
+  assert not os.path.exists(data_dir)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.config import util as config_util
-from rlhf_jax.core import launch
+from rlhf_jax.train import launch
 from rlhf_jax.text import tokenizer as tok_lib
 from rlhf_jax.data import jsonl
 from rlhf_jax.train.inputs import fit_conversation, tokenize_fn_for

@@ -13,7 +13,7 @@ import pytest
 import ppo_setup as S
 from helpers import write_run
 from rlhf_jax.config import util as config_util
-from rlhf_jax.core import launch
+from rlhf_jax.train import launch
 from rlhf_jax.core.checkpoint import Checkpointer, read_params
 from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import ScalarModel, Transformer, model_config

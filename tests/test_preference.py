@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from rlhf_jax.core import checkpoint as ckpt_lib
 from rlhf_jax.config import util as config_util
-from rlhf_jax.core import launch
+from rlhf_jax.train import launch
 from rlhf_jax.models import losses
 from rlhf_jax.infer import logprobs as logprobs_lib
 from rlhf_jax.data import builders

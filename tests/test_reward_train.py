@@ -13,7 +13,7 @@ import pytest
 from rlhf_jax.core import checkpoint as ckpt_lib
 from rlhf_jax.recipe import comparisons
 from rlhf_jax.config import util as config_util
-from rlhf_jax.core import launch
+from rlhf_jax.train import launch
 from rlhf_jax.infer import rm_scores as reward
 from rlhf_jax.data import builders
 from rlhf_jax.core.metrics import read_metrics

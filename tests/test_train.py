@@ -234,6 +234,34 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in params.values())
 
 
+def test_nan_learning_rate_never_leaves_a_nan_checkpoint(tmp_path):
+  """Loss and gradient stay finite with a NaN learning rate, but the updated params do not:
+  the update is not applied, the run stops, and what it kept holds the last finite params."""
+  config = tiny_lm_config(steps=6, **{"train.checkpoint_every": 1,
+                                      "optim.learning_rate": float("nan")})
+  config.train.log_every = 100  # the finite check then runs one step late: step 1 is saved
+  with pytest.raises(NonFiniteLossError, match="updated params are not finite"):
+    lm.train(config, str(tmp_path))
+  kept = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step()
+  assert kept is not None
+  assert all(np.isfinite(v).all() for v in _restore_params(str(tmp_path)).values())
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  """Steps logged after the last checkpoint are logged again on resume: metrics.jsonl keeps
+  the resumed run's records only, so it reads as one uninterrupted run."""
+  from rlhf_jax.core.metrics import read_metrics
+  config = tiny_lm_config(steps=6, **{"train.checkpoint_every": 2})
+  config.train.stop_after = 3  # checkpoints at 2 and (forced) 3
+  lm.train(config, str(tmp_path))
+  import shutil
+  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "3"))  # as if killed before step 3's save
+  config.train.stop_after = 0
+  lm.train(config, str(tmp_path))
+  steps = [m["step"] for m in read_metrics(str(tmp_path))]
+  assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
+
+
 def test_loss_falls_on_a_learnable_stream(tmp_path):
   config = tiny_lm_config(steps=60, **{"optim.learning_rate": 3e-3})
   lm.train(config, str(tmp_path))

@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from rlhf_jax.config import util as config_util  # noqa: E402
-from rlhf_jax.core import launch
+from rlhf_jax.train import launch
 from rlhf_jax.core.checkpoint import Checkpointer  # noqa: E402
 from rlhf_jax.core.metrics import read_metrics  # noqa: E402
 

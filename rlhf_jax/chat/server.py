@@ -53,7 +53,7 @@ from rlhf_jax.chat import cli, model_choice
 from rlhf_jax.chat.api import DEFAULT_MAX_MESSAGE_CHARS, ApiError, ChatService  # noqa: F401
 from rlhf_jax.chat.handler import (DEFAULT_MAX_BODY_BYTES, DEFAULT_SOCKET_TIMEOUT,
                                    LOOPBACK_NAMES, Handler, HandlerConfig)
-from rlhf_jax.core.launch import setup_logging
+from rlhf_jax.core.logs import setup_logging
 from rlhf_jax.data import feedback
 
 log = logging.getLogger("rlhf_jax.chat.server")  # the same name when run as __main__

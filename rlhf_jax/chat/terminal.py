@@ -24,7 +24,7 @@ from typing import Optional, TextIO
 from absl import app, flags
 
 from rlhf_jax.chat import cli, model_choice
-from rlhf_jax.core.launch import setup_logging
+from rlhf_jax.core.logs import setup_logging
 from rlhf_jax.data import feedback
 
 HELP = ("commands: /like, /dislike (rate the last answer), /reset (new conversation), "

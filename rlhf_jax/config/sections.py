@@ -36,7 +36,7 @@ def batch_for(size: str, batch: int) -> int:
 def run_config(trainer: str, stage: str, size: str) -> ml_collections.ConfigDict:
   """The sections every trainer reads: its name, seed, tokenizer, model, mesh and sharding.
 
-  `trainer` picks the host loop (rlhf_jax/core/launch.py); `stage` names the run in metrics.
+  `trainer` picks the host loop (rlhf_jax/train/launch.py); `stage` names the run in metrics.
   """
   config = ml_collections.ConfigDict()
   config.trainer = trainer

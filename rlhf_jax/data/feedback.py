@@ -418,7 +418,7 @@ def stats(workdir: str, out=sys.stdout) -> dict[str, Any]:
 
 def main(argv) -> None:
   from absl import app
-  from rlhf_jax.core.launch import setup_logging
+  from rlhf_jax.core.logs import setup_logging
   setup_logging()
   commands = {"export": lambda: export(_WORKDIR.value, _DATA_DIR.value, _CONFIG.value),
               "stats": lambda: stats(_WORKDIR.value)}

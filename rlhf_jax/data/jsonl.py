@@ -315,6 +315,26 @@ def validate_records(records: Sequence[Any], fmt: str, *, origin: str = "<record
   return out
 
 
+def _parse_line(raw: bytes, where: str, errors: list) -> Any:
+  """The JSON value of one line, or None (blank, or an error appended to `errors` as
+  'file:line: ...'): bad UTF-8 and nesting too deep to parse are reported like bad JSON."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    errors.append(f"{where}: field '<line>': not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                  f"{e.start + 1})")
+    return None
+  if not line.strip():
+    return None
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError as e:
+    errors.append(f"{where}: field '<line>': invalid JSON: {e}")
+  except RecursionError:
+    errors.append(f"{where}: field '<line>': JSON nested too deeply to read")
+  return None
+
+
 def read_jsonl(paths: str | Sequence[str], fmt: str) -> list[dict[str, Any]]:
   """Reads and checks every line of every file; JsonlError lists all malformed lines.
 
@@ -324,14 +344,10 @@ def read_jsonl(paths: str | Sequence[str], fmt: str) -> list[dict[str, Any]]:
   paths = [paths] if isinstance(paths, str) else list(paths)
   out, errors, ids = [], [], {}
   for file_index, path in enumerate(paths):
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          errors.append(f"{path}:{line_no}: field '<line>': invalid JSON: {e}")
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, 1):
+        obj = _parse_line(raw, f"{path}:{line_no}", errors)
+        if obj is None:
           continue
         try:
           record = _check(obj, fmt)

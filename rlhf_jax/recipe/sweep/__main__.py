@@ -5,7 +5,7 @@ import sys
 
 from absl import app, flags
 
-from rlhf_jax.core.launch import setup_logging
+from rlhf_jax.core.logs import setup_logging
 from rlhf_jax.recipe.sweep.shell import commands
 from rlhf_jax.recipe.sweep.run import run_sweep
 from rlhf_jax.recipe.sweep.spec import prepare

@@ -1,4 +1,4 @@
-"""Running a config: the trainer registry, logging set-up and multi-host initialisation.
+"""Running a config: the trainer registry, config checks and multi-host initialisation.
 
 Free of command-line flags, so the CLI (main.py), the demo and tests all call `run` directly.
 """
@@ -6,8 +6,9 @@ import importlib
 import logging
 
 from rlhf_jax.config import validate
+from rlhf_jax.core.logs import setup_logging  # noqa: F401 (re-exported for scripts)
 
-log = logging.getLogger("rlhf_jax.core.launch")
+log = logging.getLogger("rlhf_jax.train.launch")
 
 TRAINERS = {
     "dpo": "rlhf_jax.train.preference",
@@ -34,13 +35,6 @@ def maybe_initialize_distributed(dist_config) -> None:
     kwargs["local_device_ids"] = [int(i) for i in str(dist_config.local_device_ids).split(",")]
   jax.distributed.initialize(**kwargs)
   log.info("process %d of %d", jax.process_index(), jax.process_count())
-
-
-def setup_logging() -> None:
-  """Our own progress at INFO; the libraries' (orbax logs every file it writes) at WARNING."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("rlhf_jax").setLevel(logging.INFO)
 
 
 def run(config, workdir: str) -> dict:
