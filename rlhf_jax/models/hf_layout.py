@@ -1,10 +1,16 @@
-"""Where each of our parameters lives in a Hugging Face Llama-family checkpoint, and in what layout.
+"""Where each of our parameters lives in a Hugging Face checkpoint, and in what layout.
 
 One table serves import and export. Our attention kernels keep heads as their own axis
 (q/k/v kernel [D, H, Dh], o [H, Dh, D]) so that `heads` can be sharded by name; Hugging Face
 stores torch Linear weights [out, in] with heads flattened into the out (q/k/v) or in (o) axis.
 Both use the "rotate_half" rotary convention (pairs i, i + Dh/2), so no permutation is needed
 between them (GGUF's llama files differ: see hf_import).
+
+Llama, Mistral, Qwen2/3 and Gemma 3 share the names. Qwen3 and Gemma 3 add q/k norms
+(self_attn.q_norm / k_norm); Gemma 3's four norms per layer rename the MLP's input norm: a tree
+with norms after attention and MLP (sandwich_norms) maps mlp_norm to pre_feedforward_layernorm,
+since its post_attention_layernorm is then the norm of the attention output. Gemma's (1 + w)
+norms store w, as our params do.
 
 Layouts, for a target (ours) shape t and the HF array W:
   copy       W                                   norms, embedding [V, D]
@@ -35,6 +41,15 @@ _LAYER = {
     ("mlp", "gate", "kernel"): ("mlp.gate_proj.weight", "T"),
     ("mlp", "up", "kernel"): ("mlp.up_proj.weight", "T"),
     ("mlp", "down", "kernel"): ("mlp.down_proj.weight", "T"),
+    ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", "copy"),
+    ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", "copy"),
+}
+# A layer with norms after attention and MLP too (Gemma 2/3).
+_SANDWICH = {
+    **_LAYER,
+    ("attn_post_norm", "scale"): ("post_attention_layernorm.weight", "copy"),
+    ("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", "copy"),
+    ("mlp_post_norm", "scale"): ("post_feedforward_layernorm.weight", "copy"),
 }
 _GLOBAL = {
     ("embed", "embedding"): ("model.embed_tokens.weight", "copy"),
@@ -77,18 +92,19 @@ def leaves(params_like) -> Iterator[Leaf]:
   if isinstance(tree, dict) and set(tree) == {"params"}:
     tree = tree["params"]
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  for path, leaf in flat:
-    keys = tuple(_key(e) for e in path)
+  paths = [tuple(_key(e) for e in path) for path, _ in flat]
+  table = _SANDWICH if any("attn_post_norm" in keys for keys in paths) else _LAYER
+  for keys, (_, leaf) in zip(paths, flat):
     shape = tuple(leaf.shape)
     if keys in _GLOBAL:
       name, layout = _GLOBAL[keys]
       yield Leaf(keys, shape, (name,), layout)
-    elif keys[0].startswith("layer_") and keys[1:] in _LAYER:
-      name, layout = _LAYER[keys[1:]]
+    elif keys[0].startswith("layer_") and keys[1:] in table:
+      name, layout = table[keys[1:]]
       i = int(keys[0][len("layer_"):])
       yield Leaf(keys, shape, (f"model.layers.{i}.{name}",), layout)
-    elif keys[:2] == ("layers", "block") and keys[2:] in _LAYER:
-      name, layout = _LAYER[keys[2:]]
+    elif keys[:2] == ("layers", "block") and keys[2:] in table:
+      name, layout = table[keys[2:]]
       yield Leaf(keys, shape, tuple(f"model.layers.{i}.{name}" for i in range(shape[0])), layout)
     else:
       raise ValueError(f"parameter {'/'.join(keys)} has no Hugging Face counterpart")

@@ -1,6 +1,9 @@
-"""A Llama-style decoder-only transformer in flax.linen.
+"""A Llama-style decoder-only transformer in flax.linen, and the families that vary it.
 
-RMSNorm, rotary positions, SwiGLU, grouped-query attention, optional tied embeddings. Every
+RMSNorm, rotary positions, SwiGLU, grouped-query attention, optional tied embeddings. Qwen2,
+Qwen3 and Gemma 3 are configurations of this one model (see model_config.py): q/k norms, (1 + w)
+norms, norms after attention and MLP, GeGLU, scaled embeddings, soft-caps, and interleaved
+sliding-window layers with their own rope base. Every
 parameter carries logical axis names (see `rlhf_jax.core.sharding`), so one model definition runs on
 one CPU or a TPU pod: the mesh and the axis rules in the config decide where each tensor lives.
 
@@ -17,15 +20,16 @@ Calls:
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax.models.dot import dense
+# The configuration lives in model_config.py; other modules import ModelConfig from here too.
+from rlhf_jax.models.model_config import ModelConfig, local_rope_frequencies, rope_frequencies
 
 Array = jax.Array
 Cache = dict  # {'k': [L, B, Hkv, S, Dh], 'v': [L, B, Hkv, S, Dh], 'segment': [B, S], 'index': []}
@@ -40,131 +44,32 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 NUMERICS_FIELDS = ("dtype", "remat")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Shape and numerics of the transformer. Built from `config.model` (a ConfigDict)."""
-  vocab_size: int = 8192
-  d_model: int = 256
-  n_layers: int = 4
-  n_heads: int = 4
-  n_kv_heads: int = 4
-  d_ff: int = 1024
-  head_dim: Optional[int] = None  # None or 0: d_model // n_heads
-  max_len: int = 512
-  rope_theta: float = 10000.0
-  # Rotary frequency scaling of long-context checkpoints: "" (none), "linear" or "llama3"
-  # (Llama 3.1+); the last three fields are llama3's (low/high frequency factors, the
-  # pretraining context length). See rope_frequencies.
-  rope_scaling: str = ""
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = False
-  qkv_bias: bool = False  # Qwen2 has biases on q, k, v
-  dtype: str = "float32"  # compute dtype; params are always float32
-  remat: bool = False
-  scan_layers: bool = False
-
-  def __post_init__(self):
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-    if not self.head_dim and self.d_model % self.n_heads:
-      raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                       "set head_dim explicitly")
-    if self.dim_per_head % 2:
-      raise ValueError(f"head_dim={self.dim_per_head} must be even for rotary embeddings")
-    if self.rope_scaling not in ("", "linear", "llama3"):
-      raise ValueError(f"rope_scaling={self.rope_scaling!r} is not supported; supported: '' "
-                       "(none), 'linear', 'llama3'")
-
-  @property
-  def dim_per_head(self) -> int:
-    return self.head_dim or self.d_model // self.n_heads
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @classmethod
-  def from_config(cls, cfg) -> "ModelConfig":
-    """Accepts a ConfigDict / dict; unknown keys are an error naming them."""
-    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    d.pop("name", None)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"unknown model config keys {unknown}; known: {sorted(fields)}")
-    return cls(**d)
-
-  def param_count(self) -> int:
-    """Number of parameters, computed from the shapes (checked against eval_shape in tests)."""
-    d, dh, L = self.d_model, self.dim_per_head, self.n_layers
-    attn = d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
-    if self.qkv_bias:
-      attn += dh * (self.n_heads + 2 * self.n_kv_heads)
-    per_layer = attn + 3 * d * self.d_ff + 2 * d
-    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return L * per_layer + emb + d
-
-  def flops_per_token(self, seq_len: int, with_logits: bool = True) -> float:
-    """Forward matmul FLOPs per token at context `seq_len` (2 FLOPs per multiply-add).
-
-    Per layer: the q, k, v, o projections (2 d Dh (2 H + 2 Hkv)), the SwiGLU MLP (2 * 3 d F),
-    and attention's two matmuls, q.k and probs.v, over all `seq_len` keys (2 * 2 T H Dh): the
-    causal mask is not subtracted, as in PaLM's definition of MFU (6N + 12 L H Dh T). Plus the
-    vocabulary projection (2 d V) when `with_logits`. The embedding lookup is a gather, and
-    norms, rotary, softmax and the optimizer are not matmuls: none is counted. A train step
-    costs 3x this (the backward pass does two matmuls per forward one, for the inputs' and the
-    weights' gradients); tests check the count against the matmuls of a traced forward pass.
-    """
-    d, dh, L = self.d_model, self.dim_per_head, self.n_layers
-    proj = 2 * d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
-    mlp = 2 * 3 * d * self.d_ff
-    attn = 2 * 2 * seq_len * self.n_heads * dh  # QK^T and PV over the full (masked) length
-    head = 2 * d * self.vocab_size if with_logits else 0
-    return L * (proj + mlp + attn) + head
-
-
 def _dense_init(fan_in: int):
   return nn.initializers.normal(stddev=fan_in ** -0.5)
 
 
 class RMSNorm(nn.Module):
+  """RMS normalisation of the last axis, in float32, times `scale` (or 1 + `scale`)."""
   eps: float = 1e-5
   dtype: Any = jnp.float32
+  plus_one: bool = False  # Gemma: the parameter is an offset from 1, initialised to 0
+  axes: tuple = ("embed",)
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, self.axes),
                        (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      scale = 1.0 + scale
     return (y * scale).astype(self.dtype)
 
 
-def rope_frequencies(config: ModelConfig) -> np.ndarray:
-  """Rotary inverse frequencies [Dh/2] (float32), with the config's rope scaling applied.
-
-  Computed on the host: they are constants of the model, and long-context checkpoints (linear
-  position interpolation; Llama 3.1's "llama3" rule, which slows only the low frequencies and
-  blends the band between) change them, not the rotation itself.
-  """
-  d = config.dim_per_head
-  inv = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / d))
-  if config.rope_scaling == "linear":
-    inv = inv / config.rope_factor
-  elif config.rope_scaling == "llama3":
-    wavelen = 2 * np.pi / inv
-    low_wavelen = config.rope_original_max_len / config.rope_low_freq_factor
-    high_wavelen = config.rope_original_max_len / config.rope_high_freq_factor
-    smooth = ((config.rope_original_max_len / wavelen - config.rope_low_freq_factor)
-              / (config.rope_high_freq_factor - config.rope_low_freq_factor))
-    blended = (1 - smooth) * inv / config.rope_factor + smooth * inv
-    inv = np.where(wavelen > low_wavelen, inv / config.rope_factor,
-                   np.where(wavelen < high_wavelen, inv, blended))
-  return inv.astype(np.float32)
+def norm(config: ModelConfig, name: str, axes: tuple = ("embed",)) -> RMSNorm:
+  """The config's RMSNorm (its eps, compute dtype and scale rule)."""
+  return RMSNorm(config.norm_eps, config.compute_dtype, config.norm_plus_one, axes, name=name)
 
 
 def rotary(x: Array, positions: Array, theta: float, inv_freq=None) -> Array:
@@ -195,13 +100,29 @@ def _flat_tokens(x: Array, feature_dims: int = 1) -> Array:
   return x.reshape(-1, *x.shape[x.ndim - feature_dims:])
 
 
-def attention_mask(q_segment, q_slot, k_segment):
-  """[B, T, S] bool. q_segment [B, T], q_slot [B, T] or [T], k_segment [B, S]."""
+def attention_mask(q_segment, q_slot, k_segment, window: int = 0):
+  """[B, T, S] bool. q_segment [B, T], q_slot [B, T] or [T], k_segment [B, S].
+
+  window > 0: a sliding window besides, keys at slots q - window < k <= q only. Slots and
+  positions advance together inside a segment (left padding, packing, the cache), so this is
+  the window in positions that the model was trained with.
+  """
   k_slot = jnp.arange(k_segment.shape[1])
   q_slot = jnp.broadcast_to(q_slot, q_segment.shape)
   same = q_segment[:, :, None] == k_segment[:, None, :]
   causal = k_slot[None, None, :] <= q_slot[:, :, None]
-  return same & causal & (k_segment[:, None, :] != 0)
+  mask = same & causal & (k_segment[:, None, :] != 0)
+  if window:
+    mask = mask & (k_slot[None, None, :] > q_slot[:, :, None] - window)
+  return mask
+
+
+def layer_choice(local, if_local, if_global):
+  """A sliding-window layer's mask or rope table, or a global layer's. `local`: a Python bool
+  (unscanned layers pick while tracing) or a traced bool (scanned layers select)."""
+  if isinstance(local, bool):
+    return if_local if local else if_global
+  return jnp.where(local, if_local, if_global)
 
 
 class HeadProjection(nn.Module):
@@ -241,11 +162,13 @@ class Attention(nn.Module):
   layer_index: Optional[int] = None  # None: layer_cache holds this layer's arrays only
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, columns=None):
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, columns=None,
+               local=None):
     """x [B, T, D]; mask [B, T, S]; layer_cache (k, v): [L, B, Hkv, S, Dh] stacked (with
     layer_index) or [B, Hkv, S, Dh]; None without a cache. columns: None, or a static
     (start, stop): only those columns ask queries (keys and values come from all T), and the
-    output is [B, stop - start, D]."""
+    output is [B, stop - start, D]. local: None (no sliding-window layers in the model), or
+    whether this is one (see layer_choice): it picks the rope table."""
     cfg = self.config
     dt = cfg.compute_dtype
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
@@ -254,13 +177,21 @@ class Attention(nn.Module):
       return HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(inputs)
 
     inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
+    if local is not None and cfg.rope_local_theta:
+      inv_freq = layer_choice(local, local_rope_frequencies(cfg), rope_frequencies(cfg))
     if columns is not None:
       x_q, q_positions = x[:, columns[0]:columns[1]], positions[:, columns[0]:columns[1]]
       mask = mask[:, columns[0]:columns[1]]
     else:
       x_q, q_positions = x, positions
-    q = rotary(proj(x_q, "q", h, "heads"), q_positions, cfg.rope_theta, inv_freq)  # [B,Tq,H,Dh]
-    k = rotary(proj(x, "k", hkv, "kv_heads"), positions, cfg.rope_theta, inv_freq)  # [B,T,Hkv,Dh]
+    q = proj(x_q, "q", h, "heads")  # [B, Tq, H, Dh]
+    if cfg.qk_norm:
+      q = norm(cfg, "q_norm", ("kv",))(q)
+    q = rotary(q, q_positions, cfg.rope_theta, inv_freq)
+    k = proj(x, "k", hkv, "kv_heads")  # [B, T, Hkv, Dh]
+    if cfg.qk_norm:
+      k = norm(cfg, "k_norm", ("kv",))(k)
+    k = rotary(k, positions, cfg.rope_theta, inv_freq)
     v = proj(x, "v", hkv, "kv_heads")
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
 
@@ -280,7 +211,10 @@ class Attention(nn.Module):
 
     b, t = x_q.shape[:2]
     q = q.reshape(b, t, hkv, h // hkv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt)) * (dh ** -0.5)
+    scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else dh ** -0.5
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt)) * scale
+    if cfg.attn_softcap:
+      scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
@@ -319,7 +253,9 @@ class MLP(nn.Module):
     tokens = _flat_tokens(x)  # [B*T, D]
     gate = Linear(cfg.d_ff, dt, ("embed", "mlp"), name="gate")(tokens)
     up = Linear(cfg.d_ff, dt, ("embed", "mlp"), name="up")(tokens)
-    hidden = (jax.nn.silu(gate) * up).reshape(*x.shape[:-1], cfg.d_ff)
+    act = (jax.nn.silu if cfg.mlp_activation == "silu"
+           else functools.partial(jax.nn.gelu, approximate=True))  # GeGLU: tanh-approximated
+    hidden = (act(gate) * up).reshape(*x.shape[:-1], cfg.d_ff)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     out = Linear(cfg.d_model, dt, ("mlp", "embed"), name="down")(_flat_tokens(hidden))
     return out.reshape(x.shape[:-1] + out.shape[-1:])
@@ -330,16 +266,24 @@ class Block(nn.Module):
   layer_index: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index, columns=None):
-    """columns: None, or a static (start, stop): the block's output only there (see Attention)."""
+  def __call__(self, x, positions, mask, layer_cache, cache_index, columns=None, local=None):
+    """columns: None, or a static (start, stop): the block's output only there (see Attention).
+    local: None, or whether this is a sliding-window layer; mask is then the pair (global mask,
+    sliding-window mask)."""
     cfg = self.config
+    if local is not None:
+      mask = layer_choice(local, mask[1], mask[0])
     attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x),
-        positions, mask, layer_cache, cache_index, columns)
+        norm(cfg, "attn_norm")(x), positions, mask, layer_cache, cache_index, columns, local)
     if columns is not None:
       x = x[:, columns[0]:columns[1]]
+    if cfg.sandwich_norms:
+      attn_out = norm(cfg, "attn_post_norm")(attn_out)
     x = x + attn_out
-    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x))
+    mlp_out = MLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
+    if cfg.sandwich_norms:
+      mlp_out = norm(cfg, "mlp_post_norm")(mlp_out)
+    x = x + mlp_out
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, new_cache
 
@@ -350,7 +294,11 @@ class _ScanBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer_cache, positions, mask, cache_index):
-    return Block(self.config, name="block")(x, positions, mask, layer_cache, cache_index)
+    if not self.config.local_layers:
+      return Block(self.config, name="block")(x, positions, mask, layer_cache, cache_index)
+    layer_cache, local = layer_cache  # xs: (this layer's cache, whether it is a local layer)
+    return Block(self.config, name="block")(x, positions, mask, layer_cache, cache_index,
+                                            local=local)
 
 
 class Transformer(nn.Module):
@@ -372,7 +320,7 @@ class Transformer(nn.Module):
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
       self.layers = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
-    self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")
+    self.final_norm = norm(cfg, "final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.vocab_size, cfg.compute_dtype, ("embed", "vocab"),
                             out_dtype=jnp.float32, name="lm_head")
@@ -392,28 +340,37 @@ class Transformer(nn.Module):
     """
     cfg = self.config
     x = self.embed(tokens)  # [B, T, D]
+    if cfg.embed_scale:  # the factor in the compute dtype, as Gemma's reference rounds it
+      x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     t = tokens.shape[1]
     if cache is None:
-      mask = attention_mask(segment_ids, jnp.arange(t), segment_ids)
+      q_slot, k_segment = jnp.arange(t), segment_ids
       index = None
       kv = None
     else:
       index = cache["index"]
       k_segment = jax.lax.dynamic_update_slice_in_dim(
           cache["segment"], segment_ids.astype(cache["segment"].dtype), index, axis=1)
-      mask = attention_mask(segment_ids, index + jnp.arange(t), k_segment)
+      q_slot = index + jnp.arange(t)
       kv = (cache["k"], cache["v"])
+    mask = attention_mask(segment_ids, q_slot, k_segment)
+    if cfg.local_layers:  # both masks; each layer takes its own (the cache keeps every slot)
+      mask = (mask, attention_mask(segment_ids, q_slot, k_segment, cfg.sliding_window))
 
     sliced = False
     if cfg.scan_layers:
-      x, new_kv = self.layers(x, kv, positions, mask, index)
+      xs = kv
+      if cfg.local_layers:
+        xs = (kv, jnp.asarray([i in cfg.local_layers for i in range(cfg.n_layers)]))
+      x, new_kv = self.layers(x, xs, positions, mask, index)
     else:
       for i, layer in enumerate(self.layers):  # each writes its slots of the stacked cache
         # The last layer runs on the read columns only; a rematerialised block takes no
         # static arguments, so it runs on all of them and is sliced below.
         cols = columns if i == cfg.n_layers - 1 and not cfg.remat else None
-        x, new = layer(x, positions, mask, kv, index, cols)
+        local = (i in cfg.local_layers,) if cfg.local_layers else ()
+        x, new = layer(x, positions, mask, kv, index, cols, *local)
         kv = new if kv is not None else None
         sliced = cols is not None
       new_kv = kv
@@ -433,7 +390,10 @@ class Transformer(nn.Module):
       logits = self.embed.attend(tokens)
     else:
       logits = self.lm_head(tokens)
-    return logits.reshape(*hidden.shape[:-1], -1).astype(jnp.float32)
+    logits = logits.reshape(*hidden.shape[:-1], -1).astype(jnp.float32)
+    if self.config.final_softcap:
+      logits = jnp.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+    return logits
 
   def __call__(self, tokens, positions, segment_ids, cache: Optional[Cache] = None):
     hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
