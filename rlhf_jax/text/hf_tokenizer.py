@@ -8,7 +8,7 @@ only use `encode`, `decode`, `render_chat`, `render_prompt`, `stop_ids` and the 
   tok = HFTokenizer.load("model.gguf")          # the vocabulary and template inside the GGUF
 
 Chat template. The model's own Jinja template (as `transformers.apply_chat_template` renders
-it: trim_blocks, lstrip_blocks, a sandbox) is rendered once with a marker in place of each
+it: rlhf_jax.text.chat_template) is rendered once with a marker in place of each
 message's content. The text between markers is the template's (role headers, turn ends) and
 is encoded with special tokens recognised; each content is encoded on its own with special
 tokens *not* recognised, so a user who types "<|im_end|>" gets ordinary pieces, never a turn
@@ -31,7 +31,6 @@ through this class, so the model always sees one consistent segmentation.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from rlhf_jax.text import chat_template as jinja_chat
 from rlhf_jax.text.tokenizer import TooLongError, check_length, check_messages  # noqa: F401
 
 _PAD = "\u2003"  # an em space: whitespace a `trim` removes, never written by a template
@@ -113,7 +113,6 @@ class HFTokenizer:
     self.eos_id = self._id(eos_token, "eos_token")
     self.bos_id = self._id(bos_token, "bos_token") if bos_token else self.eos_id
     self.unk_id = self._id(unk_token, "unk_token") if unk_token else None
-    self._template = None
     self._plain = None
     self.end_id = self._find_turn_end()
     self._stop = tuple(dict.fromkeys([self.end_id, self.eos_id, *extra_stop_ids]))
@@ -180,7 +179,6 @@ class HFTokenizer:
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state["_template"] = None  # compiled Jinja is rebuilt on first use
     state["_tok"] = self._tok.to_str()
     state["_plain"] = None
     return state
@@ -245,20 +243,10 @@ class HFTokenizer:
     return self._stop
 
   def _render_text(self, messages, generation_prompt: bool) -> str:
-    if self._template is None:
-      from jinja2.ext import loopcontrols
-      from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-      def raise_exception(message):
-        raise ValueError(f"chat template: {message}")
-
-      env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                          extensions=[loopcontrols])
-      env.globals["raise_exception"] = raise_exception
-      env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-      self._template = env.from_string(self.chat_template)
-    return self._template.render(messages=messages, add_generation_prompt=generation_prompt,
-                                 **{k: v or "" for k, v in self._tokens.items()})
+    """The chat as transformers' apply_chat_template(tokenize=False) renders it."""
+    return jinja_chat.render(self.chat_template, messages,
+                             add_generation_prompt=generation_prompt,
+                             **{k: v or "" for k, v in self._tokens.items()})
 
   def _pieces(self, messages, generation_prompt: bool):
     """[(is_content, message index or -1, text)] of the rendered chat, in order."""
