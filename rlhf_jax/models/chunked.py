@@ -1,0 +1,132 @@
+"""Token log-probs, next-token loss and entropy over vocabulary chunks, never all logits at once.
+
+The usual route projects hidden states [B, T, D] onto the whole vocabulary and keeps the
+float32 logits [B, T, V]: with Gemma 3's 262k vocabulary one 16 x 128 batch is 2.1 GB, and
+autodiff keeps it (and softmax's output) for the backward pass. Every quantity the trainers
+read from those logits is a reduction over V, so it can be gathered chunk by chunk:
+
+    lse        = m + log s,   s = Σ_v exp(l_v − m)             running max m
+    lse − E[l] = log s − u/s, u = Σ_v exp(l_v − m)·(l_v − m)   the entropy
+    l_y        = the target's logit, picked from the chunk that holds it
+
+`lax.scan` walks the chunks with (m, s, u, l_y) as its carry; its body is rematerialised
+(`jax.checkpoint`), so the backward pass recomputes one chunk's logits at a time instead of
+storing them all. The running max is held out of autodiff (stop_gradient): lse does not depend
+on it mathematically, and leaving it in would only send exact-zero gradients through `max`.
+
+A chunk size that does not divide V: the last chunk is the kernel's last C columns, and the
+columns it shares with the chunk before are masked to −inf (no padded copy of the kernel).
+The matmul is `dot.dense`, the projection's own: in float32 the chunked values match the
+unchunked ones to rounding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.dot import dense
+
+Array = jax.Array
+
+
+def output_kernel(params: Mapping[str, Any], tie_embeddings: bool) -> Array:
+  """The output projection [D, V] of a Transformer's params: lm_head's kernel, or with tied
+  embeddings the embedding matrix transposed (what `Transformer.project` multiplies by)."""
+  if tie_embeddings:  # unbox: freshly initialised params still carry their partitioning
+    return nn.unbox(params["embed"]["embedding"]).T
+  return nn.unbox(params["lm_head"]["kernel"])
+
+
+def _chunk_stats(carry, i, hidden, kernel, targets, *, chunk, dtype, temperature, softcap,
+                 entropy_grad):
+  """One vocabulary chunk's update of the running (m, s, u, target logit); see the module doc."""
+  m, s, u, picked = carry  # each [N]
+  vocab = kernel.shape[1]
+  start = jnp.minimum(i * chunk, vocab - chunk)  # the last chunk ends at V
+  k = jax.lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1)  # [D, C]
+  logits = dense(hidden, k, dtype, out_dtype=jnp.float32)  # [N, C]
+  if softcap:
+    logits = jnp.tanh(logits / softcap) * softcap
+  logits = logits / temperature
+  cols = start + jnp.arange(chunk)  # [C] vocabulary ids
+  fresh = cols >= i * chunk  # [C] False on the columns the chunk before already counted
+  masked = jnp.where(fresh, logits, -jnp.inf)  # [N, C]
+  new_m = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(masked, axis=-1)))  # [N]
+  scale = jnp.exp(m - new_m)  # [N]; 0 on the first chunk (m = -inf)
+  e = jnp.exp(masked - new_m[:, None])  # [N, C]; 0 on masked columns
+  # u = Σ e·(l − m) moves to the new max with the old Σ e: no large m to cancel at the end.
+  shift = jnp.where(jnp.isfinite(m), m - new_m, 0.0)  # [N]; no gradient (both m held out)
+  u = (u + s * shift) * scale
+  s = s * scale + jnp.sum(e, axis=-1)
+  # The finite logits, not `masked`: 0 * -inf would be NaN on the masked columns.
+  ent_logits = logits if entropy_grad else jax.lax.stop_gradient(logits)
+  ent_e = e if entropy_grad else jax.lax.stop_gradient(e)
+  u = u + jnp.sum(ent_e * (ent_logits - new_m[:, None]), axis=-1)
+  hit = fresh[None, :] & (cols[None, :] == targets[:, None])  # [N, C]
+  picked = picked + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+  return (new_m, s, u, picked), None
+
+
+def logit_stats(hidden: Array, kernel: Array, targets: Array, *, chunk: int, dtype=jnp.float32,
+                temperature: float = 1.0, softcap: float = 0.0,
+                entropy_grad: bool = True) -> tuple[Array, Array]:
+  """(log p(targets), entropy), both [...] float32, of softmax(project(hidden) / temperature).
+
+  hidden [..., D] (the positions read only); kernel [D, V] (`output_kernel`); targets [...]
+  int; chunk: vocabulary columns per step (0 or >= V: one chunk); dtype: the compute dtype of
+  the matmul; softcap: the model's final_softcap (applied before the temperature, as
+  `Transformer.project` then the PPO step do). entropy_grad=False holds the entropy out of
+  autodiff (PPO with no entropy bonus) without a second pass.
+  """
+  lead = hidden.shape[:-1]
+  h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
+  t = targets.reshape(-1).astype(jnp.int32)  # [N]
+  vocab = kernel.shape[1]
+  chunk = vocab if chunk <= 0 or chunk >= vocab else int(chunk)
+  n_chunks = -(-vocab // chunk)
+  body = functools.partial(_chunk_stats, hidden=h, kernel=kernel, targets=t, chunk=chunk,
+                           dtype=dtype, temperature=temperature, softcap=softcap,
+                           entropy_grad=entropy_grad)
+  n = h.shape[0]
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+          jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+  (m, s, u, picked), _ = jax.lax.scan(jax.checkpoint(body), init, jnp.arange(n_chunks))
+  log_s = jnp.log(s)  # [N]; lse = m + log_s
+  logp = (picked - m) - log_s
+  entropy = log_s - u / s  # lse − E[l]: two terms >= 0, nothing cancels
+  if not entropy_grad:  # u already carries no gradient; log s does (it is the log-probs')
+    entropy = jax.lax.stop_gradient(entropy)
+  return logp.reshape(lead), entropy.reshape(lead)
+
+
+def token_logprobs(hidden: Array, kernel: Array, targets: Array, *, chunk: int,
+                   dtype=jnp.float32, temperature: float = 1.0, softcap: float = 0.0) -> Array:
+  """log softmax(project(hidden) / temperature)[targets]: [..., D] -> [...] float32, chunked.
+
+  The chunked form of `losses.token_logprobs(logits / temperature, targets)`."""
+  return logit_stats(hidden, kernel, targets, chunk=chunk, dtype=dtype, temperature=temperature,
+                     softcap=softcap, entropy_grad=False)[0]
+
+
+def next_token_loss(hidden: Array, kernel: Array, targets: Array, loss_mask: Array, *,
+                    chunk: int, dtype=jnp.float32, softcap: float = 0.0) -> tuple[Array, Array]:
+  """(Σ masked next-token cross-entropy, mask count): `losses.next_token_loss`, chunked.
+
+  hidden [B, T, D]; targets [B, T] (already shifted); loss_mask [B, T].
+  """
+  logp = token_logprobs(hidden, kernel, targets, chunk=chunk, dtype=dtype, softcap=softcap)
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(-logp * mask), jnp.sum(mask)
+
+
+def entropy(hidden: Array, kernel: Array, *, chunk: int, dtype=jnp.float32,
+            temperature: float = 1.0, softcap: float = 0.0) -> Array:
+  """Entropy [...] of softmax(project(hidden) / temperature): `losses.entropy_from_logits`,
+  chunked."""
+  targets = jnp.zeros(hidden.shape[:-1], jnp.int32)
+  return logit_stats(hidden, kernel, targets, chunk=chunk, dtype=dtype, temperature=temperature,
+                     softcap=softcap)[1]

@@ -1,0 +1,146 @@
+"""Chunked vocabulary reductions (rlhf_jax/models/chunked.py) against the unchunked ones.
+
+References: float64 numpy log-softmax of the full logits (independent of JAX), the unchunked
+`losses` functions for gradients (jax.grad of the [B, T, V] route), and the compiled temp size
+of both routes for a large vocabulary.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models import chunked, losses
+from rlhf_jax.models.sizes import model_config
+from rlhf_jax.models.transformer import Transformer
+
+B, T, D, V = 2, 6, 16, 101  # 101 is prime: no chunk size below it divides it
+
+
+def _inputs(seed=0, scale=1.0):
+  rng = np.random.default_rng(seed)
+  hidden = rng.standard_normal((B, T, D)).astype(np.float32)
+  kernel = (scale * rng.standard_normal((D, V)) / np.sqrt(D)).astype(np.float32)
+  targets = rng.integers(0, V, (B, T)).astype(np.int32)
+  targets[0, 0], targets[1, 0] = 0, V - 1  # the first and last vocabulary columns
+  mask = (rng.random((B, T)) < 0.6).astype(np.float32)
+  return hidden, kernel, targets, mask
+
+
+def _reference(hidden, kernel, targets, temperature=1.0, softcap=0.0):
+  """(log p(target), entropy) [B, T] in float64 numpy from the whole logits."""
+  logits = hidden.astype(np.float64) @ kernel.astype(np.float64)  # [B, T, V]
+  if softcap:
+    logits = np.tanh(logits / softcap) * softcap
+  logits = logits / temperature
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  return picked, -(np.exp(logp) * logp).sum(-1)
+
+
+def _close(actual, expected, rtol):
+  """Equal to rtol of the values' size (an elementwise rtol alone fails on values near 0)."""
+  expected = np.asarray(expected)
+  np.testing.assert_allclose(actual, expected, rtol=rtol,
+                             atol=rtol * float(np.max(np.abs(expected))))
+
+
+# chunk 0: off (one chunk); 7, 32: the last chunk overlaps the one before; 101: exactly V;
+# 500: larger than V.
+@pytest.mark.parametrize("chunk", [0, 7, 32, 101, 500])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, 0.0), (0.7, 0.0), (1.3, 2.0)])
+def test_values_match_the_whole_vocabulary(chunk, temperature, softcap):
+  hidden, kernel, targets, mask = _inputs(scale=3.0)
+  logp, ent = jax.jit(lambda h, k, t: chunked.logit_stats(
+      h, k, t, chunk=chunk, temperature=temperature, softcap=softcap))(hidden, kernel, targets)
+  ref_logp, ref_ent = _reference(hidden, kernel, targets, temperature, softcap)
+  _close(logp, ref_logp, 1e-6)
+  _close(ent, ref_ent, 1e-6)
+  only_logp = chunked.token_logprobs(hidden, kernel, targets, chunk=chunk,
+                                     temperature=temperature, softcap=softcap)
+  _close(only_logp, ref_logp, 1e-6)
+  _close(chunked.entropy(hidden, kernel, chunk=chunk, temperature=temperature, softcap=softcap),
+         ref_ent, 1e-6)
+  total, count = chunked.next_token_loss(hidden, kernel, targets, mask, chunk=chunk,
+                                         softcap=softcap)
+  ref_total = -np.sum(_reference(hidden, kernel, targets, 1.0, softcap)[0] * mask)
+  _close(total, ref_total, 1e-6)
+  assert float(count) == mask.sum()
+
+
+@pytest.mark.parametrize("chunk", [7, 32])
+def test_gradients_match_the_unchunked_route(chunk):
+  hidden, kernel, targets, mask = _inputs(seed=1, scale=2.0)
+
+  def chunked_loss(h, k):
+    total, count = chunked.next_token_loss(h, k, targets, mask, chunk=chunk)
+    ent = chunked.entropy(h, k, chunk=chunk, temperature=0.8)
+    return total / count + 0.1 * jnp.mean(ent)
+
+  def whole_loss(h, k):
+    logits = h @ k  # [B, T, V]
+    total, count = losses.next_token_loss(logits, targets, mask)
+    return total / count + 0.1 * jnp.mean(losses.entropy_from_logits(logits / 0.8))
+
+  got = jax.jit(jax.grad(chunked_loss, argnums=(0, 1)))(hidden, kernel)
+  want = jax.jit(jax.grad(whole_loss, argnums=(0, 1)))(hidden, kernel)
+  for g, w in zip(got, want):
+    assert np.all(np.isfinite(g))
+    _close(g, w, 1e-5)
+  # Masked positions get no gradient from the loss; with the entropy term off, exactly none.
+  only_loss = jax.grad(lambda h: chunked.next_token_loss(h, kernel, targets, mask,
+                                                         chunk=chunk)[0])(hidden)
+  assert np.all(np.asarray(only_loss)[mask == 0] == 0.0)
+
+
+def test_entropy_grad_off_holds_the_entropy_out_of_autodiff():
+  hidden, kernel, targets, _ = _inputs(seed=2)
+  g = jax.grad(lambda h: jnp.sum(chunked.logit_stats(h, kernel, targets, chunk=7,
+                                                     entropy_grad=False)[1]))(hidden)
+  assert np.all(np.asarray(g) == 0.0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_output_kernel_reproduces_the_model_projection(tie):
+  cfg = model_config("tiny", vocab_size=V, tie_embeddings=tie)
+  model = Transformer(cfg)
+  tokens = jnp.asarray(_inputs()[2])
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  segments = jnp.ones((B, T), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens, positions, segments)["params"]
+  hidden, _ = model.apply({"params": params}, tokens, positions, segments,
+                          method=Transformer.hidden_states)
+  logits = model.apply({"params": params}, hidden, method=Transformer.project)
+  targets = jnp.roll(tokens, -1, axis=1)
+  want = losses.token_logprobs(logits, targets)
+  got = chunked.token_logprobs(hidden, chunked.output_kernel(params, tie), targets, chunk=16)
+  _close(got, want, 1e-6)
+
+
+def _temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_compiled_memory_is_far_below_the_whole_logits():
+  b, t, d, v, chunk = 2, 64, 64, 65536, 4096
+  hidden = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  targets = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  mask = jax.ShapeDtypeStruct((b, t), jnp.float32)
+
+  def whole(h, k, y, m):
+    return losses.next_token_loss(h @ k, y, m)[0]
+
+  def parts(h, k, y, m):
+    return chunked.next_token_loss(h, k, y, m, chunk=chunk)[0]
+
+  logits_bytes = b * t * v * 4  # 32 MiB: one float32 copy of the logits
+  for fn in (lambda *a: jax.grad(whole, argnums=(0, 1))(*a), whole):
+    assert _temp_bytes(fn, hidden, kernel, targets, mask) >= logits_bytes
+  # Chunked, forward and backward hold a few [B*T, chunk] blocks (measured ~4 and ~5 MiB):
+  # the backward recomputes one chunk's logits at a time (jax.checkpoint), and the kernel's
+  # gradient [D, V] is the step's output, not a temporary.
+  fwd = _temp_bytes(parts, hidden, kernel, targets, mask)
+  bwd = _temp_bytes(lambda *a: jax.grad(parts, argnums=(0, 1))(*a), hidden, kernel, targets, mask)
+  assert fwd < logits_bytes / 4, fwd
+  assert bwd < logits_bytes / 4, bwd
