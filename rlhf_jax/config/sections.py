@@ -72,6 +72,8 @@ def model_section(size: str, **overrides) -> ml_collections.ConfigDict:
                 dtype="float32", remat=False, scan_layers=False)
   fields.update(SIZES[size])
   fields.update(overrides)
+  # dtype may also be "auto" (bfloat16 where it measures faster): the trainer resolves it with
+  # rlhf_jax/core/dtype_probe.resolve_dtype before building its ModelConfig.
   return ml_collections.ConfigDict(fields)
 
 

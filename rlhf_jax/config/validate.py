@@ -20,6 +20,8 @@ from typing import Iterable
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+# model.dtype also takes "auto": bfloat16 where it measures faster (rlhf_jax/core/dtype_probe.py).
+MODEL_DTYPES = DTYPES + ("auto",)
 PPO_LANGS = ("both", "en", "zh")
 RM_LOSSES = ("", "kwise", "grades", "pairwise", "binary")
 NORMALIZE_SOURCES = ("auto", "policy", "responses")
@@ -116,7 +118,7 @@ def check_model(c: Checks, vocab: bool = True):
   head_dim = c.number("model.head_dim", 0, integer=True)
   c.number("model.norm_eps", 0, lo_open=True)
   c.number("model.rope_theta", 0, lo_open=True)
-  c.choice("model.dtype", DTYPES)
+  check_numerics(c)
   heads, kv_heads, d_model = (c.get(f"model.{k}") for k in ("n_heads", "n_kv_heads", "d_model"))
   if _positive_ints(heads, kv_heads) and heads % kv_heads:
     c.problem("model.n_kv_heads", f"must divide {c.name('model.n_heads')}={heads}", kv_heads)
@@ -124,6 +126,13 @@ def check_model(c: Checks, vocab: bool = True):
     c.problem("model.d_model", f"must be a multiple of {c.name('model.n_heads')}={heads} "
               f"(or set {c.name('model.head_dim')})", d_model)
   return max_len
+
+
+def check_numerics(c: Checks) -> None:
+  """model.dtype, and model.vocab_chunk (vocabulary columns per step of the chunked losses,
+  rlhf_jax/models/chunked.py; 0 = off) where a config has it."""
+  c.choice("model.dtype", MODEL_DTYPES)
+  c.number("model.vocab_chunk", 0, integer=True)
 
 
 def check_common(c: Checks) -> None:
@@ -305,7 +314,7 @@ def stage_problems(config, prefix: str = "", *, max_len=_MISSING,
   if max_len is _MISSING:
     max_len = check_model(c)
   else:
-    c.choice("model.dtype", DTYPES)  # a stage's own numerics, whatever shape it takes
+    check_numerics(c)  # a stage's own numerics, whatever shape it takes
   check_common(c)
   if trainer == "ppo" and c.get("sft_dir"):
     max_len = None  # the policy's shape is the SFT checkpoint's: the trainer checks it
