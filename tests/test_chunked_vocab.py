@@ -2,13 +2,15 @@
 
 References: float64 numpy log-softmax of the full logits (independent of JAX), the unchunked
 `losses` functions for gradients (jax.grad of the [B, T, V] route), and the compiled temp size
-of both routes for a large vocabulary.
+of both routes for a large vocabulary. Also core/compiled_memory.py against hand counts.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax.core.compiled_memory import compiled_memory
 from rlhf_jax.models import chunked, losses
 from rlhf_jax.models.sizes import model_config
 from rlhf_jax.models.transformer import Transformer
@@ -118,7 +120,7 @@ def test_output_kernel_reproduces_the_model_projection(tie):
 
 
 def _temp_bytes(fn, *args):
-  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  return compiled_memory(fn, *args)["temp_bytes"]
 
 
 def test_compiled_memory_is_far_below_the_whole_logits():
@@ -144,3 +146,40 @@ def test_compiled_memory_is_far_below_the_whole_logits():
   bwd = _temp_bytes(lambda *a: jax.grad(parts, argnums=(0, 1))(*a), hidden, kernel, targets, mask)
   assert fwd < logits_bytes / 4, fwd
   assert bwd < logits_bytes / 4, bwd
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled_memory: XLA's plan against hand counts.
+
+
+def test_compiled_memory_of_an_addition_is_its_arrays():
+  n = 10_000
+  x = jax.ShapeDtypeStruct((n,), jnp.float32)
+  got = compiled_memory(lambda a, b: a + b, x, x)
+  assert got["argument_bytes"] == 2 * n * 4  # two float32 inputs
+  assert got["output_bytes"] == n * 4  # one float32 output, no donation
+  assert got["alias_bytes"] == 0
+  assert got["temp_bytes"] < n * 4  # the sum is written straight into the output
+  assert got["peak_bytes"] == 3 * n * 4 + got["temp_bytes"]
+  assert got["generated_code_bytes"] >= 0
+  donated = compiled_memory(jax.jit(lambda a, b: a + b, donate_argnums=0), x, x)
+  assert donated["alias_bytes"] == n * 4  # the output reuses a's buffer
+  assert donated["peak_bytes"] == 2 * n * 4 + donated["temp_bytes"]
+
+
+def test_compiled_memory_of_a_tiny_model_counts_params_inputs_and_logits():
+  cfg = model_config("tiny", vocab_size=V)
+  model = Transformer(cfg)
+  tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+  params = nn.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((B, T), jnp.int32), jnp.zeros((B, T), jnp.int32),
+      jnp.ones((B, T), jnp.int32))["params"]))
+
+  def forward(p, tok, pos, seg):
+    return model.apply({"params": p}, tok, pos, seg)[0]
+
+  got = compiled_memory(forward, params, tokens, tokens, tokens)
+  # float32 params (ModelConfig.param_count, from the shapes) and three int32 [B, T] inputs.
+  assert got["argument_bytes"] == cfg.param_count() * 4 + 3 * B * T * 4
+  assert got["output_bytes"] == B * T * V * 4  # float32 logits
+  assert got["temp_bytes"] > 0  # activations
