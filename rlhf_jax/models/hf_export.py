@@ -4,8 +4,11 @@
 
 writes config.json (LlamaForCausalLM, or Qwen2ForCausalLM when the model has q/k/v biases),
 model.safetensors (or shards of at most `max_shard_bytes` plus model.safetensors.index.json),
-generation_config.json and, given an HFTokenizer, tokenizer.json + tokenizer_config.json with
-the chat template; so a trained policy can be served by any HF-compatible server.
+generation_config.json and, given a tokenizer, the files `AutoTokenizer` needs (`write_tokenizer`):
+for our sentencepiece tokenizer a tokenizer.json giving the same ids plus tokenizer.model and a
+Jinja chat template reproducing ours (rlhf_jax/text/hf_files.py); for an imported model's
+tokenizer its original files when it came from an HF directory, else tokenizer.json rebuilt from
+the GGUF vocabulary; so a trained policy can be served by any HF-compatible server.
 
 Params are gathered one tensor at a time (a sharded or multi-host array is assembled on the host
 for that tensor only), converted to the HF layout (rlhf_jax.models.hf_layout), and written in
@@ -22,11 +25,13 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from rlhf_jax.models import hf_layout
+from rlhf_jax.models import hf_layout, pretrained
 from rlhf_jax.models.safetensors_io import INDEX_NAME, write_safetensors
 from rlhf_jax.models.transformer import ModelConfig
+from rlhf_jax.text import hf_files
+from rlhf_jax.text.tokenizer import Tokenizer
 
-_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def hf_config(model_config: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
@@ -76,7 +81,7 @@ def _host(x) -> np.ndarray:
 
 def hf_tensors(params, dtype: str = "float32"):
   """Yields (HF name, array in the HF layout) one tensor at a time."""
-  np_dtype = _DTYPES[dtype]
+  np_dtype = DTYPES[dtype]
   import flax.linen as nn
   tree = nn.unbox(params)
   flat = jax.tree.leaves(tree["params"] if set(tree) == {"params"} else tree)
@@ -90,8 +95,8 @@ def hf_tensors(params, dtype: str = "float32"):
 def export_pretrained(params, model_config: ModelConfig, directory: str, *, tokenizer=None,
                       dtype: str = "float32", max_shard_bytes: int = 5 << 30) -> str:
   """Writes the checkpoint directory; returns its path. See the module docstring."""
-  if dtype not in _DTYPES:
-    raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(directory, exist_ok=True)
@@ -125,9 +130,25 @@ def export_pretrained(params, model_config: ModelConfig, directory: str, *, toke
                       eos_token_id=[int(i) for i in tokenizer.stop_ids()],
                       pad_token_id=int(tokenizer.pad_id))
   _write_json(os.path.join(directory, "generation_config.json"), generation)
-  if tokenizer is not None and hasattr(tokenizer, "save"):
-    tokenizer.save(directory)
+  if tokenizer is not None:
+    write_tokenizer(tokenizer, directory, model_config.max_len)
   return directory
+
+
+def write_tokenizer(tokenizer, directory: str, max_len: Optional[int] = None) -> None:
+  """The tokenizer files of the module docstring, for either kind of tokenizer."""
+  os.makedirs(directory, exist_ok=True)
+  if isinstance(tokenizer, Tokenizer):
+    hf_files.write_tokenizer_files(tokenizer, directory, max_len)
+    return
+  source = pretrained.resolve(tokenizer.path) if getattr(tokenizer, "path", None) else ""
+  source_dir = os.path.dirname(source) if source.endswith(".json") else source
+  if source_dir and os.path.isdir(source_dir):
+    hf_files.copy_tokenizer_files(source_dir, directory)
+  elif hasattr(tokenizer, "save"):
+    tokenizer.save(directory)
+  else:
+    raise TypeError(f"cannot export a {type(tokenizer).__name__}: no tokenizer files to write")
 
 
 def _name_shards(directory: str, written: list) -> None:
