@@ -183,3 +183,51 @@ def test_compiled_memory_of_a_tiny_model_counts_params_inputs_and_logits():
   assert got["argument_bytes"] == cfg.param_count() * 4 + 3 * B * T * 4
   assert got["output_bytes"] == B * T * V * 4  # float32 logits
   assert got["temp_bytes"] > 0  # activations
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainers' entry points: chunk 0 is the old route bit for bit, chunk > 0 agrees with it.
+
+
+def _tiny_model(tie=False, softcap=0.0):
+  cfg = model_config("tiny", vocab_size=V, tie_embeddings=tie, final_softcap=softcap)
+  model = Transformer(cfg)
+  tokens = jnp.asarray(_inputs()[2])
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  segments = jnp.ones((B, T), jnp.int32)
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens, positions, segments)["params"])
+  return cfg, model, params, (tokens, positions, segments)
+
+
+@pytest.mark.parametrize("tie,softcap", [(False, 0.0), (True, 5.0)])
+def test_model_functions_keep_the_old_route_at_chunk_zero(tie, softcap):
+  cfg, model, params, (tokens, positions, segments) = _tiny_model(tie, softcap)
+  targets = jnp.roll(tokens, -1, axis=1)
+  mask = jnp.asarray(_inputs()[3])
+  logits, _ = model.apply({"params": params}, tokens, positions, segments)  # [B, T, V]
+  hidden, _ = model.apply({"params": params}, tokens, positions, segments,
+                          method=Transformer.hidden_states)
+  old_loss = losses.next_token_loss(logits, targets, mask)
+  old_logp = losses.token_logprobs(logits / 0.7, targets)
+  old_ent = losses.entropy_from_logits(logits / 0.7)
+  loss0 = chunked.model_next_token_loss(params, hidden, targets, mask, model_config=cfg)
+  logp0, ent0 = chunked.model_logit_stats(params, hidden, targets, model_config=cfg,
+                                          temperature=0.7, with_entropy=True)
+  for got, want in zip((*loss0, logp0, ent0), (*old_loss, old_logp, old_ent)):
+    np.testing.assert_array_equal(got, want)
+  loss7 = chunked.model_next_token_loss(params, hidden, targets, mask, model_config=cfg, chunk=7)
+  logp7, ent7 = chunked.model_logit_stats(params, hidden, targets, model_config=cfg,
+                                          temperature=0.7, chunk=7, with_entropy=True)
+  for got, want in zip((*loss7, logp7, ent7), (*old_loss, old_logp, old_ent)):
+    _close(got, want, 1e-6)
+  assert chunked.model_logit_stats(params, hidden, targets, model_config=cfg)[1] is None
+
+
+def test_sequence_logprobs_in_chunks_match_the_whole_vocabulary():
+  from rlhf_jax.infer.logprobs import sequence_logprobs
+  cfg, _, params, (tokens, positions, segments) = _tiny_model()
+  answer_mask = jnp.asarray(_inputs()[3][:, :4])  # the last 4 columns are the answer
+  args = (params, tokens, positions, segments, answer_mask)
+  whole = sequence_logprobs(*args, model_config=cfg)
+  np.testing.assert_array_equal(whole, sequence_logprobs(*args, model_config=cfg, vocab_chunk=0))
+  _close(sequence_logprobs(*args, model_config=cfg, vocab_chunk=16), whole, 1e-6)

@@ -18,6 +18,11 @@ A chunk size that does not divide V: the last chunk is the kernel's last C colum
 columns it shares with the chunk before are masked to −inf (no padded copy of the kernel).
 The matmul is `dot.dense`, the projection's own: in float32 the chunked values match the
 unchunked ones to rounding.
+
+The `model_*` functions are what the trainers call: from a Transformer's params and hidden
+states, chunked when the chunk size (`ModelConfig.vocab_chunk` where the config has that
+field, else 0) is > 0, and otherwise the unchunked route exactly as before (`project`, then
+the `losses` functions).
 """
 from __future__ import annotations
 
@@ -28,7 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models import losses
 from rlhf_jax.models.dot import dense
+from rlhf_jax.models.transformer import ModelConfig, Transformer
 
 Array = jax.Array
 
@@ -130,3 +137,52 @@ def entropy(hidden: Array, kernel: Array, *, chunk: int, dtype=jnp.float32,
   targets = jnp.zeros(hidden.shape[:-1], jnp.int32)
   return logit_stats(hidden, kernel, targets, chunk=chunk, dtype=dtype, temperature=temperature,
                      softcap=softcap)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# From a Transformer's params: chunked when asked, the whole-vocabulary route otherwise.
+
+
+def chunk_of(model_config: ModelConfig, chunk: int | None = None) -> int:
+  """The chunk size to use: `chunk` when given, else the config's vocab_chunk (0 without one)."""
+  return int(getattr(model_config, "vocab_chunk", 0) if chunk is None else chunk)
+
+
+def model_logit_stats(params, hidden: Array, targets: Array, *, model_config: ModelConfig,
+                      temperature: float = 1.0, chunk: int | None = None,
+                      with_entropy: bool = False,
+                      entropy_grad: bool = True) -> tuple[Array, Array | None]:
+  """(log p(targets) [...], entropy [...] or None) of softmax(project(hidden) / temperature).
+
+  hidden [..., D]: `Transformer.hidden_states` at the positions read; targets [...] int.
+  Chunk 0: `Transformer.project` and `losses`, as the trainers computed them before.
+  """
+  chunk = chunk_of(model_config, chunk)
+  if chunk <= 0:
+    logits = Transformer(model_config).apply({"params": params}, hidden,
+                                             method=Transformer.project) / temperature
+    entropy_value = None
+    if with_entropy:
+      ent_logits = logits if entropy_grad else jax.lax.stop_gradient(logits)
+      entropy_value = losses.entropy_from_logits(ent_logits)
+    return losses.token_logprobs(logits, targets), entropy_value
+  logp, entropy_value = logit_stats(
+      hidden, output_kernel(params, model_config.tie_embeddings), targets, chunk=chunk,
+      dtype=model_config.compute_dtype, temperature=temperature,
+      softcap=model_config.final_softcap, entropy_grad=entropy_grad and with_entropy)
+  return logp, entropy_value if with_entropy else None
+
+
+def model_next_token_loss(params, hidden: Array, targets: Array, loss_mask: Array, *,
+                          model_config: ModelConfig,
+                          chunk: int | None = None) -> tuple[Array, Array]:
+  """(Σ masked next-token cross-entropy, count) from hidden states [B, T, D]; chunk 0 is
+  `losses.next_token_loss` of the projected logits, as before."""
+  chunk = chunk_of(model_config, chunk)
+  if chunk <= 0:
+    logits = Transformer(model_config).apply({"params": params}, hidden,
+                                             method=Transformer.project)
+    return losses.next_token_loss(logits, targets, loss_mask)
+  return next_token_loss(hidden, output_kernel(params, model_config.tie_embeddings), targets,
+                         loss_mask, chunk=chunk, dtype=model_config.compute_dtype,
+                         softcap=model_config.final_softcap)
