@@ -1,6 +1,7 @@
 """HFTokenizer keeps the contract of our sentencepiece Tokenizer: exact round trips in English
 and Chinese, a loss mask on assistant turns only, prompts that prefix the rendered chat, no
 template tokens smuggled in through content, PAD distinct from every stop id, picklable."""
+import os
 import pickle
 
 import numpy as np
@@ -85,3 +86,47 @@ def test_save_then_load_directory(tok, tmp_path):
   again = HFTokenizer.load(str(tmp_path))
   assert again.render_chat(CHAT)[0].tolist() == tok.render_chat(CHAT)[0].tolist()
   assert (again.pad_id, again.eos_id, again.stop_ids()) == (tok.pad_id, tok.eos_id, tok.stop_ids())
+
+
+# Chinese punctuation, emoji (with ZWJ and flags), mixed scripts, whitespace runs, digits.
+HARD_TEXTS = ["中国的首都是北京。“引号”，全角！【括号】《书名》……——", "🤗👨‍👩‍👧🇨🇳 emoji  and  spaces",
+              "混合 mixed Текст العربية 日本語のテキスト 한국어", "  \t\n\n   runs   of\u3000whitespace \n",
+              "numbers 1234567 3.14159 and 1,000,000", "Ünïcödé naïve café — “quotes” ‘single’",
+              "code:\n    def f(x):\n        return x ** 2\n", ""]
+
+
+@pytest.fixture(scope="module")
+def transformers_gguf_tokenizer():
+  """transformers' own reading of the SmolLM2 GGUF tokenizer: the reference."""
+  transformers = pytest.importorskip("transformers")
+  try:
+    path = pretrained.smollm2_135m_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                    gguf_file=os.path.basename(path))
+
+
+@pytest.mark.parametrize("text", HARD_TEXTS)
+def test_ids_equal_transformers_gguf_tokenizer(tok, transformers_gguf_tokenizer, text):
+  assert tok.encode(text) == transformers_gguf_tokenizer(text, add_special_tokens=False)[
+      "input_ids"]
+
+
+def test_chat_ids_equal_transformers(tok, transformers_gguf_tokenizer):
+  out = transformers_gguf_tokenizer.apply_chat_template(
+      CHAT[:-1], tokenize=True, add_generation_prompt=True, chat_template=tok.chat_template)
+  ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+  assert ids == tok.render_prompt(CHAT[:-1]).tolist()
+
+
+def test_exported_tokenizer_files_load_in_transformers(tok, tmp_path):
+  """An imported GGUF model's tokenizer, exported, is read by AutoTokenizer with equal ids."""
+  transformers = pytest.importorskip("transformers")
+  from rlhf_jax.models import hf_export
+  hf_export.write_tokenizer(tok, str(tmp_path))
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  for text in HARD_TEXTS:
+    assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+  assert hf.apply_chat_template(CHAT[:-1], tokenize=False, add_generation_prompt=True) == (
+      tok.decode(tok.render_prompt(CHAT[:-1])))
