@@ -12,6 +12,7 @@ import pytest
 
 from rlhf_jax.core.compiled_memory import compiled_memory
 from rlhf_jax.models import chunked, losses
+from rlhf_jax.models.dot import dense
 from rlhf_jax.models.sizes import model_config
 from rlhf_jax.models.transformer import Transformer
 
@@ -231,3 +232,21 @@ def test_sequence_logprobs_in_chunks_match_the_whole_vocabulary():
   whole = sequence_logprobs(*args, model_config=cfg)
   np.testing.assert_array_equal(whole, sequence_logprobs(*args, model_config=cfg, vocab_chunk=0))
   _close(sequence_logprobs(*args, model_config=cfg, vocab_chunk=16), whole, 1e-6)
+
+
+def test_bfloat16_compute_matches_the_mixed_precision_projection():
+  """In bf16 the chunks multiply with `dot.dense`'s mixed form, as lm_head does: the same
+  rounded operands, float32 accumulation, so values and gradients match the whole route."""
+  hidden, kernel, targets, _ = _inputs(seed=3)
+
+  def whole(h, k):
+    logits = dense(h.reshape(-1, D), k, jnp.bfloat16, out_dtype=jnp.float32)  # [B*T, V]
+    return jnp.sum(losses.token_logprobs(logits.reshape(B, T, V), targets))
+
+  def parts(h, k):
+    return jnp.sum(chunked.token_logprobs(h, k, targets, chunk=7, dtype=jnp.bfloat16))
+
+  _close(parts(hidden, kernel), whole(hidden, kernel), 1e-6)
+  for g, w in zip(jax.grad(parts, argnums=(0, 1))(hidden, kernel),
+                  jax.grad(whole, argnums=(0, 1))(hidden, kernel)):
+    _close(g, w, 1e-5)
