@@ -467,3 +467,41 @@ def _records_or_none(read_records, data_dir, split):
     return read_records("rlhf_comparisons/round0", split, data_dir)
   except ValueError:  # a split the hash left empty
     return []
+
+
+def test_a_garbled_stage_marker_names_its_file(tmp_path):
+  stage = tmp_path / "sft"
+  stage.mkdir()
+  for content, match in (("", "not valid JSON"), ("{garbage", "not valid JSON"),
+                         ("[]", "expected a JSON object, got list")):
+    (stage / pipeline.DONE).write_text(content)
+    with pytest.raises(pipeline.MarkerError, match=re.escape(str(stage / pipeline.DONE))
+                       + ": " + match):
+      pipeline.read_done(str(stage))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("pipeline")
+def test_a_failed_evaluate_keeps_the_previous_results(tiny_pipeline_workdir, tmp_path,
+                                                      bundled_data_dir, bundled_tokenizer):
+  """--only=evaluate against a broken SFT fails, and the last good results.json is still
+  there, byte for byte: new results replace the old only once they are complete."""
+  from rlhf_jax.core import checkpoint as ckpt_lib
+  from rlhf_jax.core import run_folder
+  w = str(tmp_path / "w")
+  shutil.copytree(tiny_pipeline_workdir, w)
+  results = os.path.join(w, "evaluate", "results.json")
+  before = open(results, "rb").read()
+  step = run_folder.latest_step(os.path.join(w, "sft"))
+  params_dir = os.path.join(run_folder.checkpoint_dir(os.path.join(w, "sft")), str(step),
+                            "params")
+  biggest = max((os.path.join(r, f) for r, _, fs in os.walk(params_dir) for f in fs),
+                key=os.path.getsize)
+  data = bytearray(open(biggest, "rb").read())
+  data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64
+  open(biggest, "wb").write(bytes(data))
+  config = tiny_pipeline_config(bundled_data_dir, bundled_tokenizer)
+  with pytest.raises(ckpt_lib.CheckpointCorruptError):
+    pipeline.run_pipeline(config, w, only="evaluate")
+  assert open(results, "rb").read() == before
+  assert pipeline.read_done(os.path.join(w, "evaluate")) is None  # the redo did not finish

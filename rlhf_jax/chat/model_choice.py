@@ -24,6 +24,9 @@ import threading
 from typing import Any, Iterator, Optional
 
 from rlhf_jax.core import run_folder
+from rlhf_jax.text.hf_tokenizer import HFTokenizer
+from rlhf_jax.models import hf_import, pretrained
+from rlhf_jax.infer import answers as respond
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,6 @@ class ChatModel:
   def stream(self, messages) -> Iterator[str]:
     """The answer to a conversation ([{role, content}], ending with a user turn), as text
     increments (rlhf_jax.infer.answers.stream_answer)."""
-    from rlhf_jax.infer import answers as respond
     g = self.generation
     # A long answer budget still leaves half the context to the conversation.
     max_new_tokens = min(g.max_new_tokens, self.model_config.max_len // 2)
@@ -135,8 +137,6 @@ def load_run(run: str, step: Optional[int] = None,
 
 def load_pretrained(path: str, generation: Optional[Generation] = None) -> ChatModel:
   """A ChatModel from a Hugging Face directory, a .gguf file or a preset name."""
-  from rlhf_jax.text.hf_tokenizer import HFTokenizer
-  from rlhf_jax.models import hf_import, pretrained
   source = pretrained.resolve(path)
   model_config, params = hf_import.load_pretrained(source)
   tokenizer = HFTokenizer.load(source, model_config.vocab_size)
@@ -147,7 +147,6 @@ def load_pretrained(path: str, generation: Optional[Generation] = None) -> ChatM
 def load_chat_model(workdir: str, checkpoint: str = "",
                     generation: Optional[Generation] = None) -> ChatModel:
   """The model `--workdir` / `--checkpoint` name (module docstring)."""
-  from rlhf_jax.models import hf_import, pretrained
   if checkpoint:
     if checkpoint in pretrained.SHAPES or hf_import.is_pretrained_path(checkpoint):
       return load_pretrained(checkpoint, generation)

@@ -42,6 +42,8 @@ import uuid
 from typing import Any, Optional
 
 from rlhf_jax.core.langs import LANGS
+from rlhf_jax.data import builders
+from rlhf_jax.core.logs import setup_logging
 
 LABELS = ("like", "dislike")
 ROLES = ("system", "user", "assistant")
@@ -364,7 +366,6 @@ def export(workdir: str, data_dir: str = "", config: str = DEFAULT_EXPORT_CONFIG
            out=sys.stdout) -> dict[str, Any]:
   """Writes `rlhf_feedback/<config>` into data_dir (default `<workdir>/tfds`), replacing an
   earlier export of the same name. Returns the counts it prints."""
-  from rlhf_jax.data import builders
   path = default_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no feedback database at {path}: chat with rlhf_jax.chat.terminal or "
@@ -418,7 +419,6 @@ def stats(workdir: str, out=sys.stdout) -> dict[str, Any]:
 
 def main(argv) -> None:
   from absl import app
-  from rlhf_jax.core.logs import setup_logging
   setup_logging()
   commands = {"export": lambda: export(_WORKDIR.value, _DATA_DIR.value, _CONFIG.value),
               "stats": lambda: stats(_WORKDIR.value)}

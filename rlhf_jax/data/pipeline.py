@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
+from rlhf_jax.data import builders
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ STAT_KEYS = ("examples", "truncated", "empty", "batches", "tokens", "loss_tokens
 def load_source(name: str, split: str, data_dir: str | None) -> Any:
   """The TFDS array_record data source of a split; a bundled dataset not prepared yet is
   prepared first. A missing or empty split is a ValueError naming dataset and split."""
-  from rlhf_jax.data import builders  # Registers the builders (TFDS needs them to prepare).
   data_dir = builders.resolve_data_dir(data_dir)
   builder = builders.open_builder(name, data_dir)
   try:

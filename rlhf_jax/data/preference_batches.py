@@ -32,6 +32,10 @@ import numpy as np
 from rlhf_jax.core.langs import LANGS
 from rlhf_jax.infer.logprobs import encode_prompt_answer, layout_rows
 from rlhf_jax.data import rm_batches as rm_inputs
+from rlhf_jax.data.pipeline import decode_record
+from rlhf_jax.data.sources import normalize_key
+from rlhf_jax.data.builders import comparison_pairs
+from rlhf_jax.data.pipeline import load_source
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,6 @@ class MixedSource:
 
 
 def read_all(source) -> list[dict]:
-  from rlhf_jax.data.pipeline import decode_record
   out = []
   for start in range(0, len(source), 256):
     block = source.__getitems__(list(range(start, min(len(source), start + 256))))
@@ -110,7 +113,6 @@ def feedback_pairs(records: Sequence[dict], origin: str) -> tuple[list[dict], in
   """Comparison records (chosen, rejected) from thumbs: every liked answer against every
   disliked answer to the same prompt (compared by `sources.normalize_key`); and the number
   of such pairs dropped because both answers are the same text."""
-  from rlhf_jax.data.sources import normalize_key
   groups: dict[str, dict[int, list[dict]]] = {}
   for r in records:
     groups.setdefault(normalize_key(r["prompt"]), {0: [], 1: []})[int(r["label"])].append(r)
@@ -129,7 +131,6 @@ def feedback_pairs(records: Sequence[dict], origin: str) -> tuple[list[dict], in
 
 def comparison_table(records: Sequence[dict], offset: int) -> tuple[list[tuple], int]:
   """(rows of (offset + record, better, worse), pairs dropped between identical answers)."""
-  from rlhf_jax.data.builders import comparison_pairs
   rows, identical = [], 0
   for i, record in enumerate(records):
     for w, l in comparison_pairs(record):
@@ -146,7 +147,6 @@ class PreferenceData:
 
   def __init__(self, kind: str, names: str | Sequence[str], split: str, data_dir: str | None,
                *, limit: int = 0):
-    from rlhf_jax.data.pipeline import load_source
     if kind not in KINDS:
       raise ValueError(f"unknown preference objective {kind!r}; choose from {KINDS}")
     self.kind, self.names, self.split = kind, parse_names(names), split
@@ -199,7 +199,6 @@ class PreferenceData:
 
   def records(self) -> list[tuple[dict, tuple[int, int] | None]]:
     """Every element as (record, pair or None), in table order (held-out evaluation)."""
-    from rlhf_jax.data.pipeline import decode_record
     got = self.source.__getitems__(self.table[:, 0].tolist())
     return [(decode_record(r), None if w < 0 else (int(w), int(l)))
             for r, (w, l) in zip(got, self.table[:, 1:].tolist())]

@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlhf_jax.infer.answers import pad_left
 from rlhf_jax.data import labelers
+from rlhf_jax.data.pipeline import decode_record
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +39,8 @@ def render(tokenizer, prompt: str) -> np.ndarray:
   return tokenizer.render_prompt([{"role": "user", "content": prompt}])
 
 
-def pad_left(rows: Sequence[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """tokens, mask [B, width], each row right-aligned. Rows must fit."""
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, width - len(row):] = row
-    mask[i, width - len(row):] = 1
-  return tokens, mask
-
-
 def read_records(source) -> list[dict[str, Any]]:
   """Every record of a TFDS data source, decoded (prompt datasets are small)."""
-  from rlhf_jax.data.pipeline import decode_record
   return [decode_record(r) for r in source.__getitems__(list(range(len(source))))]
 
 

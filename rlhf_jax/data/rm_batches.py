@@ -35,6 +35,8 @@ import numpy as np
 
 from rlhf_jax.core.langs import LANGS
 from rlhf_jax.infer.rm_scores import encode_answer
+from rlhf_jax.data.builders import comparison_pairs
+from rlhf_jax.data.pipeline import decode_record, load_source
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,6 @@ class Encoder:
 
 def element_table(source, unit: str) -> np.ndarray:
   """int32 [M, 3] of (record, better, worse); better = worse = -1 for a whole comparison."""
-  from rlhf_jax.data.builders import comparison_pairs
-  from rlhf_jax.data.pipeline import decode_record
   if unit not in UNITS:
     raise ValueError(f"unknown data.unit {unit!r}; choose from {UNITS}")
   n = len(source)
@@ -186,7 +186,6 @@ class ComparisonBatches:
   def __init__(self, source, table: np.ndarray, encoder: Encoder, *, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, num_epochs: int | None = 1,
                shuffle: bool = True, read_threads: int = 2):
-    from rlhf_jax.data.pipeline import decode_record
     if batch_size % process_count:
       raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
     self.local_batch = batch_size // process_count
@@ -238,10 +237,10 @@ class ComparisonBatches:
 
 def read_records(name: str, split: str, data_dir: str | None, limit: int = 0) -> list[dict]:
   """Every record of a split as plain Python (the first `limit` if > 0), in file order."""
-  from rlhf_jax.data.pipeline import decode_record, load_source
   source = load_source(name, split, data_dir)
   n = len(source) if limit <= 0 else min(limit, len(source))
   out = []
   for start in range(0, n, 256):
-    out.extend(decode_record(r) for r in source.__getitems__(list(range(start, min(n, start + 256)))))
+    rows = list(range(start, min(n, start + 256)))
+    out.extend(decode_record(r) for r in source.__getitems__(rows))
   return out

@@ -22,6 +22,11 @@ import numpy as np
 from rlhf_jax.data import labelers
 from rlhf_jax.eval import diagnostics as diag
 from rlhf_jax.eval.ppo_periodic import win_rate
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.infer import answers as respond
+from rlhf_jax.core import run_folder
+from rlhf_jax.text import tokenizer as tok_lib
 
 BASELINE = "sft"
 
@@ -29,8 +34,6 @@ BASELINE = "sft"
 def held_out_prompts(tokenizer, langs: Sequence[str], n: int, *, data_dir: str | None,
                      max_prompt_len: int, split: str = "validation") -> dict[str, list[str]]:
   """The first n prompts per language of rlhf_prompts[split] whose rendering fits."""
-  from rlhf_jax.data import pipeline
-  from rlhf_jax.data import prompts as prompts_lib
   records = prompts_lib.read_records(pipeline.load_source("rlhf_prompts", split, data_dir))
   out = {lang: prompts_lib.eval_prompts(records, tokenizer, lang, n, max_prompt_len)
          for lang in langs}
@@ -49,8 +52,6 @@ def sample_policy(policy_dir: str, tokenizer, prompts: Mapping[str, Sequence[str
   (temperature 0, argmax) answers}) from one load of the checkpoint."""
   import jax
 
-  from rlhf_jax.infer import answers as respond
-  from rlhf_jax.core import run_folder
   params, model_config = run_folder.load_policy(policy_dir)
   key = jax.random.key(seed)
 
@@ -116,7 +117,6 @@ def evaluate_policies(policies: Mapping[str, str], tokenizer_path: str, langs: S
   """
   from tqdm.auto import tqdm
 
-  from rlhf_jax.text import tokenizer as tok_lib
   tokenizer = tok_lib.Tokenizer.load(tokenizer_path)
   prompts = held_out_prompts(tokenizer, langs, prompts_per_lang, data_dir=data_dir,
                              max_prompt_len=max_prompt_len)

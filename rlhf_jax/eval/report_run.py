@@ -11,6 +11,7 @@ import math
 import os
 from rlhf_jax.core.langs import LANGS
 from typing import Sequence
+from rlhf_jax.core.metrics import read_metrics
 
 HUMAN_AGREEMENT = 0.726  # InstructGPT's labelers; the simulated annotators are calibrated to it
 # The losses plotted per stage: (metric, label).
@@ -33,7 +34,6 @@ def read_json(path: str):
 
 def stage_metrics(stage_dir: str | None) -> list[dict]:
   """metrics.jsonl of a stage, one record per step (a resumed run's repeated steps: the last)."""
-  from rlhf_jax.core.metrics import read_metrics
   if not stage_dir:
     return []
   by_step: dict = {}

@@ -24,6 +24,11 @@ import numpy as np
 
 from rlhf_jax.core.langs import LANGS
 from rlhf_jax.data import labelers
+from rlhf_jax.infer.rm_scores import jitted_score
+from rlhf_jax.data.rm_batches import STAT_KEYS, Encoder
+from rlhf_jax.core import run_folder
+from rlhf_jax.infer.rm_scores import load_reward_model
+from rlhf_jax.data.rm_batches import read_records
 
 
 
@@ -145,8 +150,6 @@ def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *
   """Scores every answer of `records` with the RM (one device) and computes the metrics."""
   import jax
 
-  from rlhf_jax.infer.rm_scores import jitted_score
-  from rlhf_jax.data.rm_batches import STAT_KEYS, Encoder
   encoder = Encoder(tokenizer, seq_len=seq_len, max_answers=max_answers)
   fn = jitted_score(model_config)
   parts = []
@@ -195,9 +198,6 @@ def main(argv=None):
   p.add_argument("--json_out", default="")
   args = p.parse_args(argv)
 
-  from rlhf_jax.core import run_folder
-  from rlhf_jax.infer.rm_scores import load_reward_model
-  from rlhf_jax.data.rm_batches import read_records
   model_config, params, _, _ = load_reward_model(args.workdir, require_normalization=False)
   tokenizer = run_folder.tokenizer(args.workdir)
   data = run_folder.read_saved_config(args.workdir)["data"]

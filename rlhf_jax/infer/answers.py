@@ -17,16 +17,23 @@ from rlhf_jax.infer import sampling
 from rlhf_jax.models import ModelConfig, init_cache
 
 
-def left_pad(rows: Sequence[np.ndarray], pad_id: int, bucket: int = 16):
-  """[B, P] tokens and mask, each row right-aligned; P a multiple of `bucket`."""
-  longest = max(len(r) for r in rows)
-  width = -(-longest // bucket) * bucket
+def pad_left(rows: Sequence[np.ndarray], width: int,
+             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """tokens, mask [B, width], each row right-aligned (prompts end in the last column, where
+  decoding starts). Rows must fit."""
   tokens = np.full((len(rows), width), pad_id, np.int32)
   mask = np.zeros((len(rows), width), np.int32)
   for i, row in enumerate(rows):
     tokens[i, width - len(row):] = row
     mask[i, width - len(row):] = 1
   return tokens, mask
+
+
+def left_pad(rows: Sequence[np.ndarray], pad_id: int, bucket: int = 16):
+  """[B, P] tokens and mask, each row right-aligned; P the longest row rounded up to a
+  multiple of `bucket` (a few compiled widths, not one per call)."""
+  longest = max(len(r) for r in rows)
+  return pad_left(rows, -(-longest // bucket) * bucket, pad_id)
 
 
 @functools.lru_cache(maxsize=16)

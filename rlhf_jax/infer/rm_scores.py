@@ -25,6 +25,7 @@ import numpy as np
 
 from rlhf_jax.models.heads import ScalarModel, last_token_value
 from rlhf_jax.models.transformer import ModelConfig
+from rlhf_jax.core import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ def load_reward_model(workdir: str, *, require_normalization: bool = True, step=
   Reads the run folder's latest step unless `step` (core/run_folder.py) and
   `normalization.json`.
   """
-  from rlhf_jax.core import run_folder
   params, model_config = run_folder.load_scalar_model(workdir, step)
   if require_normalization:
     norm = read_normalization(workdir)

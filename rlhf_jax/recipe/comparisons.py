@@ -16,7 +16,8 @@ than two answers is dropped; all of it is counted in the info JSON printed at th
 annotators' temperature per language and their agreement with the gold ordering.
 
 `planted_records` makes a comparisons set with a planted rule (labelers' "planted" scorer:
-positive minus negative words), for tests: an RM that learns it shows up as held-out accuracy well above chance.
+positive minus negative words), for tests: an RM that learns it shows up as held-out accuracy
+well above chance.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ import numpy as np
 from rlhf_jax.core.langs import LANGS
 from rlhf_jax.core import run_folder
 from rlhf_jax.data import annotators, labelers
+from rlhf_jax.infer import answers as respond
+from rlhf_jax.data.rm_batches import read_records
+from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+from rlhf_jax.data import builders
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +196,9 @@ def build_records(prompts: Sequence, answers: Sequence[Sequence[str]], langs: Se
         "label_gold_agreement": agree / n_gold_pairs if n_gold_pairs else float("nan"),
         "gold_mean": float(all_scores.mean()) if all_scores.size else float("nan"),
         "gold_std": float(all_scores.std()) if all_scores.size else float("nan"),
-        "tied_pair_fraction": float(np.mean([(p[:, None] == p[None, :])[np.triu_indices(len(p), 1)].mean()
-                                             for p in per_prompt])) if per_prompt else float("nan"),
+        "tied_pair_fraction": float(np.mean([
+            (p[:, None] == p[None, :])[np.triu_indices(len(p), 1)].mean() for p in per_prompt]))
+                              if per_prompt else float("nan"),
     }
   return records, info
 
@@ -208,7 +214,6 @@ def sample_answers(params, model_config, tokenizer, prompts: Sequence[str], k: i
   import jax
   from tqdm.auto import tqdm
 
-  from rlhf_jax.infer import answers as respond
   rows = [p for p in prompts for _ in range(k)]
   key = jax.random.key(seed)
   flat: list[str] = []
@@ -229,7 +234,6 @@ def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
                    ) -> tuple[list[str], list[str]]:
   """Up to per_lang prompts per language from rlhf_prompts (all splits: each keeps its split
   through the prompt hash), short enough to leave the answer room."""
-  from rlhf_jax.data.rm_batches import read_records
   records = []
   for split in splits:
     records.extend(read_records("rlhf_prompts", split, data_dir))
@@ -273,8 +277,6 @@ def main(argv=None):
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
 
-  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
-  from rlhf_jax.data import builders
   params, model_config = run_folder.load_policy(args.sft)
   tok_path = args.tokenizer or run_folder.tokenizer_source(args.sft)
   tokenizer = load_any_tokenizer(tok_path)

@@ -45,6 +45,8 @@ from rlhf_jax.recipe.markers import (  # noqa: F401 (the pipeline's public names
     MissingStageError, StageStopped, config_hash, done_time, last_values, parse_langs,
     parse_stages, read_done, read_marker, stage_status, write_json_atomic)
 from rlhf_jax.recipe.stages import STAGE_FNS, Context  # noqa: F401 (re-exported)
+from rlhf_jax.eval.report import machine_info
+from rlhf_jax.core.logs import setup_logging
 
 log = logging.getLogger("rlhf_jax.recipe.pipeline")
 
@@ -80,7 +82,7 @@ def _run_one(ctx: Context, stage: str) -> dict:
                   "--only=%s to refresh it", stage, ", ".join(newer), stage)
     return {**done, "status": "skipped", "dir": stage_dir}
   if stage not in TRAINED and stage != "report" and os.path.isdir(stage_dir):
-    shutil.rmtree(stage_dir)  # unfinished data: start over rather than trust part of it
+    clear_stage(stage_dir, stage)  # unfinished data: start over rather than trust part of it
   started = read_marker(stage_dir, STARTED)
   if started and started.get("config_hash") != expected:
     log.warning("[%s] resuming a run started with a different config (hash %s, now %s): "
@@ -103,6 +105,22 @@ def _run_one(ctx: Context, stage: str) -> dict:
     write_json_atomic(os.path.join(stage_dir, DONE), record)
   _say(f"[{stage}] {seconds:.0f}s  {line}")
   return {**record, "status": "ran", "dir": stage_dir}
+
+
+# Stages whose output is one file written atomically at the end: a redo keeps the old file
+# until the new one replaces it, so a redo that fails (a broken SFT, say) loses nothing.
+REPLACED_ON_SUCCESS = ("evaluate",)
+
+
+def clear_stage(stage_dir: str, stage: str) -> None:
+  """Forgets a stage before it runs again: its markers, and its outputs unless they are
+  replaced only when the new ones are complete (REPLACED_ON_SUCCESS)."""
+  if stage not in REPLACED_ON_SUCCESS:
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return
+  for marker in (DONE, STARTED):
+    if os.path.exists(os.path.join(stage_dir, marker)):
+      os.remove(os.path.join(stage_dir, marker))
 
 
 def plan(config, workdir: str, only=None, start=None, upstream=None):
@@ -155,7 +173,7 @@ def run_pipeline(config, workdir: str, *, only=None, start=None, upstream=None) 
     stage_dir = os.path.join(workdir, stage)
     started = read_marker(stage_dir, STARTED) or {}
     if read_done(stage_dir) or started.get("config_hash") != config_hash(config, stage):
-      shutil.rmtree(stage_dir, ignore_errors=True)
+      clear_stage(stage_dir, stage)
   ctx = Context(config=config, workdir=workdir, upstream=upstream,
                 local=frozenset(local) | frozenset(redo), skipped=frozenset(skip))
   summary: dict = {}
@@ -183,7 +201,6 @@ def run_pipeline(config, workdir: str, *, only=None, start=None, upstream=None) 
 
 
 def _write_summary(config, workdir, summary, upstream) -> None:
-  from rlhf_jax.eval.report import machine_info
   write_json_atomic(os.path.join(workdir, SUMMARY), {
       "workdir": os.path.abspath(workdir), "upstream": upstream and os.path.abspath(upstream),
       "stages": summary, "config": config.to_dict(), "machine": machine_info()})
@@ -195,7 +212,6 @@ def _write_summary(config, workdir, summary, upstream) -> None:
 
 def main(argv):
   del argv
-  from rlhf_jax.core.logs import setup_logging
   flags_ = flags.FLAGS
   if not flags_.workdir:
     raise app.UsageError("--workdir is required")

@@ -16,6 +16,14 @@ from rlhf_jax.core import run_folder
 from rlhf_jax.models.transformer import NUMERICS_FIELDS
 from rlhf_jax.recipe.markers import (DONE, POLICIES, MissingStageError, StageStopped, fmt,
                                      last_values, parse_langs, read_done, write_json_atomic)
+from rlhf_jax.text import tokenizer as tok_lib
+from rlhf_jax.train.inputs import tokenizer_corpus
+from rlhf_jax.train import launch
+from rlhf_jax.core.metrics import read_metrics
+from rlhf_jax.recipe import comparisons
+from rlhf_jax.data import builders
+from rlhf_jax.eval import policies as evaluate
+from rlhf_jax.eval import report
 
 # ---------------------------------------------------------------------------------------------
 # Where each stage is and how it is configured.
@@ -86,8 +94,6 @@ class Context:
 
 
 def run_tokenizer(ctx: Context):
-  from rlhf_jax.text import tokenizer as tok_lib
-  from rlhf_jax.train.inputs import tokenizer_corpus
   cfg = ctx.config.tokenizer
   path = run_folder.tokenizer_file(ctx.workdir)
   if cfg.path:  # a given model, copied in so the workdir stands on its own
@@ -110,8 +116,6 @@ def run_tokenizer(ctx: Context):
 
 def run_trainer(ctx: Context, stage: str, config) -> dict:
   """launch.run in W/<stage>; StageStopped unless the run reached its last step."""
-  from rlhf_jax.train import launch
-  from rlhf_jax.core.metrics import read_metrics
   stage_dir = os.path.join(ctx.workdir, stage)
   returned = launch.run(config, stage_dir)
   step = run_folder.latest_step(stage_dir)
@@ -145,9 +149,6 @@ def comparisons_data_dir(stage_dir: str) -> str:
 
 
 def run_comparisons(ctx: Context):
-  from rlhf_jax.recipe import comparisons
-  from rlhf_jax.text import tokenizer as tok_lib
-  from rlhf_jax.data import builders
   cfg, langs = ctx.config.comparisons, ctx.langs
   if cfg.rounds < 1:
     raise ValueError(f"config.comparisons.rounds must be >= 1, got {cfg.rounds}")
@@ -245,7 +246,6 @@ def run_dpo(ctx: Context):
 
 
 def run_evaluate(ctx: Context):
-  from rlhf_jax.eval import policies as evaluate
   cfg = ctx.config.evaluate
   policies = {"sft": ctx.require("sft")}
   for name in POLICIES[1:]:
@@ -267,7 +267,6 @@ def run_evaluate(ctx: Context):
 
 
 def run_report(ctx: Context):
-  from rlhf_jax.eval import report
   path = report.write_report(ctx.workdir)
   return {}, path
 

@@ -42,6 +42,8 @@ from rlhf_jax.rl.iteration import Iteration, NonFiniteRewardError  # noqa: F401 
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.train.loop import Composite, Evaluation, resume, run_train_loop
+from rlhf_jax.infer.rm_scores import read_normalization
+from rlhf_jax.data import builders, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,6 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
 
   gain, bias = 1.0, 0.0
   if config.rm_dir:
-    from rlhf_jax.infer.rm_scores import read_normalization
     rm_ckpt = run_folder.root(config.rm_dir)
     reward = read_run_model(rm_ckpt, "reward model", config.model)
     check_vocab("reward model", rm_ckpt, reward.vocab_size, tokenizer)
@@ -233,7 +234,6 @@ def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sou
 
 
 def make_prompt_stream(config, tokenizer, langs):
-  from rlhf_jax.data import builders, pipeline
   data_dir = builders.resolve_data_dir(config.data.data_dir or None)
   source = pipeline.load_source(config.data.name, config.data.split, data_dir)
   return prompts_lib.PromptStream(
@@ -246,7 +246,6 @@ def make_ptx_iterator(config, tokenizer):
   """Pretraining batches [minibatches · rows, T] for PPO-ptx, or None when it is off."""
   if not config.ptx.coef:
     return None
-  from rlhf_jax.data import builders, pipeline
   data_dir = builders.resolve_data_dir(config.data.data_dir or None)
   return pipeline.make_lm_iterator(
       config.ptx.data, config.ptx.split, data_dir=data_dir,
@@ -262,7 +261,6 @@ def cached_jit(fn, **static):
 
 
 def make_evaluator(config, tokenizer, langs, models, workdir, mesh, rules):
-  from rlhf_jax.data import builders, pipeline
   data_dir = builders.resolve_data_dir(config.data.data_dir or None)
   records = prompts_lib.read_records(
       pipeline.load_source(config.data.name, config.eval.split, data_dir))

@@ -13,6 +13,10 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax.core import run_folder
 from rlhf_jax.data.synthetic import SyntheticLMIterator
+from rlhf_jax.data import sources
+from rlhf_jax.text import tokenizer as tok_lib
+from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+from rlhf_jax.data import builders, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +27,6 @@ def tokenizer_path(config, workdir: str) -> str:
 
 def tokenizer_corpus():
   """Every bundled text in both languages: dialogues, news and reviews (rlhf_text's records)."""
-  from rlhf_jax.data import sources
   for record in sources.text_records():
     yield record["text"]
 
@@ -34,10 +37,8 @@ def load_tokenizer(config, workdir: str):
     return None, config.model.vocab_size
   if config.tokenizer.path and not config.tokenizer.path.endswith(".model"):
     # An imported model's own tokenizer: an HF directory, a .gguf file or a preset name.
-    from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
     tokenizer = load_any_tokenizer(config.tokenizer.path, config.model.vocab_size)
     return tokenizer, tokenizer.vocab_size
-  from rlhf_jax.text import tokenizer as tok_lib
   path = tokenizer_path(config, workdir)
   if not config.tokenizer.path and not os.path.exists(path):
     if jax.process_index() == 0:
@@ -99,7 +100,6 @@ def make_lm_inputs(config, tokenizer, process_index: int, process_count: int):
     return SyntheticLMIterator(data.batch_size, data.seq_len, config.model.vocab_size,
                                seed=config.seed, process_index=process_index,
                                process_count=process_count)
-  from rlhf_jax.data import builders, pipeline
   data_dir = builders.resolve_data_dir(data.data_dir or None)
   if data.name in builders.BUNDLED_DATASETS and process_count > 1:
     # One process prepares a bundled dataset that is missing; the others wait for it.

@@ -22,6 +22,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from rlhf_jax.core import sharding as sharding_lib
 from rlhf_jax.models.transformer import ModelConfig
+from rlhf_jax.models.hf_import import abstract_params
 
 GiB = 1 << 30
 
@@ -42,7 +43,6 @@ def _model_config(config) -> ModelConfig:
 
 def param_bytes_per_device(model_config: ModelConfig, mesh, rules=None) -> int:
   """float32 parameter bytes on the most loaded device (exact; shardings as a real run)."""
-  from rlhf_jax.models.hf_import import abstract_params
   abstract = abstract_params(model_config)
   mesh = _abstract_mesh(mesh)
   rules = sharding_lib.axis_rules(rules)

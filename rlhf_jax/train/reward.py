@@ -44,6 +44,8 @@ from rlhf_jax.train.loop import Evaluation, resume, run_train_loop
 from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
                                   init_params_fn, param_count, setup_mesh,
                                   split_microbatches)
+from rlhf_jax.infer import answers as respond
+from rlhf_jax.infer import rm_scores as reward_lib
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +247,6 @@ def normalization_sample(config, records: list[dict], rng_seed: int) -> tuple[li
 
 def run_normalization(config, workdir, params, model_config, tokenizer, mesh, rules) -> dict:
   """Fits gain and bias on the sample, writes normalization.json (+ the sample, for audits)."""
-  from rlhf_jax.infer import answers as respond
-  from rlhf_jax.infer import rm_scores as reward_lib
   cfg = config.normalize
   records = rm_inputs.read_records(config.data.name, config.data.split,
                                    config.data.data_dir or None)
