@@ -71,13 +71,16 @@ def test_values_match_the_whole_vocabulary(chunk, temperature, softcap):
   assert float(count) == mask.sum()
 
 
-@pytest.mark.parametrize("chunk", [7, 32])
-def test_gradients_match_the_unchunked_route(chunk):
+# vocab_axis 0: the kernel stored as [V, D], as a tied embedding is.
+@pytest.mark.parametrize("chunk,vocab_axis", [(7, 1), (32, 1), (7, 0)])
+def test_gradients_match_the_unchunked_route(chunk, vocab_axis):
   hidden, kernel, targets, mask = _inputs(seed=1, scale=2.0)
 
   def chunked_loss(h, k):
-    total, count = chunked.next_token_loss(h, k, targets, mask, chunk=chunk)
-    ent = chunked.entropy(h, k, chunk=chunk, temperature=0.8)
+    k = k.T if vocab_axis == 0 else k
+    total, count = chunked.next_token_loss(h, k, targets, mask, chunk=chunk,
+                                           vocab_axis=vocab_axis)
+    ent = chunked.entropy(h, k, chunk=chunk, temperature=0.8, vocab_axis=vocab_axis)
     return total / count + 0.1 * jnp.mean(ent)
 
   def whole_loss(h, k):
@@ -104,7 +107,7 @@ def test_entropy_grad_off_holds_the_entropy_out_of_autodiff():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_output_kernel_reproduces_the_model_projection(tie):
+def test_output_projection_reproduces_the_model_projection(tie):
   cfg = model_config("tiny", vocab_size=V, tie_embeddings=tie)
   model = Transformer(cfg)
   tokens = jnp.asarray(_inputs()[2])
@@ -116,7 +119,9 @@ def test_output_kernel_reproduces_the_model_projection(tie):
   logits = model.apply({"params": params}, hidden, method=Transformer.project)
   targets = jnp.roll(tokens, -1, axis=1)
   want = losses.token_logprobs(logits, targets)
-  got = chunked.token_logprobs(hidden, chunked.output_kernel(params, tie), targets, chunk=16)
+  kernel, vocab_axis = chunked.output_projection(params, tie)
+  assert kernel.shape == ((V, cfg.d_model) if tie else (cfg.d_model, V))
+  got = chunked.token_logprobs(hidden, kernel, targets, chunk=16, vocab_axis=vocab_axis)
   _close(got, want, 1e-6)
 
 
@@ -124,7 +129,8 @@ def _temp_bytes(fn, *args):
   return compiled_memory(fn, *args)["temp_bytes"]
 
 
-def test_compiled_memory_is_far_below_the_whole_logits():
+@pytest.mark.parametrize("vocab_axis", [1, 0])
+def test_compiled_memory_is_far_below_the_whole_logits(vocab_axis):
   b, t, d, v, chunk = 2, 64, 64, 65536, 4096
   hidden = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
   kernel = jax.ShapeDtypeStruct((d, v), jnp.float32)
@@ -135,7 +141,11 @@ def test_compiled_memory_is_far_below_the_whole_logits():
     return losses.next_token_loss(h @ k, y, m)[0]
 
   def parts(h, k, y, m):
-    return chunked.next_token_loss(h, k, y, m, chunk=chunk)[0]
+    return chunked.next_token_loss(h, k, y, m, chunk=chunk, vocab_axis=vocab_axis)[0]
+
+  # vocab_axis 0: a [V, D] kernel (a tied embedding), sliced as stored; a whole transposed
+  # copy (16 MiB) would fail the bounds below.
+  stored = jax.ShapeDtypeStruct((v, d), jnp.float32) if vocab_axis == 0 else kernel
 
   logits_bytes = b * t * v * 4  # 32 MiB: one float32 copy of the logits
   for fn in (lambda *a: jax.grad(whole, argnums=(0, 1))(*a), whole):
@@ -143,8 +153,8 @@ def test_compiled_memory_is_far_below_the_whole_logits():
   # Chunked, forward and backward hold a few [B*T, chunk] blocks (measured ~4 and ~5 MiB):
   # the backward recomputes one chunk's logits at a time (jax.checkpoint), and the kernel's
   # gradient [D, V] is the step's output, not a temporary.
-  fwd = _temp_bytes(parts, hidden, kernel, targets, mask)
-  bwd = _temp_bytes(lambda *a: jax.grad(parts, argnums=(0, 1))(*a), hidden, kernel, targets, mask)
+  fwd = _temp_bytes(parts, hidden, stored, targets, mask)
+  bwd = _temp_bytes(lambda *a: jax.grad(parts, argnums=(0, 1))(*a), hidden, stored, targets, mask)
   assert fwd < logits_bytes / 4, fwd
   assert bwd < logits_bytes / 4, bwd
 

@@ -40,21 +40,25 @@ from rlhf_jax.models.transformer import ModelConfig, Transformer
 Array = jax.Array
 
 
-def output_kernel(params: Mapping[str, Any], tie_embeddings: bool) -> Array:
-  """The output projection [D, V] of a Transformer's params: lm_head's kernel, or with tied
-  embeddings the embedding matrix transposed (what `Transformer.project` multiplies by)."""
+def output_projection(params: Mapping[str, Any], tie_embeddings: bool) -> tuple[Array, int]:
+  """(kernel, vocab_axis) of a Transformer's output projection: lm_head's kernel [D, V] (axis
+  1), or with tied embeddings the embedding matrix [V, D] (axis 0) as stored. Not transposed
+  here: a whole transposed copy (1.2 GB for Gemma 3's float32 embedding) is what chunking
+  avoids; each chunk transposes its own [C, D] slice."""
   if tie_embeddings:  # unbox: freshly initialised params still carry their partitioning
-    return nn.unbox(params["embed"]["embedding"]).T
-  return nn.unbox(params["lm_head"]["kernel"])
+    return nn.unbox(params["embed"]["embedding"]), 0
+  return nn.unbox(params["lm_head"]["kernel"]), 1
 
 
-def _chunk_stats(carry, i, hidden, kernel, targets, *, chunk, dtype, temperature, softcap,
-                 entropy_grad):
+def _chunk_stats(carry, i, hidden, kernel, targets, *, chunk, vocab_axis, dtype, temperature,
+                 softcap, entropy_grad):
   """One vocabulary chunk's update of the running (m, s, u, target logit); see the module doc."""
   m, s, u, picked = carry  # each [N]
-  vocab = kernel.shape[1]
+  vocab = kernel.shape[vocab_axis]
   start = jnp.minimum(i * chunk, vocab - chunk)  # the last chunk ends at V
-  k = jax.lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1)  # [D, C]
+  k = jax.lax.dynamic_slice_in_dim(kernel, start, chunk, axis=vocab_axis)  # [D, C] or [C, D]
+  if vocab_axis == 0:
+    k = k.T  # [D, C]
   logits = dense(hidden, k, dtype, out_dtype=jnp.float32)  # [N, C]
   if softcap:
     logits = jnp.tanh(logits / softcap) * softcap
@@ -79,25 +83,26 @@ def _chunk_stats(carry, i, hidden, kernel, targets, *, chunk, dtype, temperature
 
 
 def logit_stats(hidden: Array, kernel: Array, targets: Array, *, chunk: int, dtype=jnp.float32,
-                temperature: float = 1.0, softcap: float = 0.0,
-                entropy_grad: bool = True) -> tuple[Array, Array]:
+                temperature: float = 1.0, softcap: float = 0.0, entropy_grad: bool = True,
+                vocab_axis: int = 1) -> tuple[Array, Array]:
   """(log p(targets), entropy), both [...] float32, of softmax(project(hidden) / temperature).
 
-  hidden [..., D] (the positions read only); kernel [D, V] (`output_kernel`); targets [...]
-  int; chunk: vocabulary columns per step (0 or >= V: one chunk); dtype: the compute dtype of
-  the matmul; softcap: the model's final_softcap (applied before the temperature, as
-  `Transformer.project` then the PPO step do). entropy_grad=False holds the entropy out of
-  autodiff (PPO with no entropy bonus) without a second pass.
+  hidden [..., D] (the positions read only); kernel [D, V], or [V, D] with vocab_axis=0
+  (`output_projection`); targets [...] int; chunk: vocabulary columns per step (0 or >= V:
+  one chunk); dtype: the compute dtype of the matmul; softcap: the model's final_softcap
+  (applied before the temperature, as `Transformer.project` then the PPO step do).
+  entropy_grad=False holds the entropy out of autodiff (PPO with no entropy bonus) without a
+  second pass.
   """
   lead = hidden.shape[:-1]
   h = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
   t = targets.reshape(-1).astype(jnp.int32)  # [N]
-  vocab = kernel.shape[1]
+  vocab = kernel.shape[vocab_axis]
   chunk = vocab if chunk <= 0 or chunk >= vocab else int(chunk)
   n_chunks = -(-vocab // chunk)
   body = functools.partial(_chunk_stats, hidden=h, kernel=kernel, targets=t, chunk=chunk,
-                           dtype=dtype, temperature=temperature, softcap=softcap,
-                           entropy_grad=entropy_grad)
+                           vocab_axis=vocab_axis, dtype=dtype, temperature=temperature,
+                           softcap=softcap, entropy_grad=entropy_grad)
   n = h.shape[0]
   init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
           jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
@@ -111,32 +116,35 @@ def logit_stats(hidden: Array, kernel: Array, targets: Array, *, chunk: int, dty
 
 
 def token_logprobs(hidden: Array, kernel: Array, targets: Array, *, chunk: int,
-                   dtype=jnp.float32, temperature: float = 1.0, softcap: float = 0.0) -> Array:
+                   dtype=jnp.float32, temperature: float = 1.0, softcap: float = 0.0,
+                   vocab_axis: int = 1) -> Array:
   """log softmax(project(hidden) / temperature)[targets]: [..., D] -> [...] float32, chunked.
 
   The chunked form of `losses.token_logprobs(logits / temperature, targets)`."""
   return logit_stats(hidden, kernel, targets, chunk=chunk, dtype=dtype, temperature=temperature,
-                     softcap=softcap, entropy_grad=False)[0]
+                     softcap=softcap, entropy_grad=False, vocab_axis=vocab_axis)[0]
 
 
 def next_token_loss(hidden: Array, kernel: Array, targets: Array, loss_mask: Array, *,
-                    chunk: int, dtype=jnp.float32, softcap: float = 0.0) -> tuple[Array, Array]:
+                    chunk: int, dtype=jnp.float32, softcap: float = 0.0,
+                    vocab_axis: int = 1) -> tuple[Array, Array]:
   """(Σ masked next-token cross-entropy, mask count): `losses.next_token_loss`, chunked.
 
   hidden [B, T, D]; targets [B, T] (already shifted); loss_mask [B, T].
   """
-  logp = token_logprobs(hidden, kernel, targets, chunk=chunk, dtype=dtype, softcap=softcap)
+  logp = token_logprobs(hidden, kernel, targets, chunk=chunk, dtype=dtype, softcap=softcap,
+                        vocab_axis=vocab_axis)
   mask = loss_mask.astype(jnp.float32)
   return jnp.sum(-logp * mask), jnp.sum(mask)
 
 
 def entropy(hidden: Array, kernel: Array, *, chunk: int, dtype=jnp.float32,
-            temperature: float = 1.0, softcap: float = 0.0) -> Array:
+            temperature: float = 1.0, softcap: float = 0.0, vocab_axis: int = 1) -> Array:
   """Entropy [...] of softmax(project(hidden) / temperature): `losses.entropy_from_logits`,
   chunked."""
   targets = jnp.zeros(hidden.shape[:-1], jnp.int32)
   return logit_stats(hidden, kernel, targets, chunk=chunk, dtype=dtype, temperature=temperature,
-                     softcap=softcap)[1]
+                     softcap=softcap, vocab_axis=vocab_axis)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +174,11 @@ def model_logit_stats(params, hidden: Array, targets: Array, *, model_config: Mo
       ent_logits = logits if entropy_grad else jax.lax.stop_gradient(logits)
       entropy_value = losses.entropy_from_logits(ent_logits)
     return losses.token_logprobs(logits, targets), entropy_value
+  kernel, vocab_axis = output_projection(params, model_config.tie_embeddings)
   logp, entropy_value = logit_stats(
-      hidden, output_kernel(params, model_config.tie_embeddings), targets, chunk=chunk,
-      dtype=model_config.compute_dtype, temperature=temperature,
-      softcap=model_config.final_softcap, entropy_grad=entropy_grad and with_entropy)
+      hidden, kernel, targets, chunk=chunk, dtype=model_config.compute_dtype,
+      temperature=temperature, softcap=model_config.final_softcap,
+      entropy_grad=entropy_grad and with_entropy, vocab_axis=vocab_axis)
   return logp, entropy_value if with_entropy else None
 
 
@@ -183,6 +192,7 @@ def model_next_token_loss(params, hidden: Array, targets: Array, loss_mask: Arra
     logits = Transformer(model_config).apply({"params": params}, hidden,
                                              method=Transformer.project)
     return losses.next_token_loss(logits, targets, loss_mask)
-  return next_token_loss(hidden, output_kernel(params, model_config.tie_embeddings), targets,
-                         loss_mask, chunk=chunk, dtype=model_config.compute_dtype,
-                         softcap=model_config.final_softcap)
+  kernel, vocab_axis = output_projection(params, model_config.tie_embeddings)
+  return next_token_loss(hidden, kernel, targets, loss_mask, chunk=chunk,
+                         dtype=model_config.compute_dtype, softcap=model_config.final_softcap,
+                         vocab_axis=vocab_axis)
