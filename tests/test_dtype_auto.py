@@ -152,3 +152,23 @@ def test_validation_accepts_auto_and_a_vocab_chunk():
   assert _model_problems("float32", vocab_chunk=0) == []
   assert any("model.dtype" in p for p in _model_problems("float64"))
   assert any("model.vocab_chunk" in p for p in _model_problems("float32", vocab_chunk=-1))
+
+
+def test_every_process_takes_process_zeros_answer(machine, monkeypatch):
+  """This host would say float32 (no bf16 flags); process 0 measured bfloat16 faster."""
+  sent = []
+
+  def fake_broadcast(index):
+    sent.append(index)
+    return dtype_probe.CHOICES.index("bfloat16")
+
+  monkeypatch.setattr(dtype_probe, "process_count", lambda: 2)
+  monkeypatch.setattr(dtype_probe, "broadcast_choice", fake_broadcast)
+  assert dtype_probe.resolve_dtype("auto", machine["cache"]) == "bfloat16"
+  assert sent == [dtype_probe.CHOICES.index("float32")]  # this process offered its own
+  assert dtype_probe.resolve_dtype("float32", machine["cache"]) == "float32"  # not broadcast
+  assert len(sent) == 1
+
+
+def test_broadcast_on_one_process_is_the_identity():
+  assert dtype_probe.broadcast_choice(1) == 1

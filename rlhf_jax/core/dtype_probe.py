@@ -11,7 +11,9 @@ bfloat16 is chosen only when the probe measures it at least `MIN_SPEEDUP` times 
 The probe runs once per machine: its result is cached in ~/.cache/rlhf_jax/dtype_probe.json,
 keyed by CPU model, its bf16 flags and the jax version, any of which changing asks again.
 Call `resolve_dtype` before building the ModelConfig, so the run folder's record holds the
-dtype that was used, never "auto".
+dtype that was used, never "auto". With several processes, every one takes process 0's answer:
+hosts that probed differently (a timing at the threshold, another CPU) would otherwise compile
+different programs for one sharded step.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rlhf_jax.models.dot import dense
 
@@ -128,6 +131,18 @@ def measured_cpu_dtype(key: str, path: str) -> str:
   return entry["dtype"]
 
 
+CHOICES = ("float32", "bfloat16")  # what "auto" can become, in the order broadcast as ints
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def broadcast_choice(index: int) -> int:
+  """Process 0's `index` on every process."""
+  return int(multihost_utils.broadcast_one_to_all(np.int32(index)))
+
+
 def resolve_dtype(requested: str, cache_path: str | None = None) -> str:
   """A concrete compute dtype for `model.dtype`: `requested` itself unless it is "auto".
 
@@ -136,6 +151,14 @@ def resolve_dtype(requested: str, cache_path: str | None = None) -> str:
   """
   if requested != AUTO:
     return requested
+  choice = local_choice(cache_path)
+  if process_count() > 1:
+    choice = CHOICES[broadcast_choice(CHOICES.index(choice))]
+  return choice
+
+
+def local_choice(cache_path: str | None = None) -> str:
+  """What "auto" becomes on this process alone (see `resolve_dtype`)."""
   if backend() != "cpu":
     return "bfloat16"
   model, flags = cpu_info()
