@@ -16,7 +16,9 @@ transformers = pytest.importorskip("transformers")
 # JSON, assistant tool calls as JSON inside tags, tool results in their own turn.
 TOOLS_TEMPLATE = """\
 {%- set ns = namespace(system=none, calls=0) -%}
-{%- if messages and messages[0].role == 'system' %}{% set ns.system = messages[0].content %}{% endif -%}
+{%- if messages and messages[0].role == 'system' -%}
+  {%- set ns.system = messages[0].content -%}
+{%- endif -%}
 {%- if tools -%}
 <|im_start|>system
 {{ ns.system if ns.system else 'You may call functions.' }}
@@ -39,7 +41,8 @@ Schema of the first: {{ tools[0] | tojson(indent=2) }}<|im_end|>
 {% if m.content %}{{ m.content }}{% endif %}
 {% for call in m.tool_calls | default([]) %}
 {% set ns.calls = ns.calls + 1 %}
-<tool_call>{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>
+{% set args = call.function.arguments %}
+<tool_call>{{ {'name': call.function.name, 'arguments': args} | tojson }}</tool_call>
 {% endfor %}
 <|im_end|>
 {% endfor -%}

@@ -199,3 +199,28 @@ def test_bad_input(policy_run, tmp_path, capsys):
   with pytest.raises(export.ExportError, match="run.json"):
     export.export_run(str(tmp_path / "empty"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+def test_imported_tokenizer_travels_in_gguf(tmp_path):
+  """A model imported with SmolLM2's GGUF tokenizer: its export carries that tokenizer's own
+  metadata, which our loader (and so llama.cpp's key names) reads back with the same ids."""
+  from rlhf_jax.models import ModelConfig, Transformer, pretrained
+  from rlhf_jax.text.hf_tokenizer import HFTokenizer
+  import ppo_setup
+  try:
+    source = HFTokenizer.load(pretrained.smollm2_135m_path())
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  config = ModelConfig(vocab_size=source.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                       n_kv_heads=1, d_ff=32, max_len=64, tie_embeddings=True, qkv_bias=True)
+  params = ppo_setup.random_params(Transformer(config), 0)
+  path = gguf_export.write_gguf(params, config, str(tmp_path / "m.gguf"), tokenizer=source,
+                                dtype="bfloat16")
+  again = HFTokenizer.load(path)
+  for text in TEXTS + [CHAT[1]["content"]]:
+    assert again.encode(text) == source.encode(text)
+  assert again.render_prompt(CHAT).tolist() == source.render_prompt(CHAT).tolist()
+  import gguf
+  reader = gguf.GGUFReader(path)
+  assert "blk.0.attn_q.bias" in {t.name for t in reader.tensors}  # qwen2 layout
+  assert bytes(reader.get_field("general.architecture").parts[-1]).decode() == "qwen2"

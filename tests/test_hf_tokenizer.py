@@ -130,3 +130,12 @@ def test_exported_tokenizer_files_load_in_transformers(tok, tmp_path):
     assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
   assert hf.apply_chat_template(CHAT[:-1], tokenize=False, add_generation_prompt=True) == (
       tok.decode(tok.render_prompt(CHAT[:-1])))
+
+
+def test_export_copies_an_hf_directorys_own_files(tok, tmp_path):
+  from rlhf_jax.models import hf_export
+  tok.save(str(tmp_path / "src"))
+  (tmp_path / "src" / "chat_template.jinja").write_text(tok.chat_template)
+  hf_export.write_tokenizer(HFTokenizer.load(str(tmp_path / "src")), str(tmp_path / "out"))
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "src" / name).read_bytes()

@@ -5,9 +5,10 @@
 
 The run folder's record (rlhf_jax/core/run_folder.py) says what its params are and which
 tokenizer reads its ids, so nothing else needs to be named. The HF directory holds config.json,
-model.safetensors, generation_config.json (stop ids: the turn end and EOS) and the tokenizer files
-`AutoTokenizer` needs, chat template included (rlhf_jax/models/hf_export.py): `AutoModelForCausalLM`,
-`AutoTokenizer`, `apply_chat_template` and `pipeline("text-generation")` load it as is.
+model.safetensors, generation_config.json (stop ids: the turn end and EOS) and the tokenizer
+files `AutoTokenizer` needs, chat template included (rlhf_jax/models/hf_export.py):
+`AutoModelForCausalLM`, `AutoTokenizer`, `apply_chat_template` and
+`pipeline("text-generation")` load it as is.
 
 `--gguf` writes one GGUF file (rlhf_jax/models/gguf_export.py) in float32, float16 or bfloat16;
 no quantised types (quantise it with llama.cpp's llama-quantize).
