@@ -172,3 +172,17 @@ def test_every_process_takes_process_zeros_answer(machine, monkeypatch):
 
 def test_broadcast_on_one_process_is_the_identity():
   assert dtype_probe.broadcast_choice(1) == 1
+
+
+def test_launch_resolves_auto_before_any_model_is_built(monkeypatch):
+  """A config asking for model.dtype='auto' reaches the trainer with a concrete dtype."""
+  from helpers import tiny_lm_config
+  from rlhf_jax.train import launch
+  monkeypatch.setattr(dtype_probe, "resolve_dtype", lambda requested, cache_path=None: "bfloat16")
+  config = tiny_lm_config()
+  config.model.dtype = "auto"
+  launch.resolve_auto_dtype(config)
+  assert config.model.dtype == "bfloat16"
+  config.model.dtype = "float32"  # a concrete dtype is left alone
+  launch.resolve_auto_dtype(config)
+  assert config.model.dtype == "float32"

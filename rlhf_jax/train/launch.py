@@ -2,10 +2,12 @@
 
 Free of command-line flags, so the CLI (main.py), the demo and tests all call `run` directly.
 """
+import contextlib
 import importlib
 import logging
 
 from rlhf_jax.config import validate
+from rlhf_jax.core import dtype_probe
 from rlhf_jax.core.logs import setup_logging  # noqa: F401 (re-exported for scripts)
 
 log = logging.getLogger("rlhf_jax.train.launch")
@@ -42,4 +44,14 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"unknown trainer {config.trainer!r}; known: {sorted(TRAINERS)}")
   validate.validate_or_raise(config)  # every problem at once, before any work
   maybe_initialize_distributed(config.distributed)
+  resolve_auto_dtype(config)
   return importlib.import_module(TRAINERS[config.trainer]).train(config, workdir)
+
+
+def resolve_auto_dtype(config) -> None:
+  """model.dtype='auto' becomes the dtype this machine computes fastest in (core/dtype_probe.py),
+  before any model is built: the run folder's record and the report then name a concrete one."""
+  if "model" in config and config.model.get("dtype") == dtype_probe.AUTO:
+    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+      config.model.dtype = dtype_probe.resolve_dtype(dtype_probe.AUTO)
+    log.info("model.dtype=auto -> %s on this machine", config.model.dtype)
