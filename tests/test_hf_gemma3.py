@@ -19,8 +19,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import hf_models as H  # noqa: E402
-from rlhf_jax.models import hf_import  # noqa: E402
+from rlhf_jax.models import hf_import, pretrained  # noqa: E402
+from rlhf_jax.models.gguf_io import GGUFFile  # noqa: E402
 from rlhf_jax.models.safetensors_io import SafetensorsDir, write_safetensors  # noqa: E402
+from rlhf_jax.models.transformer import ModelConfig  # noqa: E402
 
 WINDOW = 16
 # Local, local, global, local: the global layer is neither first nor last.
@@ -169,3 +171,84 @@ def test_older_config_keys_give_the_same_model(imports):
   # Pattern 3: layers 0, 1 local, 2 global, 3 local, as LAYER_TYPES.
   assert fields["local_layers"] == cfg.local_layers
   assert {k: fields[k] for k in fields} == {k: getattr(cfg, k) for k in fields}
+
+
+# ---------------------------------------------------------------- the real Gemma 3 270M (GGUF)
+
+# google/gemma-3-270m's published config.json, written out here so that the reference does not
+# depend on our reading of the GGUF metadata (layer_types: every 6th layer global).
+GEMMA3_270M = dict(
+    vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+    rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=512,
+    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+# llama.cpp's per-layer tensor names -> transformers' (as transformers' own GGUF reader maps them).
+GGUF_TO_HF = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_feedforward_layernorm"}
+# Prompts as vocabulary pieces (the tokenizer is not under test): what Gemma's tokenizer gives
+# for "The capital of France is Paris. The capital of Germany is" and its Chinese counterpart
+# (France's capital is Paris, Japan's is Tokyo, China's is), each after <bos>.
+PROMPTS = {
+    "en": (["The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", ".", "▁The", "▁capital",
+            "▁of", "▁Germany", "▁is"], "▁Berlin"),
+    "zh": (["法国", "的", "首都", "是", "巴黎", "。", "日本", "的", "首都", "是", "东京", "。", "中国",
+            "的", "首都", "是"], "北京"),
+}
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m():
+  """(GGUF path, our ModelConfig, our params, {piece: id}) of the real model; skipped, saying
+  how to install it, when its package is absent."""
+  try:
+    path = pretrained.gemma3_270m_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  cfg, params = hf_import.load_pretrained(path)
+  pieces = GGUFFile(path).metadata["tokenizer.ggml.tokens"]
+  return path, cfg, params, {p: i for i, p in enumerate(pieces)}
+
+
+def _reference_model(path):
+  """transformers' Gemma3ForCausalLM holding the file's tensors, each dequantised by the gguf
+  package (gguf.quants.dequantize); norms less 1, as llama.cpp's converter stored 1 + w
+  (transformers' GGUF reader subtracts 1 too)."""
+  f = GGUFFile(path)
+  state = {"model.embed_tokens.weight": f.get("token_embd.weight"),
+           "model.norm.weight": f.get("output_norm.weight") - 1}
+  for name in f.names():
+    if name.startswith("blk."):
+      _, i, kind, _ = name.split(".")
+      w = f.get(name)
+      state[f"model.layers.{i}.{GGUF_TO_HF[kind]}.weight"] = w - 1 if kind.endswith("norm") else w
+  model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**GEMMA3_270M)).eval()
+  missing, unexpected = model.load_state_dict(
+      {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+  return model
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("gemma3_270m")
+def test_real_gemma3_270m_equals_transformers(gemma3_270m):
+  """Our import of the GGUF against transformers on the same dequantised weights, and a check
+  that needs neither: the model completes each prompt with the capital (the first token after
+  "... Germany is" is " Berlin"), which it would not with its norms read as stored."""
+  path, cfg, params, vocab = gemma3_270m
+  # The preset's shape, eps as the file stores it (float32 1e-6).
+  assert cfg == ModelConfig(**{**pretrained.SHAPES["gemma3_270m"], "norm_eps": cfg.norm_eps})
+  assert cfg.norm_eps == pytest.approx(1e-6)
+  assert cfg.param_count() == 268_098_176  # published with google/gemma-3-270m
+  reference = _reference_model(path)
+  for pieces, capital in PROMPTS.values():
+    tokens = [[2] + [vocab[p] for p in pieces]]  # <bos> = 2
+    ours = H.our_logits(cfg, params, tokens)
+    assert H.rel_err(ours, H.hf_logits(reference, tokens)) <= H.REL_TOL
+    assert int(np.argmax(ours[0, -1])) == vocab[capital]

@@ -1,6 +1,7 @@
 """The transformer against itself run differently: with and without a KV cache, padding,
 packing, remat and scanned layers must all compute the same function; parameter and FLOP counts
 are checked against independent counts (abstract shapes, a hand count, the traced matmuls)."""
+import dataclasses
 import functools
 import math
 
@@ -299,3 +300,101 @@ def test_tied_embeddings_and_qkv_bias_param_trees():
   _, logits_no_bias, _ = _forward(bias)({"params": no_bias}, tokens, positions, mask)
   assert logits.shape == (2, 6, V) and bool(jnp.all(jnp.isfinite(logits)))
   assert not np.allclose(logits, logits_no_bias, atol=1e-3)  # the biases are used
+
+
+# Gemma 3's switches on a tiny model: (1 + w) and sandwich norms, q/k norms, GeGLU, scaled
+# embeddings, head_dim 24 (not 64 / 4), a query scale, both soft-caps, and layers 0 and 2 local
+# with a window of 4 and their own rope base. Random norm params sit near 1 here (offsets from
+# 1: scales near 2), which exercises the same code.
+GEMMA = model_config("tiny", vocab_size=V, n_layers=3, head_dim=24, qk_norm=True,
+                     norm_plus_one=True, sandwich_norms=True, mlp_activation="gelu_tanh",
+                     embed_scale=True, query_pre_attn_scalar=20.0, attn_softcap=5.0,
+                     final_softcap=3.0, sliding_window=4, local_layers=(0, 2),
+                     rope_local_theta=100.0)
+
+
+def test_sliding_window_mask_matches_a_loop():
+  """attention_mask with a window against the rule written per pair: same non-pad segment,
+  k <= q, and q - k < window."""
+  from rlhf_jax.models.transformer import attention_mask
+  segments = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0], [1] * 12])
+  q_slot = np.arange(12)
+  for window in (1, 3, 5):
+    got = np.asarray(attention_mask(jnp.asarray(segments), jnp.asarray(q_slot),
+                                    jnp.asarray(segments), window))
+    want = np.zeros_like(got)
+    for b, q, k in np.ndindex(*got.shape):
+      want[b, q, k] = (segments[b, q] == segments[b, k] != 0 and k <= q and q - k < window)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_gemma_style_param_tree_and_initial_norms():
+  params = _init(GEMMA)["params"]
+  assert _n_params(params) == GEMMA.param_count()
+  layer = params["layer_0"]
+  assert set(layer) == {"attn", "attn_norm", "attn_post_norm", "mlp", "mlp_norm", "mlp_post_norm"}
+  assert layer["attn"]["q_norm"]["scale"].shape == (24,) == layer["attn"]["k_norm"]["scale"].shape
+  # Initialised by the model itself, a (1 + w) norm starts at w = 0: the identity scale.
+  tokens = jnp.ones((1, 4), jnp.int32)
+  real = Transformer(GEMMA).init(jax.random.key(0), tokens, tokens, tokens)["params"]
+  for path, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(real))[0]:
+    if "scale" in jax.tree_util.keystr(path):
+      assert not np.asarray(leaf).any(), path
+
+
+def test_sliding_window_bounds_what_every_layer_sees():
+  """All three layers local (window 4): each layer reaches 3 slots further back, so the logits
+  at positions 10 and later do not depend on token 0, and position 9's do."""
+  cfg = dataclasses.replace(GEMMA, local_layers=(0, 1, 2))
+  params = _init(cfg)
+  tokens = np.random.RandomState(10).randint(1, V, size=(1, 14))
+  other = tokens.copy()
+  other[0, 0] = (tokens[0, 0] % (V - 1)) + 1
+  ones = jnp.ones((1, 14), jnp.int32)
+  _, a, _ = _forward(cfg)(params, jnp.asarray(tokens), jnp.arange(14)[None], ones)
+  _, b, _ = _forward(cfg)(params, jnp.asarray(other), jnp.arange(14)[None], ones)
+  np.testing.assert_array_equal(np.asarray(a)[0, 10:], np.asarray(b)[0, 10:])
+  assert not np.allclose(np.asarray(a)[0, 9], np.asarray(b)[0, 9], atol=1e-4)
+
+
+def test_gemma_style_cache_decoding_past_the_window_matches_full_forward():
+  """Left-padded rows decoded one token at a time from a cache that keeps every slot (the
+  window lives in the mask), unscanned, scanned and rematerialised, equal the full pass."""
+  params = _init(GEMMA)
+  width, split = 14, 5
+  tokens, mask = _left_padded(np.random.RandomState(11), [14, 11, 6], width)
+  positions = positions_from_mask(mask)
+  _, full, _ = _forward(GEMMA)(params, tokens, positions, mask)
+  real = np.asarray(mask, bool)
+  for kind in ("plain", "scan", "remat"):
+    cfg = dataclasses.replace(GEMMA, scan_layers=kind == "scan", remat=kind == "remat")
+    p = _stack_layers(params, cfg.n_layers) if kind == "scan" else params
+    forward = _forward(cfg)
+    _, whole, _ = forward(p, tokens, positions, mask)
+    np.testing.assert_allclose(np.asarray(whole)[real], np.asarray(full)[real], atol=1e-5)
+    cache = init_cache(cfg, tokens.shape[0], width + 2)
+    _, logits, cache = forward(p, tokens[:, :split], positions[:, :split], mask[:, :split], cache)
+    pieces = [logits]
+    for t in range(split, width):
+      _, logits, cache = forward(p, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1],
+                                 cache)
+      pieces.append(logits)
+    cached = np.asarray(jnp.concatenate(pieces, axis=1))
+    np.testing.assert_allclose(cached[real], np.asarray(full)[real], atol=1e-5)
+
+
+def test_soft_caps_bound_scores_and_logits():
+  """final_softcap: every logit within (-cap, cap), and equal to cap * tanh(uncapped / cap)."""
+  params = _init(GEMMA)
+  tokens, mask = _left_padded(np.random.RandomState(12), [8], 8)
+  positions = positions_from_mask(mask)
+  _, capped, _ = _forward(GEMMA)(params, tokens, positions, mask)
+  _, plain, _ = _forward(dataclasses.replace(GEMMA, final_softcap=0.0))(params, tokens, positions,
+                                                                        mask)
+  assert float(jnp.max(jnp.abs(plain))) > GEMMA.final_softcap  # the cap binds
+  assert float(jnp.max(jnp.abs(capped))) < GEMMA.final_softcap
+  cap = GEMMA.final_softcap
+  np.testing.assert_allclose(capped, cap * np.tanh(np.asarray(plain) / cap), rtol=1e-5, atol=1e-5)
+  _, uncapped_attn, _ = _forward(dataclasses.replace(GEMMA, attn_softcap=0.0))(
+      params, tokens, positions, mask)
+  assert not np.allclose(uncapped_attn, capped, atol=1e-3)  # attention's cap changes the result

@@ -17,12 +17,16 @@ V = 97
 PAD = 0
 N = 8  # new tokens
 CFG = model_config("tiny", vocab_size=V)
+# Gemma 3's layout with a window of 3 on layer 0: prompts of 7 and 8 new tokens run past it.
+WINDOWED = model_config("tiny", vocab_size=V, sliding_window=3, local_layers=(0,),
+                        rope_local_theta=500.0, qk_norm=True, norm_plus_one=True,
+                        sandwich_norms=True, mlp_activation="gelu_tanh", embed_scale=True)
 
 
-def _init(seed):
+def _init(seed, cfg=CFG):
   """Random params with the model's own tree, drawn in numpy (compiling init costs seconds)."""
   tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-  shapes = nn.meta.unbox(jax.eval_shape(Transformer(CFG).init, jax.random.key(0), tokens, tokens,
+  shapes = nn.meta.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens,
                                         tokens))
   rng = np.random.RandomState(seed)
 
@@ -53,26 +57,26 @@ def _prompts(seed, lengths=(7, 4, 1), width=7):
 
 
 @functools.lru_cache(maxsize=None)
-def _full_forward():
+def _full_forward(cfg=CFG):
   """Logits [B, W, V] of unpadded rows (right-filled with segment 0), no cache."""
-  return jax.jit(lambda p, t, s: Transformer(CFG).apply(p, t, jnp.arange(t.shape[1])[None], s)[0])
+  return jax.jit(lambda p, t, s: Transformer(cfg).apply(p, t, jnp.arange(t.shape[1])[None], s)[0])
 
 
-def _forward_rows(params, rows, width):
+def _forward_rows(params, rows, width, cfg=CFG):
   """Full forward pass over each row's whole sequence; the last real position's logits [B, V]."""
   tokens = np.zeros((len(rows), width), np.int32)
   segments = np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
     tokens[i, :len(r)], segments[i, :len(r)] = r, 1
-  return np.asarray(_full_forward()(params, jnp.asarray(tokens), jnp.asarray(segments)))
+  return np.asarray(_full_forward(cfg)(params, jnp.asarray(tokens), jnp.asarray(segments)))
 
 
-def _greedy_reference(params, rows, n):
+def _greedy_reference(params, rows, n, cfg=CFG):
   """Argmax over the full forward pass of the growing sequence, one token at a time."""
   seqs = [list(r) for r in rows]
   width = max(map(len, rows)) + n
   for _ in range(n):
-    logits = _forward_rows(params, seqs, width)
+    logits = _forward_rows(params, seqs, width, cfg)
     for i, s in enumerate(seqs):
       s.append(int(np.argmax(logits[i, len(s) - 1])))
   return np.array([s[len(r):] for s, r in zip(seqs, rows)])  # [B, n]
@@ -121,6 +125,18 @@ def test_greedy_matches_full_forward_argmax_and_stops_per_row(params):
     np.testing.assert_array_equal(out["mask"][i], [1] * n + [0] * (N - n))
     np.testing.assert_allclose(out["logprobs"][i, :n], ref_logprobs[i, :n], atol=1e-5)
     assert (out["logprobs"][i, n:] == 0).all()
+
+
+def test_greedy_past_the_sliding_window_matches_full_forward_argmax():
+  """A model with a sliding-window layer: the sampler's cache keeps every slot and its mask
+  hides the keys that left the window, so decoding past it (left-padded rows of 7, 4 and 1
+  prompt tokens, 8 new) equals argmax over full passes without a cache."""
+  params = _init(3, WINDOWED)
+  tokens, mask, rows = _prompts(4)
+  expected = _greedy_reference(params, rows, N, WINDOWED)
+  fn = make_generate_fn(WINDOWED, N, (), PAD, SamplingParams(greedy=True))
+  out = fn(params, tokens, mask, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out["tokens"]), expected)
 
 
 def test_top_k_one_generates_the_greedy_answer(params):

@@ -12,7 +12,10 @@ and UTF-8 bytes. Dims are ggml order (fastest first): a tensor of ggml shape [in
 numpy array [out, in]; `shape()` and `get()` use numpy order.
 
 Structural problems are a `GGUFError` naming the file and, where there is one, the key or
-tensor: a truncated header, an unknown value or tensor type, tensor data past the end.
+tensor: a truncated header, an unknown value or tensor type, tensor data past the end, and
+tensor data that dequantises to NaN or infinity (garbled block scales: every quantised block
+stores its scale as a float16, and a float32 tensor its values, so corrupt bytes there show up
+as non-finite values, which no trained model holds).
 """
 from __future__ import annotations
 
@@ -147,14 +150,20 @@ class GGUFFile:
     qtype, shape, start, nbytes = self._tensor(name)
     raw = np.frombuffer(self._buf, np.uint8, nbytes, start)
     if qtype.name == "F32":
-      return raw.view(np.float32).reshape(shape)
-    rows = math.prod(shape[:-1])
-    try:
-      out = dequantize(raw.reshape(rows, nbytes // rows), qtype)
-    except NotImplementedError as e:
-      raise GGUFError(f"{self.path}: tensor {name!r} is stored as {qtype.name}, which the "
-                      f"installed gguf package cannot dequantise ({e})") from None
-    return np.asarray(out, np.float32).reshape(shape)
+      out = raw.view(np.float32).reshape(shape)
+    else:
+      rows = math.prod(shape[:-1])
+      try:
+        out = dequantize(raw.reshape(rows, nbytes // rows), qtype)
+      except NotImplementedError as e:
+        raise GGUFError(f"{self.path}: tensor {name!r} is stored as {qtype.name}, which the "
+                        f"installed gguf package cannot dequantise ({e})") from None
+      out = np.asarray(out, np.float32).reshape(shape)
+    if not np.isfinite(out).all():
+      bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+      raise GGUFError(f"{self.path}: tensor {name!r} is corrupt: {bad} of its {np.size(out)} "
+                      f"values ({qtype.name}) are NaN or infinite")
+    return out
 
   def _tensor(self, name: str):
     if name not in self._tensors:
