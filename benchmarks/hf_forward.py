@@ -29,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax.models import hf_export, hf_import, pretrained  # noqa: E402
+from rlhf_jax.export import hf_export  # noqa: E402
+from rlhf_jax.models import hf_import, pretrained
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "rlhf_jax"
 
 # Each room may import the rooms before it (and itself). core/run_folder.py sits after text.
-ORDER = ("core", "models", "text", "run_folder", "config", "infer", "data", "eval", "train", "rl",
-         "chat", "recipe")
+ORDER = ("core", "models", "text", "run_folder", "export", "config", "infer", "data", "eval",
+         "train", "rl", "chat", "recipe")
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 450
 

@@ -124,7 +124,8 @@ def test_imported_hugging_face_directory(tmp_path):
   like a run: same answers as our params with the same tokenizer."""
   pytest.importorskip("tokenizers")
   from rlhf_jax.text.hf_tokenizer import HFTokenizer
-  from rlhf_jax.models import Transformer, hf_export, model_config, pretrained
+  from rlhf_jax.models import Transformer, model_config, pretrained
+  from rlhf_jax.export import hf_export
   import ppo_setup
   try:
     source = pretrained.smollm2_135m_path()

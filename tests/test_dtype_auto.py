@@ -1,4 +1,4 @@
-"""model.dtype = "auto" (rlhf_jax/core/dtype_probe.py): every branch forced by replacing the
+"""model.dtype = "auto" (rlhf_jax/models/dtype_probe.py): every branch forced by replacing the
 backend, the CPU flags and the probe; the cache file read back; the real probe run once."""
 import json
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.config import validate
-from rlhf_jax.core import dtype_probe
+from rlhf_jax.models import dtype_probe
 
 CPUINFO = """processor\t: 0
 model name\t: Test CPU 9000

@@ -1,4 +1,4 @@
-"""`python -m rlhf_jax.models.export` on a project-trained policy: the HF directory loads in
+"""`python -m rlhf_jax.export` on a project-trained policy: the HF directory loads in
 transformers (AutoModelForCausalLM, AutoTokenizer, apply_chat_template, pipeline) and gives our
 ids, our chat text and our greedy answers; a user-typed role marker stays text on both sides; the
 GGUF file reads back with the gguf package; bad input is refused with a clear message."""
@@ -11,7 +11,8 @@ import pytest
 from helpers import flat_params, write_policy_run
 from rlhf_jax.core import run_folder
 from rlhf_jax.infer import answers, sampling
-from rlhf_jax.models import export, gguf_export, hf_import
+from rlhf_jax.export import run_folder_export as export, gguf_export
+from rlhf_jax.models import hf_import
 from rlhf_jax.text import hf_files
 from rlhf_jax.text.tokenizer import Tokenizer
 

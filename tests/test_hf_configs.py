@@ -14,7 +14,8 @@ from rlhf_jax.core import sharding
 from rlhf_jax.train import launch
 from rlhf_jax.train import memory
 from rlhf_jax.core.metrics import read_metrics
-from rlhf_jax.models import hf_export, hf_import, pretrained
+from rlhf_jax.export import hf_export
+from rlhf_jax.models import hf_import, pretrained
 from rlhf_jax.models.transformer import ModelConfig
 
 # Parameter counts published with each checkpoint.

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.models import hf_export, hf_import, pretrained
+from rlhf_jax.export import hf_export
+from rlhf_jax.models import hf_import, pretrained
 from rlhf_jax.models.gguf_io import GGUFError
 from rlhf_jax.models.hf_import import UnsupportedModelError, WeightShapeError
 from rlhf_jax.models.safetensors_io import SafetensorsError

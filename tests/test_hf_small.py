@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from rlhf_jax.core import sharding  # noqa: E402
-from rlhf_jax.models import hf_export, hf_import  # noqa: E402
+from rlhf_jax.export import hf_export  # noqa: E402
+from rlhf_jax.models import hf_import
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
 from rlhf_jax.infer.sampling import SamplingParams, make_generate_fn  # noqa: E402
 

@@ -23,7 +23,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from rlhf_jax.text.hf_tokenizer import HFTokenizer  # noqa: E402
-from rlhf_jax.models import hf_export, hf_import, pretrained  # noqa: E402
+from rlhf_jax.export import hf_export  # noqa: E402
+from rlhf_jax.models import hf_import, pretrained
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
 from rlhf_jax.infer.sampling import SamplingParams, make_generate_fn  # noqa: E402
 

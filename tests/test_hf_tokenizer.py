@@ -123,7 +123,7 @@ def test_chat_ids_equal_transformers(tok, transformers_gguf_tokenizer):
 def test_exported_tokenizer_files_load_in_transformers(tok, tmp_path):
   """An imported GGUF model's tokenizer, exported, is read by AutoTokenizer with equal ids."""
   transformers = pytest.importorskip("transformers")
-  from rlhf_jax.models import hf_export
+  from rlhf_jax.export import hf_export
   hf_export.write_tokenizer(tok, str(tmp_path))
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   for text in HARD_TEXTS:
@@ -133,7 +133,7 @@ def test_exported_tokenizer_files_load_in_transformers(tok, tmp_path):
 
 
 def test_export_copies_an_hf_directorys_own_files(tok, tmp_path):
-  from rlhf_jax.models import hf_export
+  from rlhf_jax.export import hf_export
   tok.save(str(tmp_path / "src"))
   (tmp_path / "src" / "chat_template.jinja").write_text(tok.chat_template)
   hf_export.write_tokenizer(HFTokenizer.load(str(tmp_path / "src")), str(tmp_path / "out"))

@@ -20,7 +20,7 @@ from typing import Iterable
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-# model.dtype also takes "auto": bfloat16 where it measures faster (rlhf_jax/core/dtype_probe.py).
+# model.dtype also takes "auto": bfloat16 where it measures faster (rlhf_jax/models/dtype_probe.py).
 MODEL_DTYPES = DTYPES + ("auto",)
 PPO_LANGS = ("both", "en", "zh")
 RM_LOSSES = ("", "kwise", "grades", "pairwise", "binary")

@@ -173,8 +173,9 @@ class Attention(nn.Module):
     dt = cfg.compute_dtype
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
 
-    def proj(inputs, name, heads, axis):
-      return HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(inputs)
+    def proj(inputs, name, heads, axis):  # q and k RMS-normed per head (qk_norm), before rope
+      y = HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(inputs)
+      return norm(cfg, f"{name}_norm", ("kv",))(y) if cfg.qk_norm and name != "v" else y
 
     inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
     if local is not None and cfg.rope_local_theta:
@@ -184,14 +185,8 @@ class Attention(nn.Module):
       mask = mask[:, columns[0]:columns[1]]
     else:
       x_q, q_positions = x, positions
-    q = proj(x_q, "q", h, "heads")  # [B, Tq, H, Dh]
-    if cfg.qk_norm:
-      q = norm(cfg, "q_norm", ("kv",))(q)
-    q = rotary(q, q_positions, cfg.rope_theta, inv_freq)
-    k = proj(x, "k", hkv, "kv_heads")  # [B, T, Hkv, Dh]
-    if cfg.qk_norm:
-      k = norm(cfg, "k_norm", ("kv",))(k)
-    k = rotary(k, positions, cfg.rope_theta, inv_freq)
+    q = rotary(proj(x_q, "q", h, "heads"), q_positions, cfg.rope_theta, inv_freq)  # [B,Tq,H,Dh]
+    k = rotary(proj(x, "k", hkv, "kv_heads"), positions, cfg.rope_theta, inv_freq)  # [B,T,Hkv,Dh]
     v = proj(x, "v", hkv, "kv_heads")
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
 

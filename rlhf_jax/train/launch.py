@@ -7,7 +7,7 @@ import importlib
 import logging
 
 from rlhf_jax.config import validate
-from rlhf_jax.core import dtype_probe
+from rlhf_jax.models import dtype_probe
 from rlhf_jax.core.logs import setup_logging  # noqa: F401 (re-exported for scripts)
 
 log = logging.getLogger("rlhf_jax.train.launch")

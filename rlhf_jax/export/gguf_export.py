@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from rlhf_jax.models import hf_export
+from rlhf_jax.export import hf_export
 from rlhf_jax.models.gguf_io import GGUFFile
 from rlhf_jax.models.transformer import ModelConfig
 from rlhf_jax.text import hf_files

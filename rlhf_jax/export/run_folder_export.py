@@ -1,16 +1,16 @@
 """Export any policy run folder for standard clients: a Hugging Face directory, or a GGUF file.
 
-  python -m rlhf_jax.models.export --run=W/ppo --out=D [--dtype=bfloat16] [--step=N]
-  python -m rlhf_jax.models.export --run=W/ppo --out=policy.gguf --gguf [--dtype=float16]
+  python -m rlhf_jax.export --run=W/ppo --out=D [--dtype=bfloat16] [--step=N]
+  python -m rlhf_jax.export --run=W/ppo --out=policy.gguf --gguf [--dtype=float16]
 
 The run folder's record (rlhf_jax/core/run_folder.py) says what its params are and which
 tokenizer reads its ids, so nothing else needs to be named. The HF directory holds config.json,
 model.safetensors, generation_config.json (stop ids: the turn end and EOS) and the tokenizer
-files `AutoTokenizer` needs, chat template included (rlhf_jax/models/hf_export.py):
+files `AutoTokenizer` needs, chat template included (rlhf_jax/export/hf_export.py):
 `AutoModelForCausalLM`, `AutoTokenizer`, `apply_chat_template` and
 `pipeline("text-generation")` load it as is.
 
-`--gguf` writes one GGUF file (rlhf_jax/models/gguf_export.py) in float32, float16 or bfloat16;
+`--gguf` writes one GGUF file (rlhf_jax/export/gguf_export.py) in float32, float16 or bfloat16;
 no quantised types (quantise it with llama.cpp's llama-quantize).
 
 Bad input fails before any work with a message naming it: a missing run folder, a folder that
@@ -25,7 +25,7 @@ import sys
 from typing import Optional, Sequence
 
 from rlhf_jax.core import run_folder
-from rlhf_jax.models import gguf_export, hf_export
+from rlhf_jax.export import gguf_export, hf_export
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def export_run(run: str, out: str, *, dtype: str = "float32", gguf: bool = False
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m rlhf_jax.models.export",
+  parser = argparse.ArgumentParser(prog="python -m rlhf_jax.export",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--run", required=True, help="the policy run folder (e.g. W/ppo)")
   parser.add_argument("--out", required=True, help="output directory, or .gguf file with --gguf")
