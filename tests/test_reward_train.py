@@ -128,3 +128,23 @@ def test_rerun_of_a_finished_run_trains_nothing_more(planted_run):
   assert metrics["eval/rm/gold_accuracy"] == pytest.approx(
       planted_run["metrics"]["eval/rm/gold_accuracy"])
   assert os.path.getmtime(os.path.join(workdir, reward.NORMALIZATION_FILE)) == before
+
+
+def test_held_out_evaluator_equals_the_one_device_evaluation(planted_run):
+  """The trainer's held-out evaluator (eval/held_out.py: batched and sharded over 8 devices)
+  gives the numbers the RM's one-device command-line evaluation computes on the same params
+  and comparisons: two code paths, one result."""
+  from rlhf_jax.core import run_folder
+  from rlhf_jax.data.rm_batches import read_records
+  from rlhf_jax.eval import reward_model as evaluate_rm
+  config = planted_run["config"]
+  params, model_config = run_folder.load_scalar_model(planted_run["workdir"])
+  records = read_records(config.data.name, config.eval.split, config.data.data_dir)
+  want, _ = evaluate_rm.evaluate_records(
+      params, model_config, run_folder.tokenizer(planted_run["workdir"]), records,
+      seq_len=config.data.seq_len, max_answers=config.data.max_answers,
+      scorer=config.eval.scorer, bins=config.eval.bins)
+  got = planted_run["metrics"]  # the evaluator's last numbers, on the final params
+  for key in ("accuracy", "gold_accuracy", "accuracy/en", "gold_accuracy/zh", "pairs"):
+    assert got[f"eval/rm/{key}"] == pytest.approx(want[key], rel=1e-6), key
+  assert got["eval/rm/margin"] == pytest.approx(want["margin"], rel=1e-4, abs=1e-5)
