@@ -192,17 +192,7 @@ class Attention(nn.Module):
 
     new_cache = None
     if layer_cache is not None:
-      ck, cv = layer_cache
-      if self.layer_index is None:
-        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
-        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
-        new_cache = (k, v)
-      else:
-        where = (self.layer_index, 0, 0, cache_index, 0)
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), where)
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), where)
-        new_cache = (ck, cv)
-        k, v = ck[self.layer_index], cv[self.layer_index]  # [B, Hkv, S, Dh]
+      k, v, new_cache = write_cache(layer_cache, k, v, cache_index, self.layer_index)
 
     b, t = x_q.shape[:2]
     q = q.reshape(b, t, hkv, h // hkv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
@@ -218,6 +208,21 @@ class Attention(nn.Module):
                         (h, dh, cfg.d_model), jnp.float32)
     out = dense(out.reshape(b * t, h * dh), kernel.reshape(h * dh, -1), dt)  # [B*T, D]
     return out.reshape(b, t, cfg.d_model), new_cache
+
+
+def write_cache(layer_cache, k, v, cache_index, layer_index: Optional[int]):
+  """(keys, values to attend to [B, Hkv, S, Dh], the new cache): this step's k, v [B, Hkv, T,
+  Dh] written at cache_index into one layer's cache, or into layer `layer_index` of the
+  stacked [L, B, Hkv, S, Dh] cache (scanned layers)."""
+  ck, cv = layer_cache
+  if layer_index is None:
+    k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
+    return k, v, (k, v)
+  where = (layer_index, 0, 0, cache_index, 0)
+  ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), where)
+  cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), where)
+  return ck[layer_index], cv[layer_index], (ck, cv)
 
 
 class Linear(nn.Module):
