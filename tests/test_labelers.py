@@ -95,7 +95,7 @@ def test_get_scorer_matches_score():
   texts = POSITIVE["en"] + NEGATIVE["en"]
   np.testing.assert_array_equal(labelers.get_scorer("check")(texts, "en"),
                                 labelers.score(texts, "en", "check"))
-  assert set(labelers.SCORERS) == {"gold", "check"}
+  assert set(labelers.SCORERS) == {"gold", "check", "planted"}  # planted: for tests
   for per_lang in labelers.SCORERS.values():
     assert set(per_lang) == set(labelers.LANGS)
 

@@ -375,7 +375,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tiny_pipeline_workdir, tm
   summary = pipeline.run_pipeline(config, w, only="ppo", upstream=tiny_pipeline_workdir)
   assert summary["ppo"]["status"] == "ran"
   assert pipeline.read_done(os.path.join(w, "ppo")) is not None
-  assert "resumed from" in caplog.text and "at iteration 1" in caplog.text
+  assert "resumed from" in caplog.text and "at step 1" in caplog.text
   # Step 1 was not trained again: the log goes on from it.
   assert [r["step"] for r in read_metrics(os.path.join(w, "ppo"))] == [1, 2]
   assert summary["sft"]["status"] == "upstream"

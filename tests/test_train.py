@@ -17,6 +17,7 @@ from rlhf_jax.core import optim, sharding
 from rlhf_jax.data.synthetic import SyntheticLMIterator
 from rlhf_jax.train import lm
 from rlhf_jax.train.loop import NonFiniteLossError
+from rlhf_jax.core import run_folder
 from rlhf_jax.train.state import init_params_fn, create_train_state
 from tests.helpers import flat_params, tiny_lm_config
 
@@ -303,6 +304,7 @@ def test_workdir_with_another_model_shape_is_a_clear_error(tmp_path):
   lm.train(tiny_lm_config(steps=2), str(tmp_path))
   wider = tiny_lm_config(steps=4)
   wider.model.d_ff = 256
-  with pytest.raises(ckpt_lib.CheckpointShapeError,
-                     match=r"layer_0/mlp/up/kernel: checkpoint \(64, 128\), model \(64, 256\)"):
+  # The run folder's record says so before any checkpoint is opened, naming the field.
+  with pytest.raises(run_folder.RunFolderError,
+                     match=r"model\.d_ff: recorded 128, this run 256\): use a fresh workdir"):
     lm.train(wider, str(tmp_path))

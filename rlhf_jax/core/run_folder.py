@@ -162,10 +162,14 @@ def write_record(run: str, *, model_config: ModelConfig, tokenizer, kind: str,
             **(extra or {})}
   if os.path.exists(path):
     old = read_record(run)
-    if (old.get("kind"), _shape(old.get("model", {}))) != (kind, _shape(record["model"])):
-      raise RunFolderError(
-          f"{path} records a {old.get('kind')} model {old.get('model')}, but this run builds a "
-          f"{kind} model {record['model']}: use a fresh workdir, or the config that made it")
+    was, now = _shape(old.get("model", {})), _shape(record["model"])
+    if (old.get("kind"), was) != (kind, now):
+      fields = ([f"kind: recorded {old.get('kind')}, this run {kind}"]
+                if old.get("kind") != kind else [])
+      fields += [f"model.{k}: recorded {was.get(k)}, this run {now.get(k)}"
+                 for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+      raise RunFolderError(f"{path} holds another model's run ({'; '.join(fields)}): use a fresh "
+                           "workdir, or the config that made it")
   if jax.process_index() != 0:
     return record
   os.makedirs(run, exist_ok=True)
