@@ -149,10 +149,11 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         checksums=ocp.args.JsonRestore())).checksums or {}
 
-  def verified(self, step: int, item: str, tree):
-    """`tree` after checking it against the CRC-32s saved for `item` at `step`."""
-    verify(self.saved_checksums(step).get(item), tree,
-           f"{os.path.join(self.directory, str(step), item)}")
+  def verified(self, step: int, item: str, tree, saved: Optional[dict] = None):
+    """`tree` after checking it against the CRC-32s saved for `item` at `step` (`saved`: the
+    step's checksums when the caller has read them already)."""
+    saved = self.saved_checksums(step) if saved is None else saved
+    verify(saved.get(item), tree, f"{os.path.join(self.directory, str(step), item)}")
     return tree
 
   def saved_tree(self, step: int, item: str):
@@ -178,8 +179,9 @@ class Checkpointer:
                    f"checkpoint {self.directory} step {step} (optimizer state)")
       args["train"] = ocp.args.StandardRestore(_abstract(train))
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    restored_train = self.verified(step, "train", out.train) if train is not None else None
-    return self.verified(step, "params", out.params), restored_train, out.data, out.config
+    sums = self.saved_checksums(step)  # read once for both items
+    restored_train = self.verified(step, "train", out.train, sums) if train is not None else None
+    return self.verified(step, "params", out.params, sums), restored_train, out.data, out.config
 
   def read_config(self, step: Optional[int] = None) -> dict:
     step = self.latest_step() if step is None else step
