@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhf_jax.core import metrics
 from rlhf_jax.data import sources
 
 SPLITS = ("train", "validation", "test")
@@ -139,8 +140,7 @@ class _RlhfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _records(self) -> Iterable[dict[str, Any]]:
     config = self.builder_config
     if config.records_path:
-      with open(config.records_path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+      return metrics.read_json_lines(config.records_path)
     if config.name != BUNDLED or self.name not in sources.RECORD_MAKERS:
       raise ValueError(f"{self.name}/{config.name} has no bundled source: write its records "
                        f"with rlhf_jax.data.builders.write_records or rlhf_jax.data.jsonl")

@@ -127,6 +127,10 @@ def check_row_id(message_id: Any) -> None:
     raise ValueError(f"message_id must be between 1 and {MAX_ROW_ID}, got {got}")
 
 
+class FeedbackStoreError(ValueError):
+  """A database file that SQLite cannot read (another kind of file, or corrupted)."""
+
+
 class FeedbackStore:
   """The SQLite store of the module docstring. Safe to share between threads."""
 
@@ -139,7 +143,11 @@ class FeedbackStore:
                                isolation_level=None, check_same_thread=False)
     self._db.row_factory = sqlite3.Row
     self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    try:  # the first statement that reads the file: a file that is not a database fails here
+      mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+      self._db.close()
+      raise FeedbackStoreError(f"{self.path}: not a feedback database ({e})") from None
     if mode.lower() != "wal":
       raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); is the file on "
                          "a network filesystem?")

@@ -6,11 +6,11 @@ reads as empty, so a partial run still gets a report (rlhf_jax/eval/report.py).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from rlhf_jax.core.langs import LANGS
 from typing import Sequence
+from rlhf_jax.core import metrics
 from rlhf_jax.core.metrics import read_metrics
 
 HUMAN_AGREEMENT = 0.726  # InstructGPT's labelers; the simulated annotators are calibrated to it
@@ -26,10 +26,11 @@ LOSS_KEYS = {
 
 
 def read_json(path: str):
+  """The JSON object in `path`, or None when there is none; FileContentError naming the file
+  when it is not one."""
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return metrics.read_json(path)
 
 
 def stage_metrics(stage_dir: str | None) -> list[dict]:

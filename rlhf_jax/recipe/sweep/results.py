@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any, Mapping
 
+from rlhf_jax.core import metrics
 from rlhf_jax.recipe.sweep.spec import Sweep, format_value, source_path
 from rlhf_jax.recipe.sweep.status import run_dir, run_status
 
@@ -34,18 +35,17 @@ def _flatten(value, prefix: str = "") -> dict:
 
 def read_source(path: str, source: str) -> dict | None:
   """{key: value} of one source of the run in `path` (see the package doc), or None when it has
-  no file. A .jsonl file gives each metric's last logged value."""
+  no file. A .jsonl file gives each metric's last logged value. A file that is not JSON (or
+  not objects) is a FileContentError naming it (and the line)."""
   path = os.path.join(path, source_path(source))
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    if path.endswith(".jsonl"):
-      last = {}
-      for line in f:
-        if line.strip():
-          last.update(json.loads(line))
-      return last
-    return _flatten(json.load(f))
+  if path.endswith(".jsonl"):
+    last = {}
+    for record in metrics.read_json_lines(path):
+      last.update(record)
+    return last
+  return _flatten(metrics.read_json(path))
 
 
 def as_number(value):

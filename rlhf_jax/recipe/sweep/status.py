@@ -3,10 +3,10 @@ answer for the process that runs the sweep, for a later one that resumes it and 
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
+from rlhf_jax.core import metrics
 from rlhf_jax.recipe import pipeline
 
 RUN_FILE = "sweep_run.json"  # in each run's workdir: the settings it was run with
@@ -18,16 +18,16 @@ def run_dir(workdir: str, name: str) -> str:
 
 
 def read_json(path: str):
-  """The parsed file, or None when there is none."""
+  """The parsed file (a JSON object), or None when there is none; FileContentError naming the
+  file when it is not one."""
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return metrics.read_json(path)
 
 
 def _failure(path: str) -> str:
   """The last line of a run's FAILED.txt: the exception, under its traceback."""
-  with open(os.path.join(path, FAILED_FILE), encoding="utf-8") as f:
+  with open(os.path.join(path, FAILED_FILE), encoding="utf-8", errors="replace") as f:
     lines = [line.strip() for line in f if line.strip()]
   return lines[-1][:300] if lines else "failed"
 
