@@ -150,3 +150,32 @@ def render_with_spans(source: str, messages: Sequence[dict], *, tools: Optional[
   finally:
     tag.tracking.reset(token)
   return "".join(blocks), spans
+
+
+# Gemma's turn format, for Gemma GGUF files that carry no tokenizer.chat_template (the 270M
+# base model's does not): "<bos>", then per message "<start_of_turn>{user|model}\n" + content
+# (trimmed) + "<end_of_turn>\n", the assistant's role written "model"; a system message has no
+# turn of its own but goes, followed by a blank line, before the first user message's content;
+# roles must alternate user / assistant; the generation prompt is "<start_of_turn>model\n".
+# This is the rendering google/gemma-3-*'s tokenizer_config.json template gives for text chats.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(prefix='', turns=messages) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set ns.prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set ns.turns = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in ns.turns -%}"
+    "{%- if (message['role'] == 'user') != loop.index0 is even -%}"
+    "{{ raise_exception('Gemma chats alternate user and assistant turns, starting with user') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role'])"
+    " + '\\n' + (ns.prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+
+# Chat templates of architectures whose GGUF files may come without one, by
+# general.architecture.
+FAMILY_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}

@@ -41,6 +41,7 @@ import numpy as np
 from rlhf_jax.text import chat_template as jinja_chat
 from rlhf_jax.text.tokenizer import TooLongError, check_length, check_messages  # noqa: F401
 
+_SPACE = "\u2581"  # SentencePiece's visible space
 _PAD = "\u2003"  # an em space: whitespace a `trim` removes, never written by a template
 _MARK = re.compile(f"({_PAD}?)\ue000(\\d+)\ue001({_PAD}?)")
 
@@ -60,13 +61,69 @@ def _token_text(value) -> Optional[str]:
   return value
 
 
+# Architectures whose GGUF 'llama' (SentencePiece BPE) vocabulary is rebuilt by `_gemma_bpe`.
+GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+
+
+def sentencepiece_merges(tokens: Sequence[str]) -> list[tuple[str, str]]:
+  """BPE merges implied by a SentencePiece BPE vocabulary whose pieces are listed in the order
+  they were learnt: every way of cutting a piece into two pieces of the vocabulary, ranked by
+  the piece's position (earlier = merged first), the longer left part first within a piece.
+
+  A GGUF file keeps no merges for SentencePiece vocabularies, and Gemma's scores do not follow
+  its merge order (its positions do), so the position is the rank.
+  """
+  vocab = {t: i for i, t in enumerate(tokens)}
+  merges = []
+  for piece, _ in sorted(vocab.items(), key=lambda item: item[1]):
+    for cut in range(len(piece) - 1, 0, -1):
+      left, right = piece[:cut], piece[cut:]
+      if left in vocab and right in vocab:
+        merges.append((left, right))
+  return merges
+
+
+def _gemma_bpe(meta: dict):
+  """A `tokenizers.Tokenizer` from Gemma's GGUF SentencePiece vocabulary ('llama' model).
+
+  SentencePiece writes a space as U+2581 and has no pre-tokenizer split and no prefix space;
+  unknown characters fall back to the <0xNN> byte pieces. The file spells its pieces of two or
+  more spaces with real spaces; after the space -> U+2581 normalisation the text can only meet
+  them as U+2581 runs, so that is how they are spelled here (ordinary pieces then, not added
+  tokens matched before the normalisation).
+  """
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+  tokens = [(_SPACE * len(t)) if t and not t.strip(" ") else t
+            for t in meta["tokenizer.ggml.tokens"]]
+  vocab = {t: i for i, t in enumerate(tokens)}
+  unk = tokens[int(meta.get("tokenizer.ggml.unknown_token_id", 3))]
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens), unk_token=unk,
+                             fuse_unk=True, byte_fallback=True))
+  tok.normalizer = normalizers.Replace(" ", _SPACE)
+  tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  raw = meta["tokenizer.ggml.tokens"]
+  types = meta.get("tokenizer.ggml.token_type")
+  if types is not None:  # 3 = control (special), 4 = user-defined (matched whole, not special)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(raw, types) if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(raw, types) if ty == 4 and t in vocab])
+  return tok
+
+
 def _gguf_tokenizer(meta: dict, path: str):
-  """A `tokenizers.Tokenizer` from a GGUF file's byte-level BPE vocabulary ('gpt2' model)."""
+  """A `tokenizers.Tokenizer` from a GGUF file's byte-level BPE vocabulary ('gpt2' model) or
+  Gemma's SentencePiece BPE one ('llama' model in a gemma file)."""
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
   kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+  arch = meta.get("general.architecture")
+  if kind == "llama" and arch in GEMMA_ARCHS:
+    return _gemma_bpe(meta)
   if kind != "gpt2":
-    raise ValueError(f"{path}: tokenizer model {kind!r} cannot be rebuilt from GGUF here (only "
-                     "byte-level BPE, 'gpt2'); load the tokenizer.json of the HF checkpoint")
+    raise ValueError(f"{path}: tokenizer model {kind!r} of architecture {arch!r} cannot be "
+                     "rebuilt from GGUF here (byte-level BPE 'gpt2', or Gemma's SentencePiece "
+                     "'llama'); load the tokenizer.json of the HF checkpoint")
   tokens = meta["tokenizer.ggml.tokens"]
   merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
   bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
@@ -134,7 +191,9 @@ class HFTokenizer:
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None else None
 
-      return cls(_gguf_tokenizer(meta, path), meta.get("tokenizer.chat_template", ""),
+      template = (meta.get("tokenizer.chat_template")
+                  or jinja_chat.FAMILY_TEMPLATES.get(meta.get("general.architecture"), ""))
+      return cls(_gguf_tokenizer(meta, path), template,
                  bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                  pad_token=tok("padding_token_id"), unk_token=tok("unknown_token_id"),
                  vocab_size=vocab_size, path=path)
