@@ -15,7 +15,7 @@ import pytest
 
 from rlhf_jax.models import pretrained
 from rlhf_jax.text import chat_template
-from rlhf_jax.text.hf_tokenizer import HFTokenizer, sentencepiece_merges
+from rlhf_jax.text.hf_tokenizer import HFTokenizer, gguf_tokenizer, sentencepiece_merges
 
 HARD_TEXTS = ["中国的首都是北京。“引号”，全角！【括号】《书名》……——、；：？",
               "🤗👨‍👩‍👧🇨🇳 emoji  and  spaces 👍🏽", "混合 mixed Текст العربية 日本語のテキスト 한국어",
@@ -38,7 +38,7 @@ def test_merges_rank_pieces_by_position_longer_left_first():
 def test_toy_gguf_vocabulary():
   """A space run stored with real spaces is found as the normalised U+2581 run; an unknown
   character falls back to its UTF-8 byte pieces; control tokens stay whole in templates."""
-  from rlhf_jax.text.hf_tokenizer import _gguf_tokenizer  # noqa: PLC2701 - the unit under test
+
   bytes_ = [f"<0x{b:02X}>" for b in range(256)]
   tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\n", *bytes_,
             "h", "i", "\u2581", "hi", "  ", "\u2581hi"]
@@ -46,7 +46,7 @@ def test_toy_gguf_vocabulary():
   meta = {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama",
           "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
           "tokenizer.ggml.unknown_token_id": 3}
-  tok = _gguf_tokenizer(meta, "toy.gguf")
+  tok = gguf_tokenizer(meta, "toy.gguf")
   base = 6 + 256
   # "hi hi" -> hi, ▁hi. "  hi" -> ▁ ▁ h i -> ▁ ▁ hi, then the two-space piece (stored "  ",
   # learnt before ▁hi) wins over ▁hi: ▁▁, hi. "é" -> its UTF-8 bytes C3 A9.
@@ -58,11 +58,11 @@ def test_toy_gguf_vocabulary():
 
 
 def test_unsupported_sentencepiece_gguf_names_the_model():
-  from rlhf_jax.text.hf_tokenizer import _gguf_tokenizer  # noqa: PLC2701
+
   meta = {"general.architecture": "llama", "tokenizer.ggml.model": "llama",
           "tokenizer.ggml.tokens": ["a"]}
   with pytest.raises(ValueError, match="'llama' of architecture 'llama'"):
-    _gguf_tokenizer(meta, "x.gguf")
+    gguf_tokenizer(meta, "x.gguf")
 
 
 def test_gemma_template_format_by_hand():

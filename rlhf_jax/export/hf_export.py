@@ -2,7 +2,8 @@
 
   export_pretrained(params, model_config, "out/", tokenizer=tok)
 
-writes config.json (LlamaForCausalLM, or Qwen2ForCausalLM when the model has q/k/v biases),
+writes config.json (LlamaForCausalLM; Qwen2ForCausalLM when the model has q/k/v biases;
+Qwen3ForCausalLM with q/k norms; Gemma3ForCausalLM for Gemma 3's switches: `hf_family`),
 model.safetensors (or shards of at most `max_shard_bytes` plus model.safetensors.index.json),
 generation_config.json and, given a tokenizer, the files `AutoTokenizer` needs (`write_tokenizer`):
 for our sentencepiece tokenizer a tokenizer.json giving the same ids plus tokenizer.model and a
@@ -34,14 +35,77 @@ from rlhf_jax.text.tokenizer import Tokenizer
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
+def hf_family(c: ModelConfig) -> str:
+  """'gemma3', 'qwen3', 'qwen2' or 'llama': the transformers class whose computation is this
+  configuration's. A mix no class computes (e.g. Gemma's norms with Qwen's biases) is a
+  ValueError naming the fields, never a config.json that loads as another model."""
+  gemma = dict(norm_plus_one=c.norm_plus_one, sandwich_norms=c.sandwich_norms,
+               embed_scale=c.embed_scale, qk_norm=c.qk_norm,
+               gelu_tanh=c.mlp_activation == "gelu_tanh")
+  if c.norm_plus_one:
+    off = [k for k, on in gemma.items() if not on] + (["qkv_bias"] if c.qkv_bias else [])
+    if off:
+      raise ValueError(f"a Gemma 3 model (norm_plus_one) needs every Gemma 3 switch; this one "
+                       f"has {', '.join(off)} differing: no transformers class computes it")
+    return "gemma3"
+  odd = [k for k, on in gemma.items() if on and k != "qk_norm"]
+  odd += [k for k in ("attn_softcap", "final_softcap", "query_pre_attn_scalar",
+                      "rope_local_theta") if getattr(c, k)]
+  if c.qk_norm and c.qkv_bias:
+    odd.append("qk_norm with qkv_bias")
+  if c.local_layers and not c.qk_norm:
+    odd.append("sliding-window layers (Llama / Qwen2 export: full attention only)")
+  if odd:
+    raise ValueError(f"no transformers class computes this model's {', '.join(odd)}")
+  return "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama"
+
+
+def _layer_types(c: ModelConfig) -> list:
+  local = set(c.local_layers)
+  return ["sliding_attention" if i in local else "full_attention" for i in range(c.n_layers)]
+
+
+def _family_keys(c: ModelConfig, family: str) -> dict:
+  """config.json keys particular to each family."""
+  if family == "gemma3":
+    scalar = float(c.query_pre_attn_scalar or c.dim_per_head)  # transformers 5 wants an int
+    return dict(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
+        sliding_window=c.sliding_window or c.max_len, layer_types=_layer_types(c),
+        rope_local_base_freq=c.rope_local_theta or c.rope_theta,
+        attn_logit_softcapping=c.attn_softcap or None,
+        final_logit_softcapping=c.final_softcap or None, attention_bias=False,
+        rope_parameters={
+            "full_attention": {"rope_theta": c.rope_theta, **(_rope_scaling(c) or
+                                                               {"rope_type": "default"})},
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": c.rope_local_theta or c.rope_theta}})
+  if family == "qwen3":
+    window = bool(c.local_layers)
+    return dict(attention_bias=False, use_sliding_window=window,
+                sliding_window=c.sliding_window if window else None,
+                max_window_layers=min(c.local_layers) if window else c.n_layers,
+                layer_types=_layer_types(c))
+  if family == "qwen2":
+    return dict(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layers)
+  return dict(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+
+
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+                  "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+                  "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+
+
 def hf_config(model_config: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
-  """config.json contents. Rope settings use the `rope_theta` + `rope_scaling` keys, which both
-  transformers 4.x and 5.x read."""
+  """config.json contents for the family `hf_family` names. Rope settings use the `rope_theta`
+  + `rope_scaling` keys, which both transformers 4.x and 5.x read (Gemma 3 adds its per-layer
+  -type `rope_parameters`, which 5.x reads first)."""
   c = model_config
-  qwen = c.qkv_bias  # Llama's attention_bias would also give o_proj a bias; Qwen2's does not
+  family = hf_family(c)
+  architecture, model_type = _ARCHITECTURES[family]
   config = {
-      "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-      "model_type": "qwen2" if qwen else "llama",
+      "architectures": [architecture], "model_type": model_type,
       "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
       "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
       "num_key_value_heads": c.n_kv_heads, "head_dim": c.dim_per_head,
@@ -50,10 +114,9 @@ def hf_config(model_config: ModelConfig, tokenizer=None, dtype: str = "float32")
       "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu",
       "initializer_range": 0.02, "use_cache": True, "torch_dtype": dtype,
   }
-  if qwen:
-    config.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.n_layers)
-  else:
-    config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  if family == "gemma3":
+    config["hidden_act"] = "gelu_pytorch_tanh"
+  config.update(_family_keys(c, family))
   if tokenizer is not None:
     config.update(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),
                   pad_token_id=int(tokenizer.pad_id))

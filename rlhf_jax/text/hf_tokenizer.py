@@ -112,7 +112,7 @@ def _gemma_bpe(meta: dict):
   return tok
 
 
-def _gguf_tokenizer(meta: dict, path: str):
+def gguf_tokenizer(meta: dict, path: str):
   """A `tokenizers.Tokenizer` from a GGUF file's byte-level BPE vocabulary ('gpt2' model) or
   Gemma's SentencePiece BPE one ('llama' model in a gemma file)."""
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -193,7 +193,7 @@ class HFTokenizer:
 
       template = (meta.get("tokenizer.chat_template")
                   or jinja_chat.FAMILY_TEMPLATES.get(meta.get("general.architecture"), ""))
-      return cls(_gguf_tokenizer(meta, path), template,
+      return cls(gguf_tokenizer(meta, path), template,
                  bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                  pad_token=tok("padding_token_id"), unk_token=tok("unknown_token_id"),
                  vocab_size=vocab_size, path=path)
