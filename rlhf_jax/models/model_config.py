@@ -62,6 +62,12 @@ class ModelConfig:
   sliding_window: int = 0
   local_layers: tuple = ()
   rope_local_theta: float = 0.0  # the local layers' rope base, unscaled; 0: as the global ones
+  # Low-rank adapters (models/lora.py): rank 0 is none. The projections whose path matches
+  # `lora_targets` (e.g. 'layer_0/attn/q', 'layer_3/mlp/down') get W + (alpha / r) A @ B.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"
+  lora_dropout: float = 0.0  # on the adapter's input, only when a 'dropout' rng is passed
   dtype: str = "float32"  # compute dtype; params are always float32
   remat: bool = False
   scan_layers: bool = False
@@ -85,6 +91,9 @@ class ModelConfig:
     outside = [i for i in self.local_layers if not 0 <= i < self.n_layers]
     if outside:
       raise ValueError(f"local_layers {outside} are not layers of a {self.n_layers}-layer model")
+    if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
+      raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 and lora_dropout="
+                       f"{self.lora_dropout} in [0, 1)")
     if self.local_layers and self.sliding_window <= 0:
       raise ValueError(f"local_layers={list(self.local_layers)} need a sliding_window > 0")
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models import lora
 from rlhf_jax.models.dot import dense
 # The configuration lives in model_config.py; other modules import ModelConfig from here too.
 from rlhf_jax.models.model_config import ModelConfig, local_rope_frequencies, rope_frequencies
@@ -136,13 +137,19 @@ class HeadProjection(nn.Module):
   use_bias: bool
   dtype: Any
   axes: tuple
+  config: Optional[ModelConfig] = None  # its LoRA settings (None: no adapter)
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(d), self.axes),
                         (d, self.heads, self.head_dim), jnp.float32)
-    y = dense(_flat_tokens(x), kernel.reshape(d, -1), self.dtype)  # [B*T, heads*head_dim]
+    tokens = _flat_tokens(x)  # [B*T, D]
+    y = dense(tokens, kernel.reshape(d, -1), self.dtype)  # [B*T, heads*head_dim]
+    if self.config is not None:
+      delta = lora.adapter_delta(self, "kernel", tokens, (d,), self.axes[:1],
+                                 (self.heads, self.head_dim), self.axes[1:], self.config)
+      y = y if delta is None else y + delta
     y = y.reshape(*x.shape[:-1], self.heads, self.head_dim)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
@@ -174,7 +181,8 @@ class Attention(nn.Module):
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
 
     def proj(inputs, name, heads, axis):  # q and k RMS-normed per head (qk_norm), before rope
-      y = HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), name=name)(inputs)
+      y = HeadProjection(heads, dh, cfg.qkv_bias, dt, ("embed", axis, "kv"), cfg,
+                         name=name)(inputs)
       return norm(cfg, f"{name}_norm", ("kv",))(y) if cfg.qk_norm and name != "v" else y
 
     inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
@@ -206,7 +214,11 @@ class Attention(nn.Module):
     kernel = self.param("o", nn.with_logical_partitioning(_dense_init(h * dh),
                                                           ("heads", "kv", "embed")),
                         (h, dh, cfg.d_model), jnp.float32)
-    out = dense(out.reshape(b * t, h * dh), kernel.reshape(h * dh, -1), dt)  # [B*T, D]
+    flat = out.reshape(b * t, h * dh)
+    out = dense(flat, kernel.reshape(h * dh, -1), dt)  # [B*T, D]
+    delta = lora.adapter_delta(self, "o", flat, (h, dh), ("heads", "kv"), (cfg.d_model,),
+                               ("embed",), cfg)
+    out = out if delta is None else out + delta
     return out.reshape(b, t, cfg.d_model), new_cache
 
 
@@ -235,12 +247,18 @@ class Linear(nn.Module):
   dtype: Any
   axes: tuple
   out_dtype: Any = None
+  config: Optional[ModelConfig] = None  # its LoRA settings (None: no adapter)
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(x.shape[-1]), self.axes),
                         (x.shape[-1], self.features), jnp.float32)
-    return dense(x, kernel, self.dtype, self.out_dtype)
+    y = dense(x, kernel, self.dtype, self.out_dtype)
+    if self.config is not None:
+      delta = lora.adapter_delta(self, "kernel", x, x.shape[-1:], self.axes[:1],
+                                 (self.features,), self.axes[1:], self.config)
+      y = y if delta is None else y + delta.astype(y.dtype)
+    return y
 
 
 class MLP(nn.Module):
@@ -251,13 +269,13 @@ class MLP(nn.Module):
     cfg = self.config
     dt = cfg.compute_dtype
     tokens = _flat_tokens(x)  # [B*T, D]
-    gate = Linear(cfg.d_ff, dt, ("embed", "mlp"), name="gate")(tokens)
-    up = Linear(cfg.d_ff, dt, ("embed", "mlp"), name="up")(tokens)
+    gate = Linear(cfg.d_ff, dt, ("embed", "mlp"), config=cfg, name="gate")(tokens)
+    up = Linear(cfg.d_ff, dt, ("embed", "mlp"), config=cfg, name="up")(tokens)
     act = (jax.nn.silu if cfg.mlp_activation == "silu"
            else functools.partial(jax.nn.gelu, approximate=True))  # GeGLU: tanh-approximated
     hidden = (act(gate) * up).reshape(*x.shape[:-1], cfg.d_ff)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    out = Linear(cfg.d_model, dt, ("mlp", "embed"), name="down")(_flat_tokens(hidden))
+    out = Linear(cfg.d_model, dt, ("mlp", "embed"), config=cfg, name="down")(_flat_tokens(hidden))
     return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
@@ -315,7 +333,7 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       scan_block = nn.remat(_ScanBlock) if cfg.remat else _ScanBlock
       self.layers = nn.scan(
-          scan_block, variable_axes={"params": 0}, split_rngs={"params": True},
+          scan_block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:

@@ -1,0 +1,152 @@
+"""LoRA at the model level: a fresh adapter is the identity, its gradients follow the chain rule
+from the full weight's gradient, and folding it into the kernels gives the same function."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models import ModelConfig, Transformer, lora
+
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                   max_len=32)
+
+
+def _inputs(b=2, t=12, vocab=64, seed=0):
+  tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  return tokens, positions, jnp.ones((b, t), jnp.int32)
+
+
+def _init(config, seed=0):
+  tokens, positions, segments = _inputs()
+  return nn.unbox(Transformer(config).init(jax.random.key(seed), tokens, positions,
+                                           segments)["params"])
+
+
+def _logits(config, params, inputs):
+  return Transformer(config).apply({"params": params}, *inputs)[0]
+
+
+def _randomize_b(params, seed=1):
+  """Every lora_b drawn N(0, 0.05) instead of 0, so gradients of A are not trivially zero."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = [0.05 * jax.random.normal(k, x.shape) if str(p[-1].key).endswith("lora_b") else x
+         for k, (p, x) in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fresh_adapters_leave_the_logits_exactly_unchanged(scan):
+  config = dataclasses.replace(BASE, lora_rank=4, scan_layers=scan)
+  params = _init(config)
+  # Seven projections per layer (q, k, v, o, gate, up, down), two arrays each.
+  per_layer = 7 * 2
+  assert lora.count_adapters(params) == (per_layer if scan else per_layer * BASE.n_layers)
+  base = lora.strip(params)
+  inputs = _inputs()
+  np.testing.assert_array_equal(_logits(config, params, inputs),
+                                _logits(lora.base_config(config), base, inputs))
+
+
+def test_target_pattern_selects_projections_by_path():
+  config = dataclasses.replace(BASE, lora_rank=2, lora_targets=r"attn/(q|v)$")
+  params = _init(config)
+  adapted = sorted("/".join(str(k.key) for k in p[:-1])
+                   for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+                   if str(p[-1].key) == "lora_a")
+  assert adapted == ["layer_0/attn/q", "layer_0/attn/v", "layer_1/attn/q", "layer_1/attn/v"]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fold_gives_the_unmerged_models_logits(scan):
+  config = dataclasses.replace(BASE, lora_rank=4, lora_alpha=8.0, scan_layers=scan)
+  params = _randomize_b(_init(config))
+  inputs = _inputs()
+  unmerged = _logits(config, params, inputs)
+  folded = lora.fold(params, config)
+  assert lora.count_adapters(folded) == 0
+  merged = _logits(lora.base_config(config), folded, inputs)
+  assert float(jnp.max(jnp.abs(unmerged - merged))) <= 1e-5 * float(jnp.max(jnp.abs(unmerged)))
+  # ... and the adapters did change the function (the comparison above can fail).
+  base = _logits(lora.base_config(config), lora.strip(params), inputs)
+  assert float(jnp.max(jnp.abs(unmerged - base))) > 1e-3
+
+
+def test_adapter_gradients_follow_the_chain_rule_from_the_full_weight():
+  """y = x (W + s A B): dL/dA = s dW B^T and dL/dB = s A^T dW, where dW is the gradient of the
+  same loss with respect to the merged weight W + s A B (a dense reference model)."""
+  config = dataclasses.replace(BASE, lora_rank=3, lora_alpha=6.0)
+  s = config.lora_alpha / config.lora_rank
+  params = _randomize_b(_init(config))
+  inputs = _inputs()
+  target = jax.random.normal(jax.random.key(7), (2, 12, BASE.vocab_size))
+
+  def loss(logits):
+    return jnp.sum(jnp.tanh(logits) * target)
+
+  trainable, frozen = lora.split(params)
+  g_lora = jax.grad(lambda tr: loss(_logits(config, lora.merge(tr, frozen), inputs)))(trainable)
+  merged = lora.fold(params, config)
+  g_full = jax.grad(lambda p: loss(_logits(lora.base_config(config), p, inputs)))(merged)
+  for layer in ("layer_0", "layer_1"):
+    for module, kernel, prefix in (("mlp/up", "kernel", ""), ("attn/q", "kernel", ""),
+                                   ("attn", "o", "o_")):
+      node = params[layer]
+      g_node, gw_node = g_lora[layer], g_full[layer]
+      for part in module.split("/"):
+        node, g_node, gw_node = node[part], g_node[part], gw_node[part]
+      a, b = node[prefix + "lora_a"], node[prefix + "lora_b"]
+      r = a.shape[-1]
+      a2, b2 = a.reshape(-1, r), b.reshape(r, -1)
+      gw = gw_node[kernel].reshape(a2.shape[0], b2.shape[1])
+      want_a = s * gw @ b2.T
+      want_b = s * a2.T @ gw
+      got_a = g_node[prefix + "lora_a"].reshape(want_a.shape)
+      got_b = g_node[prefix + "lora_b"].reshape(want_b.shape)
+      for got, want in ((got_a, want_a), (got_b, want_b)):
+        scale = float(jnp.max(jnp.abs(want)))
+        assert scale > 0
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-4 * scale, (layer, module)
+
+
+def test_split_merge_round_trip_and_what_is_trainable():
+  config = dataclasses.replace(BASE, lora_rank=2)
+  params = {"trunk": _init(config), "head": {"dense": {"kernel": jnp.ones((32, 1)),
+                                                      "bias": jnp.zeros((1,))}}}
+  trainable, frozen = lora.split(params)
+  assert set(trainable) == {"trunk", "head"}
+  assert lora.count_adapters(frozen) == 0
+  assert lora.count_adapters(trainable) == lora.count_adapters(params)
+  back = lora.merge(trainable, frozen)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    assert x is y
+
+
+def test_bf16_adapter_matches_float32_within_bf16_precision():
+  config = dataclasses.replace(BASE, lora_rank=4)
+  params = _randomize_b(_init(config))
+  inputs = _inputs()
+  f32 = _logits(config, params, inputs)
+  bf16 = _logits(dataclasses.replace(config, dtype="bfloat16"), params, inputs)
+  err = float(jnp.max(jnp.abs(f32 - bf16.astype(jnp.float32))))
+  assert err <= 0.05 * float(jnp.max(jnp.abs(f32)))
+
+
+def test_fingerprint_names_a_changed_base():
+  params = _init(BASE)
+  same = jax.tree.map(lambda x: x + 0, params)
+  assert lora.fingerprint(params) == lora.fingerprint(same)
+  changed = jax.tree.map(lambda x: x, params)
+  changed["layer_0"]["mlp"]["up"]["kernel"] = params["layer_0"]["mlp"]["up"]["kernel"].at[0, 0].add(
+      1e-3)
+  assert lora.fingerprint(params) != lora.fingerprint(changed)
+
+
+def test_bad_lora_settings_are_errors():
+  with pytest.raises(ValueError, match="lora_rank"):
+    dataclasses.replace(BASE, lora_rank=-1)
