@@ -44,6 +44,7 @@ def run_config(trainer: str, stage: str, size: str) -> ml_collections.ConfigDict
   config.seed = 0
   config.tokenizer = tokenizer_section(size)
   config.model = model_section(size, vocab_size=config.tokenizer.get_oneway_ref("vocab_size"))
+  config.lora = lora_section()
   config.mesh = mesh_section()
   config.axis_rules = axis_rules_section()
   config.distributed = distributed_section()
@@ -109,6 +110,15 @@ def use_pretrained_model(config, model: str, path: str = "", dtype: str = "float
   config.tokenizer.path = source
   config.tokenizer.vocab_size = config.model.get_oneway_ref("vocab_size")
   return source
+
+
+def lora_section(rank: int = 0) -> ml_collections.ConfigDict:
+  """`config.lora`: low-rank adapters on the projections whose parameter path matches `targets`
+  (rank 0: train every parameter). alpha scales the adapter by alpha / rank; dropout acts on
+  the adapter's input in supervised stages only (RL never samples with it). A scalar model's
+  head (RM, critic) is always fully trained."""
+  return ml_collections.ConfigDict(dict(rank=rank, alpha=16.0, dropout=0.0,
+                                        targets=r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"))
 
 
 def mesh_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:

@@ -8,6 +8,12 @@ Layout (every path below is relative to the run folder, so a run copied anywhere
   tokenizer/tokenizer.model a copy of the run's sentencepiece tokenizer (for an imported model's
                             own tokenizer the record holds its identity instead: a preset name or
                             an absolute path, the only kind of path that points outside the run)
+
+A LoRA run (record's model.lora_rank > 0) saves only its adapters and heads; its record's
+`base` names the frozen base they sit on (a preset name, or the absolute path and step of the
+run it started from, plus a fingerprint of the base's values). Readers rebuild the whole model
+from both and fold the adapters in (`load_policy`, `restore_params`); a base that is missing or
+no longer the recorded one is an error naming both.
   metrics.jsonl, events.*   metrics (core/metrics.py)
 
 Why a record: without it, a checkpoint's shape and tokenizer had to be reconstructed by
@@ -28,10 +34,11 @@ import os
 import shutil
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 
 from rlhf_jax.core import checkpoint as ckpt_lib
-from rlhf_jax.models import hf_import, pretrained
+from rlhf_jax.models import hf_import, lora, pretrained
 from rlhf_jax.models.transformer import NUMERICS_FIELDS, ModelConfig
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 
@@ -163,9 +170,11 @@ def write_record(run: str, *, model_config: ModelConfig, tokenizer, kind: str,
   if os.path.exists(path):
     old = read_record(run)
     was, now = _shape(old.get("model", {})), _shape(record["model"])
-    if (old.get("kind"), was) != (kind, now):
+    if (old.get("kind"), was, old.get("base")) != (kind, now, record.get("base")):
       fields = ([f"kind: recorded {old.get('kind')}, this run {kind}"]
                 if old.get("kind") != kind else [])
+      if old.get("base") != record.get("base"):
+        fields.append(f"LoRA base: recorded {old.get('base')}, this run {record.get('base')}")
       fields += [f"model.{k}: recorded {was.get(k)}, this run {now.get(k)}"
                  for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
       raise RunFolderError(f"{path} holds another model's run ({'; '.join(fields)}): use a fresh "
@@ -246,7 +255,56 @@ def _load(run: str, kind: str, step: Optional[int], numerics: dict):
     raise RunFolderError(f"{root(run)} holds a {record['kind']} model, not a {kind} one")
   config = model_config(run, **numerics)
   params = ckpt_lib.read_params(checkpoint_dir(run), step)
+  if config.lora_rank:  # adapters and heads only: put them on their base and fold them in
+    params = lora.fold(lora.merge(params, read_base(run)), config)
+    config = lora.base_config(config)
   return params, config
+
+
+# ------------------------------------------------------------------------------ LoRA bases
+
+
+def base_identity(source: str, base_params, placed_as: str = "") -> dict:
+  """What a LoRA run's record says of the base it trains on: `source` (a preset name or an
+  absolute path), the step of a run folder, and a fingerprint of the values. placed_as:
+  '' (the base is the source's params) or 'trunk' (a scalar model's trunk from a policy)."""
+  resolved = pretrained.resolve(source)
+  if hf_import.is_pretrained_path(resolved):
+    name, step = (source if source in pretrained.SHAPES else os.path.abspath(source)), None
+  else:
+    name, step = root(source), latest_step(source)
+  return {"source": name, "step": step, "as": placed_as,
+          "fingerprint": lora.fingerprint(base_params)}
+
+
+def read_base(run: str):
+  """The frozen base of a LoRA run, on one device, checked against the record's fingerprint."""
+  record = read_record(run)
+  entry = record.get("base")
+  if not entry:
+    raise RunFolderError(f"{os.path.join(root(run), RECORD_FILE)}: a LoRA run without a 'base'")
+  source = entry["source"]
+  try:
+    resolved = pretrained.resolve(source)
+    if hf_import.is_pretrained_path(resolved):
+      config = lora.base_config(model_config(run))
+      if entry.get("as"):
+        raise RunFolderError(f"a pretrained base placed as {entry['as']!r} is not supported")
+      params = hf_import.load_params(hf_import.open_checkpoint(resolved)[1], config,
+                                     where=resolved)
+    else:
+      params, _ = load_policy(source, entry.get("step"))
+  except (FileNotFoundError, RunFolderError, ValueError) as e:
+    raise RunFolderError(f"LoRA run {root(run)}: its base {source} (step {entry.get('step')}) "
+                         f"cannot be read: {e}") from None
+  if entry.get("as"):
+    params = {entry["as"]: params}
+  found = lora.fingerprint(params)
+  if found != entry["fingerprint"]:
+    raise RunFolderError(f"LoRA run {root(run)} was trained on base {source} (step "
+                         f"{entry.get('step')}, fingerprint {entry['fingerprint']}), but {source} "
+                         f"now holds different params (fingerprint {found})")
+  return params
 
 
 def load_policy(run: str, step: Optional[int] = None, **numerics: Any):
@@ -266,4 +324,11 @@ def restore_params(source: str, params_like):
   resolved = pretrained.resolve(source)
   if hf_import.is_pretrained_path(resolved):
     return hf_import.load_params_like(resolved, params_like)
+  has_record = os.path.exists(os.path.join(root(source), RECORD_FILE))
+  record = read_record(source) if has_record else {"model": {}}
+  if record["model"].get("lora_rank"):  # a LoRA run: its folded params, placed like the target
+    params, _ = (load_policy if record["kind"] == "policy" else load_scalar_model)(source)
+    target = nn.unbox(params_like)
+    ckpt_lib.check_shapes(params, target, f"LoRA run {root(source)} (folded)")
+    return jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), params, target)
   return ckpt_lib.restore_params(checkpoint_dir(source), params_like)

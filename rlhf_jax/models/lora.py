@@ -73,6 +73,14 @@ def adapter_delta(module: nn.Module, name: str, x: jax.Array, in_shape: tuple, i
   return delta * jnp.asarray(config.lora_alpha / r, delta.dtype)
 
 
+def model_fields(section) -> dict:
+  """ModelConfig's lora_* fields from a config's `lora` section (None or absent: no LoRA)."""
+  if not section:
+    return {}
+  return {"lora_rank": int(section.rank), "lora_alpha": float(section.alpha),
+          "lora_targets": str(section.targets), "lora_dropout": float(section.dropout)}
+
+
 def base_config(config):
   """The same model with its adapters off: the frozen base's config (the RL reference's)."""
   return dataclasses.replace(config, lora_rank=0)

@@ -22,11 +22,11 @@ import optax
 from rlhf_jax.core import run_folder
 from rlhf_jax.models import losses
 from rlhf_jax.core import optim, sharding
-from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.models import ModelConfig, Transformer, lora
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.train.loop import resume, run_train_loop
 from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
-                                  init_params_fn, param_count, setup_mesh,
+                                  init_params_fn, load_lora_base, param_count, setup_mesh,
                                   split_microbatches)
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
   sharding gives the same update as one big batch. A non-finite loss or gradient leaves the
   state as it was (the host loop then stops and reports the step).
   """
-  grad_fn = jax.value_and_grad(functools.partial(lm_loss, model=model), has_aux=True)
+  # With LoRA, `state.params` are the adapters and the base comes in frozen: no gradient of it.
+  grad_fn = jax.value_and_grad(lambda p, b: lm_loss(state.full_params(p), b, model),
+                               has_aux=True)
 
   if grad_accum == 1:
     (loss_sum, count), grads = grad_fn(state.params, batch)
@@ -79,7 +81,8 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> Transformer:
   model_fields = {k: v for k, v in config.model.to_dict().items() if k != "size"}
-  return Transformer(ModelConfig(**{**model_fields, "vocab_size": vocab_size}))
+  return Transformer(ModelConfig(**{**model_fields, "vocab_size": vocab_size,
+                                    **lora.model_fields(config.get("lora"))}))
 
 
 def make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_sharding):
@@ -105,15 +108,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optim, total_steps)
 
   state, state_shardings = create_train_state(
-      init_params_fn(model, config.data.seq_len), tx, mesh, rules, config.seed)
+      init_params_fn(model, config.data.seq_len), tx, mesh, rules, config.seed,
+      split_lora=bool(model.config.lora_rank))
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
+  state, record_extra = load_lora_base(state, config.get("init_from"))
 
   data_iter = inputs_lib.make_lm_inputs(config, tokenizer, jax.process_index(),
                                         jax.process_count())
-  run_folder.write_record(workdir, model_config=model.config, tokenizer=tokenizer, kind="policy")
+  run_folder.write_record(workdir, model_config=model.config, tokenizer=tokenizer, kind="policy",
+                          extra=record_extra)
   ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   state, start = resume(ckpt, state, data_iter)
-  if start is None and config.get("init_from"):
+  if start is None and config.get("init_from") and state.frozen is None:
     state = state.replace(params=run_folder.restore_params(config.init_from, state.params))
 
   batch_shard = sharding.batch_sharding(mesh, rules)

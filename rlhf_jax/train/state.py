@@ -1,6 +1,7 @@
 """The train state every trainer carries, and its sharded creation."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax
@@ -9,7 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.core import sharding
+from rlhf_jax.core import run_folder, sharding
+from rlhf_jax.models import lora
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -18,6 +22,9 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # [2] uint32 key data (plain arrays checkpoint everywhere)
+  # LoRA: the frozen base params (models/lora.py), carried but never updated nor saved; `params`
+  # then hold only the adapters (and a scalar model's head). None without LoRA.
+  frozen: Any = None
 
   def key(self) -> jax.Array:
     """This step's key: fold the step into the run's key, so a resumed run draws the same."""
@@ -27,8 +34,14 @@ class TrainState:
     """What a checkpoint's 'train' item holds (params are saved on their own)."""
     return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
 
+  def full_params(self, params):
+    """The model's whole param tree from trainable `params`: with LoRA, merged with the frozen
+    base (no copy: the same arrays), else `params` themselves."""
+    return params if self.frozen is None else lora.merge(params, self.frozen)
+
   def checkpoint_params(self):
-    """What a checkpoint's 'params' item holds: what a later stage starts from."""
+    """What a checkpoint's 'params' item holds: what a later stage starts from (with LoRA, the
+    adapters and heads; the run record names the base)."""
     return self.params
 
   def restored(self, params, items: dict) -> "TrainState":
@@ -36,8 +49,8 @@ class TrainState:
     return self.replace(params=params, **items)
 
   def eval_params(self):
-    """The params held-out evaluators look at."""
-    return self.params
+    """The params held-out evaluators look at: the whole model's."""
+    return self.full_params(self.params)
 
 
 def setup_mesh(config, grad_accum: int = 1):
@@ -53,20 +66,45 @@ def setup_mesh(config, grad_accum: int = 1):
   return mesh, rules
 
 
-def create_train_state(init_params_fn, tx: optax.GradientTransformation, mesh, rules, seed: int):
+def create_train_state(init_params_fn, tx: optax.GradientTransformation, mesh, rules, seed: int,
+                       split_lora: bool = False):
   """Builds the state straight into its sharded layout (optimizer state included).
 
   init_params_fn(key) -> boxed params (nn.Partitioned leaves carrying logical axis names); the
   optimizer state inherits the names because optax maps over the boxed leaves.
+  split_lora: train the adapters and heads only (lora.split): the optimizer state then covers
+  those alone, and the rest goes to `frozen`, to be replaced by the real base.
   Returns (state, state_shardings).
   """
 
   def init(key):
-    params = init_params_fn(key)
+    params, frozen = init_params_fn(key), None
+    if split_lora:
+      params, frozen = lora.split(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)), frozen=frozen)
 
   return sharding.create_sharded(init, mesh, rules, jax.random.key(seed))
+
+
+def load_lora_base(state, source, placed_as: str = "", base_of=None):
+  """(state, extra record fields): with LoRA (a `frozen` tree), the base params from `source`
+  (init_from: a run folder or a pretrained model) put in as the frozen base, and the record's
+  `base` entry naming them; without LoRA, the state as it is and no entry.
+
+  base_of(source, frozen_like) -> base params: how a trainer reads its base when it is not
+  simply `source`'s params (an RM's trunk from an SFT policy). A resumed run loads the same
+  base again: it is not in the checkpoint."""
+  if state.frozen is None:
+    return state, {}
+  if not source:
+    raise ValueError("lora.rank > 0 needs init_from: the pretrained or SFT model whose frozen "
+                     "params the adapters train on")
+  base = (base_of or run_folder.restore_params)(source, state.frozen)
+  identity = run_folder.base_identity(source, base, placed_as)
+  log.info("LoRA: %s trainable params on a frozen base of %s (%s)",
+           f"{param_count(state.params):,}", f"{param_count(base):,}", identity["source"])
+  return state.replace(frozen=base), {"base": identity}
 
 
 def apply_update_if(ok, tx, grads, params, opt_state):
