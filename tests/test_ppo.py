@@ -110,7 +110,7 @@ def test_missing_eos_is_flagged_exactly_on_answers_without_a_stop_token():
   # (unwhitened) return of the first token is the score itself.
   np.testing.assert_allclose(np.asarray(exp.returns - exp.old_values)[:, 0],
                              np.where(expected, 0.5, -1.0) * 0.95 ** (host.lengths - 1) +
-                             np.asarray(_td_sum(exp, host)), atol=1e-5)
+                             np.asarray(_td_sum(exp, host)), rtol=1e-5, atol=1e-5)
 
 
 def _td_sum(exp, host):

@@ -69,7 +69,7 @@ def test_score_is_invariant_to_left_and_right_padding(rm_params):
     tokens[r, left:left + len(row)] = row
     mask[r, left:left + len(row)] = 1
   scores = np.asarray(score(rm_params, tokens, mask))
-  np.testing.assert_allclose(scores, scores[0], atol=1e-5)
+  np.testing.assert_allclose(scores, scores[0], rtol=1e-5, atol=1e-5)
   # ... and it is the value at the last real token: changing that token changes the score.
   tokens[1, 29 + len(row) - 1] = (row[-1] + 1) % V
   assert abs(float(score(rm_params, tokens, mask)[1]) - scores[0]) > 1e-4

@@ -123,7 +123,8 @@ def test_greedy_matches_full_forward_argmax_and_stops_per_row(params):
     np.testing.assert_array_equal(out["tokens"][i, :n], expected[i, :n])
     assert (out["tokens"][i, n:] == PAD).all()
     np.testing.assert_array_equal(out["mask"][i], [1] * n + [0] * (N - n))
-    np.testing.assert_allclose(out["logprobs"][i, :n], ref_logprobs[i, :n], atol=1e-5)
+    np.testing.assert_allclose(out["logprobs"][i, :n], ref_logprobs[i, :n], rtol=1e-5,
+                               atol=1e-5)
     assert (out["logprobs"][i, n:] == 0).all()
 
 
@@ -146,7 +147,7 @@ def test_top_k_one_generates_the_greedy_answer(params):
   np.testing.assert_array_equal(out["tokens"], expected)
   assert (out["mask"] == 1).all() and (out["lengths"] == N).all()
   np.testing.assert_allclose(out["logprobs"], _reference_logprobs(params, rows, expected, 1.0),
-                             atol=1e-5)
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_sampled_logprobs_match_temperature_scaled_full_forward(params):
@@ -156,7 +157,7 @@ def test_sampled_logprobs_match_temperature_scaled_full_forward(params):
   assert (out["lengths"] == N).all()
   assert (out["tokens"] != _greedy_reference(params, rows, N)).any()  # it did sample
   expected = _reference_logprobs(params, rows, out["tokens"], 0.7)
-  np.testing.assert_allclose(out["logprobs"], expected, atol=1e-5)
+  np.testing.assert_allclose(out["logprobs"], expected, rtol=1e-5, atol=1e-5)
   # Against the unscaled distribution they differ: the temperature is really applied.
   assert not np.allclose(out["logprobs"], _reference_logprobs(params, rows, out["tokens"], 1.0),
                          atol=1e-2)
