@@ -8,6 +8,8 @@ export as the same family (`AutoModelForCausalLM`, `AutoTokenizer`, `apply_chat_
 continuation of a chat prompt equals our KV-cache sampler's for 24 tokens past the sliding
 window, its chat text and ids equal ours, and a user-typed turn marker stays text on both sides.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,65 @@ def test_mixed_switches_are_refused():
     hf_export.hf_family(ModelConfig(local_layers=(0,), sliding_window=8))
   assert hf_export.hf_family(ModelConfig(qk_norm=True)) == "qwen3"
   assert np.isscalar(hf_export.hf_config(ModelConfig(qk_norm=True))["max_window_layers"])
+
+
+# ------------------------------------------------------------------------------------- GGUF
+
+
+def test_gguf_reads_back_as_the_same_model(exported, tmp_path):
+  """Our importer reads the GGUF back (Gemma's 1 + w norms, the sliding-window flags, Qwen3's
+  q/k norms) as the same configuration and logits; the gguf package reads it too."""
+  import gguf
+  from rlhf_jax.export import gguf_export
+  family, cfg, params, tok, _ = exported
+  if family == "qwen3":  # llama.cpp's qwen3 has no sliding-window layers: refused, then dropped
+    with pytest.raises(ValueError, match="sliding-window"):
+      gguf_export.write_gguf(params, cfg, str(tmp_path / "m.gguf"))
+    cfg = dataclasses.replace(cfg, local_layers=(), sliding_window=0)
+  path = gguf_export.write_gguf(params, cfg, str(tmp_path / "m.gguf"))
+  reader = gguf.GGUFReader(path)
+  assert bytes(reader.get_field("general.architecture").parts[-1]).decode() == family
+  names = {t.name for t in reader.tensors}
+  assert "blk.0.attn_q_norm.weight" in names
+  assert ("blk.0.post_ffw_norm.weight" in names) == (family == "gemma3")
+  back_cfg, back = hf_import.load_pretrained(path)
+  # GGUF holds eps and Gemma's query scale (scalar ** -0.5) as float32.
+  for field in ("norm_eps", "query_pre_attn_scalar"):
+    assert getattr(back_cfg, field) == pytest.approx(getattr(cfg, field), rel=1e-6)
+  approx = dict(norm_eps=cfg.norm_eps, query_pre_attn_scalar=cfg.query_pre_attn_scalar)
+  assert dataclasses.replace(back_cfg, **approx) == cfg
+  prompt = [tok.render_prompt(CHAT).tolist()]
+  ours = H.our_logits(cfg, params, prompt)
+  assert H.rel_err(H.our_logits(back_cfg, back, prompt), ours) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_gguf_loads_in_transformers(family, tmp_path):
+  """transformers' own GGUF reader (its names, its dequantisation, its Gemma 3 defaults: every
+  6th layer global, local rope base 10000, query scale 256^-0.5) on our file gives our logits.
+  (Its qwen3 reader ignores attention.key_length and takes Qwen3's default head_dim, 128.)"""
+  from rlhf_jax.export import gguf_export
+  from rlhf_jax.models.transformer import Transformer
+  import ppo_setup
+  gemma = family == "gemma3"
+  cfg = ModelConfig(vocab_size=len(VOCAB), d_model=64, n_layers=6 if gemma else 2, n_heads=4,
+                    n_kv_heads=2, d_ff=96, head_dim=32 if gemma else 128, max_len=256,
+                    norm_eps=1e-6,
+                    rope_theta=1e6, tie_embeddings=gemma, qk_norm=True)
+  if gemma:
+    cfg = dataclasses.replace(
+        cfg, norm_plus_one=True, sandwich_norms=True, mlp_activation="gelu_tanh",
+        embed_scale=True, query_pre_attn_scalar=256.0, sliding_window=WINDOW,
+        local_layers=(0, 1, 2, 3, 4), rope_local_theta=1e4)
+  params = ppo_setup.random_params(Transformer(cfg), 3)
+  path = gguf_export.write_gguf(params, cfg, str(tmp_path / "m.gguf"),
+                                tokenizer=toy_tokenizer() if gemma else None)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+  tokens = [list(range(7, 7 + 40))]  # past the window
+  assert H.rel_err(H.our_logits(cfg, params, tokens), H.hf_logits(model, tokens)) <= H.REL_TOL
+  if gemma:  # the tokenizer travels as a SentencePiece vocabulary: the same ids and chat ids
+    ours, again = toy_tokenizer(), HFTokenizer.load(str(tmp_path / "m.gguf"))
+    for text in ("the answer is in", "你好 🤗  two  spaces\n"):
+      assert again.encode(text) == ours.encode(text)
+    assert again.render_prompt(CHAT).tolist() == ours.render_prompt(CHAT).tolist()

@@ -17,11 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import hf_models as H  # noqa: E402
 from rlhf_jax.core import sharding  # noqa: E402
 from rlhf_jax.export import hf_export  # noqa: E402
 from rlhf_jax.models import hf_import
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
-from rlhf_jax.infer.sampling import SamplingParams, make_generate_fn  # noqa: E402
 
 V = 256
 BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -114,22 +114,22 @@ def test_logits_equal_transformers(imported):
   assert _rel_err(ours, ref) <= REL_TOL
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2"])  # the sampler is architecture-independent
-def test_greedy_generation_matches_transformers(imports, case):
-  """Our KV-cache sampler (left-padded batch) against transformers.generate, row by row."""
+@pytest.mark.parametrize("text", [H.ENGLISH, H.CHINESE])
+def test_logits_on_english_and_chinese_text(imported, text):
+  """UTF-8 byte ids of real text (Chinese: three ids >= 128 per character)."""
+  _, model, _, cfg, params = imported
+  tokens = [H.byte_ids(text)]
+  assert _rel_err(our_logits(cfg, params, np.asarray(tokens)), hf_logits(model, tokens)) <= REL_TOL
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "qwen2"])  # llama3_rope: as llama's
+def test_greedy_24_tokens_of_english_and_chinese_prompts(imports, case):
+  """Our KV-cache sampler on a left-padded batch of an English and a Chinese prompt against
+  transformers.generate, 24 tokens each."""
   _, model, _, cfg, params = imports(case)
-  rng = np.random.RandomState(2)
-  prompts = [list(rng.randint(1, V, size=n)) for n in (9, 5)]
-  width = max(map(len, prompts))
-  tokens = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)
-  mask = (np.arange(width)[None] >= width - np.array([[len(p)] for p in prompts])).astype(np.int32)
-  generate = make_generate_fn(cfg, 20, (), 0, SamplingParams(greedy=True))
-  out = np.asarray(generate({"params": params}, tokens, mask, jax.random.key(0))["tokens"])
-  for row, prompt in zip(out, prompts):
-    with torch.no_grad():
-      ref = model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert row.tolist() == ref[0, len(prompt):].tolist()
+  prompts = [H.byte_ids("Once upon a t"), H.byte_ids("从前有")]
+  for row, prompt in zip(H.our_greedy(cfg, params, prompts, 24), prompts):
+    assert row == H.hf_greedy(model, prompt, 24)
 
 
 def test_export_then_transformers_load_gives_identical_logits(imported, tmp_path):

@@ -2,10 +2,14 @@
 
   write_gguf(params, model_config, "policy.gguf", tokenizer=tok, dtype="float16")
 
-Architectures: 'llama' (no q/k/v biases) or 'qwen2' (with them), the two that
-`hf_export.hf_config` writes too; a model with Gemma 3 or Qwen3 features (q/k norms, sandwich
-norms, soft-capping, sliding windows, GeGLU) or Llama 3.1 rope scaling is refused with an error
-rather than written as a file llama.cpp would run wrongly.
+Architectures, as `hf_export.hf_family` names the model: 'llama' (no q/k/v biases), 'qwen2'
+(with them), 'qwen3' (q/k norms) and 'gemma3'. Gemma 3 is written as llama.cpp's converter
+writes it (norm weights stored as 1 + w, the sliding window, the soft-caps when set, the query
+scale when it is not head_dim) plus the per-layer sliding-window flags
+(gemma3.attention.sliding_window_pattern, which our importer reads); llama.cpp itself fixes
+Gemma 3's pattern (every 6th layer global) and local rope base (10000), so a model whose local
+rope base differs is refused, and one whose pattern differs runs correctly only where the flags
+are read. Llama 3.1 rope scaling is refused (llama.cpp wants a rope_freqs tensor for it).
 
 Tensors: llama.cpp names (token_embd, blk.N.attn_q, ..., output_norm, output) in `dtype`:
 float32, float16 or bfloat16. No quantised types are written (Q8_0, Q4_K, ...: run llama.cpp's
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -43,33 +49,47 @@ _LAYER = {
     "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
+# Gemma 3's four norms per layer (ffn_norm is then the MLP's input norm).
+_GEMMA3_LAYER = {
+    **_LAYER, "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+_GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's fixed rope base of Gemma 3's local layers
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
            "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
   """llama.cpp's name of an HF tensor name."""
   if hf_name in _GLOBAL:
     return _GLOBAL[hf_name]
   _, _, i, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
-  if rest not in _LAYER:
-    raise ValueError(f"tensor {hf_name} has no GGUF counterpart in the llama/qwen2 layout")
-  return f"blk.{i}.{_LAYER[rest]}"
+  table = _GEMMA3_LAYER if arch == "gemma3" else _LAYER
+  if rest not in table:
+    raise ValueError(f"tensor {hf_name} has no GGUF counterpart in the {arch} layout")
+  return f"blk.{i}.{table[rest]}"
 
 
-def check_exportable(c: ModelConfig) -> None:
-  """ValueError naming what a GGUF 'llama'/'qwen2' file cannot express."""
-  unsupported = [name for name, on in (
-      ("qk_norm", c.qk_norm), ("norm_plus_one", c.norm_plus_one),
-      ("sandwich_norms", c.sandwich_norms), ("embed_scale", c.embed_scale),
-      ("mlp_activation != silu", c.mlp_activation != "silu"),
-      ("attn_softcap", c.attn_softcap), ("final_softcap", c.final_softcap),
-      ("sliding_window", c.sliding_window), ("query_pre_attn_scalar", c.query_pre_attn_scalar),
-      ("rope_scaling=llama3", c.rope_scaling == "llama3")) if on]
-  if unsupported:
-    raise ValueError(f"GGUF export writes llama/qwen2 models only; this model uses "
-                     f"{', '.join(unsupported)}: export it with hf_export (safetensors) instead")
+def gguf_arch(c: ModelConfig) -> str:
+  """The GGUF architecture of the model (module docstring); ValueError for what a GGUF file
+  cannot express."""
+  family = hf_export.hf_family(c)  # refuses mixes no class computes
+  if c.rope_scaling == "llama3":
+    raise ValueError("GGUF export does not write Llama 3.1 rope scaling (rope_scaling=llama3): "
+                     "export it with hf_export (safetensors) instead")
+  if family == "qwen3" and c.local_layers:
+    raise ValueError("GGUF qwen3 files have no sliding-window layers (llama.cpp runs every layer "
+                     "with full attention); this model has local_layers: export it with "
+                     "hf_export (safetensors) instead")
+  if family == "gemma3" and (c.rope_local_theta or c.rope_theta) != _GEMMA3_LOCAL_THETA:
+    raise ValueError(f"GGUF Gemma 3 local layers use rope base {_GEMMA3_LOCAL_THETA:g} in "
+                     f"llama.cpp; this model's rope_local_theta is {c.rope_local_theta:g}: export "
+                     "it with hf_export (safetensors) instead")
+  return family
 
 
 def _architecture(writer, c: ModelConfig, name: str) -> None:
@@ -86,10 +106,27 @@ def _architecture(writer, c: ModelConfig, name: str) -> None:
   writer.add_rope_freq_base(float(c.rope_theta))
   writer.add_layer_norm_rms_eps(float(c.norm_eps))
   writer.add_vocab_size(c.vocab_size)
+  if c.norm_plus_one:
+    _gemma3_keys(writer, c)
   if c.rope_scaling == "linear":
     import gguf
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(float(c.rope_factor))
+
+
+def _gemma3_keys(writer, c: ModelConfig) -> None:
+  arch = "gemma3"
+  local = set(c.local_layers)
+  writer.add_sliding_window(int(c.sliding_window or c.max_len))
+  writer.add_array(f"{arch}.attention.sliding_window_pattern",
+                   [i in local for i in range(c.n_layers)])
+  scalar = c.query_pre_attn_scalar or c.dim_per_head
+  if scalar != c.dim_per_head:
+    writer.add_float32(f"{arch}.attention.scale", float(scalar) ** -0.5)
+  if c.attn_softcap:
+    writer.add_float32(f"{arch}.attn_logit_softcapping", float(c.attn_softcap))
+  if c.final_softcap:
+    writer.add_float32(f"{arch}.final_logit_softcapping", float(c.final_softcap))
 
 
 def gguf_tensors(params, c: ModelConfig, dtype: str, arch: str):
@@ -100,10 +137,12 @@ def gguf_tensors(params, c: ModelConfig, dtype: str, arch: str):
            "bfloat16": gguf.GGMLQuantizationType.BF16}
   heads = {"attn_q.weight": c.n_heads, "attn_k.weight": c.n_kv_heads}
   for hf_name, w in hf_export.hf_tensors(params, "float32"):
-    name = gguf_name(hf_name)
+    name = gguf_name(hf_name, arch)
     kind = name.split(".", 2)[-1]
     if arch == "llama" and kind in heads:  # [H * Dh, D]: rotate-half -> interleaved pairs
       w = w.reshape(heads[kind], 2, -1, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
+    if arch == "gemma3" and name.endswith("norm.weight"):  # llama.cpp's norms multiply by 1 + w
+      w = w + np.float32(1.0)
     if w.ndim == 1 or dtype == "float32":
       yield name, np.ascontiguousarray(w, np.float32), types["float32"]
     elif dtype == "float16":
@@ -120,8 +159,7 @@ def write_gguf(params, model_config: ModelConfig, path: str, *, tokenizer=None,
   if dtype not in GGUF_DTYPES:
     raise ValueError(f"GGUF dtype {dtype!r} is not one of {list(GGUF_DTYPES)} (quantise the "
                      "float16 file with llama.cpp's llama-quantize for Q8_0, Q4_K, ...)")
-  check_exportable(model_config)
-  arch = "qwen2" if model_config.qkv_bias else "llama"
+  arch = gguf_arch(model_config)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   writer = gguf.GGUFWriter(path + ".tmp", arch)
   _architecture(writer, model_config, name)
@@ -151,7 +189,12 @@ def write_tokenizer_metadata(writer, tokenizer) -> None:
     _copy_gguf_tokenizer(writer, GGUFFile(source))
     return
   directory = os.path.dirname(source) if source.endswith(".json") else source
-  _bpe_metadata(writer, tokenizer, os.path.join(directory, "tokenizer.json"))
+  if directory and os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    _bpe_metadata(writer, tokenizer, os.path.join(directory, "tokenizer.json"))
+    return
+  with tempfile.TemporaryDirectory() as tmp:  # a tokenizer built in memory: its own files
+    tokenizer.save(tmp)
+    _bpe_metadata(writer, tokenizer, os.path.join(tmp, "tokenizer.json"))
 
 
 def _sentencepiece_metadata(writer, tok: Tokenizer) -> None:
@@ -223,6 +266,9 @@ def _bpe_metadata(writer, tokenizer, tokenizer_json: str) -> None:
   for token, i in vocab.items():
     tokens[i] = token
   special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+  if model.get("byte_fallback"):
+    _sentencepiece_bpe_metadata(writer, tokenizer, tokens, special, spec)
+    return
   merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
   writer.add_tokenizer_model("gpt2")
   writer.add_tokenizer_pre("default")
@@ -233,6 +279,34 @@ def _bpe_metadata(writer, tokenizer, tokenizer_json: str) -> None:
   writer.add_bos_token_id(tokenizer.bos_id)
   writer.add_eos_token_id(tokenizer.eos_id)
   writer.add_pad_token_id(tokenizer.pad_id)
+  writer.add_chat_template(tokenizer.chat_template)
+
+
+def _sentencepiece_bpe_metadata(writer, tokenizer, tokens, special, spec) -> None:
+  """A SentencePiece-style BPE (U+2581 spaces, <0xNN> byte fallback: Gemma's) as GGUF's 'llama'
+  model. GGUF keeps no merges for it: pieces merge in score order, so each piece's score is
+  minus its id, the order our tokenizer (rlhf_jax.text.hf_tokenizer) ranks its merges in."""
+  import gguf
+  added = {a["id"] for a in spec.get("added_tokens", []) if not a.get("special")}
+  kinds = gguf.TokenType
+  byte_piece = re.compile(r"<0x[0-9A-F]{2}>")
+  types = [kinds.UNKNOWN if i == tokenizer.unk_id else kinds.CONTROL if i in special
+           else kinds.USER_DEFINED if i in added
+           else kinds.BYTE if byte_piece.fullmatch(t) else kinds.NORMAL
+           for i, t in enumerate(tokens)]
+  writer.add_tokenizer_model("llama")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(tokens)
+  writer.add_token_scores([-float(i) for i in range(len(tokens))])
+  writer.add_token_types(types)
+  writer.add_bos_token_id(tokenizer.bos_id)
+  writer.add_eos_token_id(tokenizer.eos_id)
+  writer.add_pad_token_id(tokenizer.pad_id)
+  if tokenizer.unk_id is not None:
+    writer.add_unk_token_id(tokenizer.unk_id)
+  writer.add_add_bos_token(False)
+  writer.add_add_eos_token(False)
+  writer.add_bool("tokenizer.ggml.add_space_prefix", False)
   writer.add_chat_template(tokenizer.chat_template)
 
 

@@ -10,8 +10,9 @@ files `AutoTokenizer` needs, chat template included (rlhf_jax/export/hf_export.p
 `AutoModelForCausalLM`, `AutoTokenizer`, `apply_chat_template` and
 `pipeline("text-generation")` load it as is.
 
-`--gguf` writes one GGUF file (rlhf_jax/export/gguf_export.py) in float32, float16 or bfloat16;
-no quantised types (quantise it with llama.cpp's llama-quantize).
+`--gguf` writes one GGUF file (rlhf_jax/export/gguf_export.py: llama, qwen2, qwen3 or gemma3)
+in float32, float16 or bfloat16; no quantised types (quantise it with llama.cpp's
+llama-quantize).
 
 Bad input fails before any work with a message naming it: a missing run folder, a folder that
 is not a policy run, an unknown dtype.
