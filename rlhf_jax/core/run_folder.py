@@ -39,6 +39,7 @@ import jax
 
 from rlhf_jax.core import checkpoint as ckpt_lib
 from rlhf_jax.models import hf_import, lora, pretrained
+from rlhf_jax.models.heads import trunk_of
 from rlhf_jax.models.transformer import NUMERICS_FIELDS, ModelConfig
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 
@@ -297,8 +298,8 @@ def read_base(run: str):
   except (FileNotFoundError, RunFolderError, ValueError) as e:
     raise RunFolderError(f"LoRA run {root(run)}: its base {source} (step {entry.get('step')}) "
                          f"cannot be read: {e}") from None
-  if entry.get("as"):
-    params = {entry["as"]: params}
+  if entry.get("as") == "trunk":  # a scalar model's trunk: the policy without its lm_head
+    params = {"trunk": trunk_of(params)}
   found = lora.fingerprint(params)
   if found != entry["fingerprint"]:
     raise RunFolderError(f"LoRA run {root(run)} was trained on base {source} (step "

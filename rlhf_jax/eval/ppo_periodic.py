@@ -76,12 +76,15 @@ class Evaluator:
             "kl": np.sum((host["logprobs"] - host["ref"]) * host["mask"], axis=-1),
             "length": host["mask"].sum(-1), "ended": host["ended"]}
 
-  def __call__(self, step: int, policy_params, frozen) -> dict[str, float]:
+  def __call__(self, step: int, policy_params, frozen, sft_params=None) -> dict[str, float]:
+    """sft_params: the SFT policy for the policy's model (default frozen.reference; with
+    LoRA the policy with zero adapters), answered with once and kept."""
     metrics: dict[str, float] = {}
     samples = []
     for lang in self.prompts:
       if lang not in self._sft:
-        self._sft[lang] = self._answers(frozen.reference, frozen, lang)
+        sft = frozen.reference if sft_params is None else sft_params
+        self._sft[lang] = self._answers(sft, frozen, lang)
       sft, new = self._sft[lang], self._answers(policy_params, frozen, lang)
       prefix = f"eval/{lang}/"
       metrics.update({

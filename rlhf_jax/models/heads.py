@@ -43,6 +43,11 @@ class ScalarModel(nn.Module):
     return self.head(hidden)
 
 
+def trunk_of(policy_params) -> dict:
+  """A scalar model's trunk from a policy's params: everything but the vocabulary projection."""
+  return {k: v for k, v in policy_params.items() if k != "lm_head"}
+
+
 def last_token_value(values, mask):
   """Values [B, T] read at the last real token of each row (mask [B, T], right-most 1)."""
   t = mask.shape[1]

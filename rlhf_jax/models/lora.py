@@ -138,6 +138,17 @@ def strip(params) -> dict:
   return split(params, lambda keys: not is_adapter(keys))[0]
 
 
+def zero_adapters(params) -> dict:
+  """The params with every lora_b zeroed: the base's function, for the adapted model (B = 0
+  makes each adapter's output exactly zero). Shares every other array with `params`."""
+  def go(tree):
+    if not isinstance(tree, dict):
+      return tree
+    return {k: (jnp.zeros_like(v) if str(k).endswith("lora_b") else go(v))
+            for k, v in tree.items()}
+  return go(dict(params))
+
+
 def count_adapters(params) -> int:
   """Number of adapter arrays in a tree."""
   leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(params))

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.core import sharding
+from rlhf_jax.models import lora
 from rlhf_jax.eval.ppo_periodic import to_host
 from rlhf_jax.rl import ppo
 from rlhf_jax.train.loop import NonFiniteLossError
@@ -49,6 +50,7 @@ class Iteration:
   rules: Any
   prompt_stream: Any  # for its count of prompts skipped as too long
   last_good: Callable[[], Any]  # the last checkpoint's step (for the NaN message)
+  lora: bool = False  # the state's policy holds adapters; its base is frozen.reference
 
   def __call__(self, state: ppo.PPOState, batch: dict):
     t0 = time.perf_counter()
@@ -56,8 +58,11 @@ class Iteration:
         {"tokens": batch["prompts"]["tokens"], "mask": batch["prompts"]["mask"]},
         self.mesh, self.rules)
     key = jax.random.fold_in(state.key(), 0)
+    policy = state.params["policy"]
+    if self.lora:
+      policy = lora.merge(policy, self.frozen.reference)
     rollout = jax.block_until_ready(self.rollout_fn(
-        {"params": state.params["policy"]}, prompts["tokens"], prompts["mask"], key))
+        {"params": policy}, prompts["tokens"], prompts["mask"], key))
     t1 = time.perf_counter()
     experience, exp_metrics = self.experience_fn(state.params, self.frozen, rollout,
                                                  state.kl_coef)
@@ -74,7 +79,7 @@ class Iteration:
     if "ptx" in batch:
       ptx = sharding.make_global_batch({k: batch["ptx"][k] for k in PTX_KEYS}, self.mesh,
                                        self.rules)
-    state, stats = self.update_fn(state, experience, ptx)
+    state, stats = self.update_fn(state, self.frozen, experience, ptx)
     stats = jax.device_get(stats)
     t3 = time.perf_counter()
     metrics = {k: float(v) for k, v in exp_metrics.items()}

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax.models import losses
+from rlhf_jax.models import lora, losses
 from rlhf_jax.infer import rm_scores as reward
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -148,10 +148,21 @@ class PPOState:
 
 
 class Frozen(NamedTuple):
-  reference: Any  # Transformer params (the SFT policy)
-  reward: Any  # ScalarModel params
+  reference: Any  # Transformer params (the SFT policy); with LoRA also the policy's base
+  reward: Any  # ScalarModel params; with LoRA its trunk is also the critic's base
   reward_gain: Array  # [] float32: normalised score = gain · raw + bias
   reward_bias: Array  # []
+
+
+def full_params(params, frozen: Frozen, models: PPOModels) -> dict:
+  """The state's {'policy', 'critic'} as whole param trees. Without LoRA they are whole already.
+  With LoRA (models/lora.py) the state holds adapters (and the critic's head), and the bases
+  are the frozen models: the policy's is the reference (the SFT params), the critic's trunk is
+  the reward model's (the critic starts from the RM). No weight is stored twice."""
+  if not models.policy.lora_rank:
+    return params
+  return {"policy": lora.merge(params["policy"], frozen.reference),
+          "critic": lora.merge(params["critic"], {"trunk": frozen.reward["trunk"]})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +241,10 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
   """
   mask = rollout.answer_mask  # [B, N]
   temperature = hyper.temperature
-  ref_logprobs = answer_logprobs(frozen.reference, rollout, model_config=models.policy,
+  params = full_params(params, frozen, models)
+  # The reference is the policy's model with its adapters off (the same config without LoRA).
+  ref_logprobs = answer_logprobs(frozen.reference, rollout,
+                                 model_config=lora.base_config(models.policy),
                                  temperature=temperature)
   if hyper.recompute_old_logprobs:
     old_logprobs = answer_logprobs(params["policy"], rollout, model_config=models.policy,
@@ -336,16 +350,19 @@ def _split_minibatches(tree, key: Array, minibatches: int):
 
 def ppo_update(state: PPOState, experience: Experience, ptx_batches: Optional[dict], *,
                models: PPOModels, hyper: PPOHyper, controller: kl.KLController,
-               tx: optax.GradientTransformation) -> tuple[PPOState, dict]:
+               tx: optax.GradientTransformation, frozen: Optional[Frozen] = None
+               ) -> tuple[PPOState, dict]:
   """epochs × minibatches optimizer updates on one batch of experience, in one jit.
 
   ptx_batches: None, or LM batches [minibatches, rows, T] (minibatch i takes row block i in
   every epoch). Returns the new state and per-update stats, each [epochs, minibatches]
   (stats[..][0, 0] is the first minibatch of the first epoch, where the ratio is 1).
   A minibatch whose loss or gradient is not finite is skipped and reported in `finite`.
+  frozen: the frozen models, read only with LoRA (the bases the adapters sit on).
   """
-  grad_fn = jax.value_and_grad(functools.partial(ppo_loss, models=models, hyper=hyper),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p, b, x: ppo_loss(full_params(p, frozen, models), b, x, models=models,
+                               hyper=hyper), has_aux=True)
 
   def minibatch_step(carry, xs):
     params, opt_state, ema = carry

@@ -20,6 +20,7 @@ stream's position. The same command in the same workdir resumes mid-run.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -35,7 +36,7 @@ from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.eval import ppo_periodic as evaluation
 from rlhf_jax.infer.rollout import make_rollout_fn
 from rlhf_jax.infer.sampling import SamplingParams
-from rlhf_jax.models import ModelConfig, ScalarModel, Transformer
+from rlhf_jax.models import ModelConfig, ScalarModel, Transformer, lora
 from rlhf_jax.models.transformer import NUMERICS_FIELDS
 from rlhf_jax.rl import iteration, kl, ppo
 from rlhf_jax.rl.iteration import Iteration, NonFiniteRewardError  # noqa: F401 (re-exported)
@@ -88,7 +89,9 @@ def read_run_model(run: str, kind: str, numerics) -> ModelConfig:
   if found != record_kind:
     raise ValueError(f"{run_folder.root(run)} does not hold a {kind} checkpoint (its record "
                      f"says {found})")
-  return run_folder.model_config(run, **{k: numerics[k] for k in NUMERICS_FIELDS})
+  # A LoRA run opens folded (run_folder.restore_params): its model is the base's shape.
+  return lora.base_config(run_folder.model_config(run, **{k: numerics[k]
+                                                          for k in NUMERICS_FIELDS}))
 
 
 def check_vocab(what: str, where: str, vocab: int, tokenizer) -> None:
@@ -132,7 +135,12 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
     log.warning("no rm_dir: the reward model and the critic start from random params")
     rm_ckpt = None
     reward = policy
-  models = ppo.PPOModels(policy=policy, critic=reward, reward=reward)
+  # config.lora adapts the policy and the critic; the reference and the RM stay their bases.
+  adapters = lora.model_fields(config.get("lora"))
+  if adapters.get("lora_rank") and not sft_ckpt:
+    raise ValueError("lora.rank > 0 needs sft_dir: the frozen policy the adapters train on")
+  models = ppo.PPOModels(policy=dataclasses.replace(policy, **adapters),
+                         critic=dataclasses.replace(reward, **adapters), reward=reward)
   return models, {"sft": sft_ckpt, "rm": rm_ckpt, "gain": gain, "bias": bias}
 
 
@@ -158,11 +166,15 @@ def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, r
     inputs = (tokens, tokens, jnp.ones_like(tokens))
     policy = Transformer(models.policy).init(k_policy, *inputs)["params"]
     critic = ScalarModel(models.critic).init(k_reward, *inputs)["params"]
+    if models.policy.lora_rank:  # adapters (and the critic's head) train; the bases are frozen
+      (policy, base), (critic, _) = lora.split(policy), lora.split(critic)
+    else:
+      base = policy
     params = {"policy": policy, "critic": critic}
     state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
                          opt_state=tx.init(params), ema=None, kl_coef=controller.initial(),
                          rng=jax.random.key_data(k_state))
-    frozen = ppo.Frozen(reference=policy,
+    frozen = ppo.Frozen(reference=base,
                         reward=ScalarModel(models.reward).init(k_reward, *inputs)["params"],
                         reward_gain=jnp.ones((), jnp.float32),
                         reward_bias=jnp.zeros((), jnp.float32))
@@ -215,8 +227,17 @@ def load_frozen(frozen: ppo.Frozen, sources: dict) -> ppo.Frozen:
 
 def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sources: dict,
                    hyper: ppo.PPOHyper) -> ppo.PPOState:
-  """The SFT params into the policy, the RM (normalisation folded in) into the critic."""
+  """The SFT params into the policy, the RM (normalisation folded in) into the critic. With
+  LoRA the adapters start at zero and only the critic's head comes from the RM (its trunk is
+  the frozen RM's own)."""
   params = state.params
+  if lora.count_adapters(params["policy"]):
+    head = jax.jit(fold_normalization, out_shardings=state_shardings.params["critic"])(
+        {**params["critic"], "head": frozen.reward["head"]}, frozen.reward_gain,
+        frozen.reward_bias)
+    return state.replace(params={**params, "critic": head},
+                         ema=copy_tree(params["policy"], state_shardings.params["policy"])
+                         if hyper.ema_decay else None)
   if sources["sft"]:
     params = {**params, "policy": run_folder.restore_params(sources["sft"], params["policy"])}
   if sources["rm"]:
@@ -272,7 +293,8 @@ def make_evaluator(config, tokenizer, langs, models, workdir, mesh, rules):
       rollout_fn=make_rollout_fn(models.policy, config.eval.max_new_tokens,
                                  tuple(tokenizer.stop_ids()), tokenizer.pad_id, eval_sampling),
       proxy_fn=cached_jit(ppo.reward_model_scores, model_config=models.reward),
-      ref_logprobs_fn=cached_jit(ppo.answer_logprobs, model_config=models.policy,
+      ref_logprobs_fn=cached_jit(ppo.answer_logprobs,
+                                 model_config=lora.base_config(models.policy),
                                  temperature=eval_sampling.temperature),
       samples_dir=os.path.join(workdir, "samples"), seed=config.seed + 1,
       place=functools.partial(place_rows, mesh=mesh, rules=rules))
@@ -302,12 +324,12 @@ def _update_fn(models, hyper, controller, tx, shardings_key):
   treedef, leaves = shardings_key
   state_shardings = jax.tree.unflatten(treedef, leaves)
 
-  def update(state, experience, ptx):
+  def update(state, frozen, experience, ptx):
     ptx = split_ptx(ptx, hyper.minibatches) if ptx is not None else None
     return ppo.ppo_update(state, experience, ptx, models=models, hyper=hyper,
-                          controller=controller, tx=tx)
+                          controller=controller, tx=tx, frozen=frozen)
 
-  return jax.jit(update, in_shardings=(state_shardings, None, None),
+  return jax.jit(update, in_shardings=(state_shardings, None, None, None),
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
@@ -349,7 +371,11 @@ def make_evaluations(config, tokenizer, langs, models, frozen, workdir, mesh, ru
 
   def evaluate(step, policy):
     t0 = time.perf_counter()
-    metrics = evaluator(step, policy, frozen)
+    sft = frozen.reference
+    if models.policy.lora_rank:  # the adapters on their base; SFT is the base, adapters off
+      policy = lora.merge(policy, frozen.reference)
+      sft = lora.zero_adapters(policy)
+    metrics = evaluator(step, policy, frozen, sft_params=sft)
     return {**metrics, "time/eval": time.perf_counter() - t0}
 
   return [Evaluation(evaluate, config.eval.every)]
@@ -374,10 +400,12 @@ def train(config, workdir: str) -> dict:
       models, tx, controller, sources["gain"], sources["bias"], mesh, rules, config.seed)
   prompt_stream = make_prompt_stream(config, tokenizer, langs)
   data = Composite(prompts=prompt_stream, ptx=make_ptx_iterator(config, tokenizer))
-  run_folder.write_record(workdir, model_config=models.policy, tokenizer=tokenizer,
-                          kind="policy")
-  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   frozen = load_frozen(frozen, sources)
+  extra = ({"base": run_folder.base_identity(sources["sft"], frozen.reference)}
+           if models.policy.lora_rank else {})
+  run_folder.write_record(workdir, model_config=models.policy, tokenizer=tokenizer,
+                          kind="policy", extra=extra)
+  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   # The EMA slot only gives a restore its shapes and shardings.
   target = state.replace(ema=state.params["policy"] if hyper.ema_decay else None)
   state, start = resume(ckpt, target, data)
@@ -390,7 +418,7 @@ def train(config, workdir: str) -> dict:
     rollout_fn, experience_fn, update_fn = make_step_fns(models, hyper, controller, tx,
                                                          tokenizer, config, state_shardings)
     step = Iteration(rollout_fn, experience_fn, update_fn, frozen, mesh, rules, prompt_stream,
-                     last_good=ckpt.latest_step)
+                     last_good=ckpt.latest_step, lora=bool(models.policy.lora_rank))
     evaluations = make_evaluations(config, tokenizer, langs, models, frozen, workdir, mesh,
                                    rules)
     _, last = run_train_loop(config, workdir, state, step, data, ckpt, total=total,

@@ -49,7 +49,7 @@ import optax
 from rlhf_jax.core import checkpoint as ckpt_lib
 from rlhf_jax.core import run_folder
 from rlhf_jax.infer import logprobs as logprobs_lib
-from rlhf_jax.models import losses
+from rlhf_jax.models import lora, losses
 from rlhf_jax.core import optim, sharding
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.train import lm as lm_trainer
@@ -60,7 +60,7 @@ from rlhf_jax.data.preference_batches import ROW_KEYS, flat_rows
 from rlhf_jax.eval.held_out import PreferenceHeldOut
 from rlhf_jax.train.loop import Evaluation, resume, run_train_loop
 from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
-                                  init_params_fn, param_count, setup_mesh)
+                                  init_params_fn, load_lora_base, param_count, setup_mesh)
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,13 @@ def concat_rows(a, b) -> dict:
   return {k: jnp.concatenate([a[k], b[k]], axis=0) for k in ROW_KEYS}
 
 
-def preference_loss(params, reference, batch, *, model_config, objective: Objective):
-  """(loss, (metrics, tokens)) of one batch; `reference` gets no gradient."""
+def preference_loss(params, reference, batch, *, model_config, objective: Objective,
+                    reference_config=None):
+  """(loss, (metrics, tokens)) of one batch; `reference` gets no gradient. reference_config:
+  the reference's model when it differs from the policy's (LoRA: the base, adapters off)."""
   logp = functools.partial(logprobs_lib.sequence_logprobs, model_config=model_config)
+  ref_logp = functools.partial(logprobs_lib.sequence_logprobs,
+                               model_config=reference_config or model_config)
   rows = flat_rows(batch)
   valid = batch["valid"]
   if objective.kind == "kto":
@@ -137,7 +141,7 @@ def preference_loss(params, reference, batch, *, model_config, objective: Object
     kl_rows = logprobs_lib.mismatched_rows(rows, n_answer)
     b = valid.shape[0]
     ref_all = jax.lax.stop_gradient(
-        logp(reference, *logprobs_lib.row_args(concat_rows(rows, kl_rows))))  # [2B]
+        ref_logp(reference, *logprobs_lib.row_args(concat_rows(rows, kl_rows))))  # [2B]
     kl_policy = jax.lax.stop_gradient(logp(params, *logprobs_lib.row_args(kl_rows)))  # [B]
     policy = logp(params, *logprobs_lib.row_args(rows))  # [B]
     loss, metrics = losses.kto_loss(
@@ -146,7 +150,7 @@ def preference_loss(params, reference, batch, *, model_config, objective: Object
         undesirable_weight=objective.undesirable_weight,
         kl_mask=valid * jnp.roll(valid, -1))
   else:
-    ref = jax.lax.stop_gradient(logp(reference, *logprobs_lib.row_args(rows))).reshape(-1, 2)
+    ref = jax.lax.stop_gradient(ref_logp(reference, *logprobs_lib.row_args(rows))).reshape(-1, 2)
     policy = logp(params, *logprobs_lib.row_args(rows)).reshape(-1, 2)  # [B, 2]
     loss, metrics = losses.dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], valid,
                                     beta=objective.beta,
@@ -157,9 +161,15 @@ def preference_loss(params, reference, batch, *, model_config, objective: Object
 def train_step(state: TrainState, reference, batch, *, model_config, tx, schedule,
                objective: Objective):
   """One optimizer update. A batch with no real element (the data spent) or a non-finite loss
-  leaves the params and optimizer state as they were, apart from the step counter."""
+  leaves the params and optimizer state as they were, apart from the step counter.
+
+  reference None (LoRA): the reference is the state's frozen base with the adapters off."""
+  ref_config = None
+  if reference is None:
+    reference, ref_config = state.frozen, lora.base_config(model_config)
   grad_fn = jax.value_and_grad(
-      functools.partial(preference_loss, model_config=model_config, objective=objective),
+      lambda p, r, b: preference_loss(state.full_params(p), r, b, model_config=model_config,
+                                      objective=objective, reference_config=ref_config),
       has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, reference, batch)
   grad_norm = optax.global_norm(grads)
@@ -288,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
            data_cfg.split, total_steps, data_cfg.batch_size)
   schedule = optim.make_schedule(config.optim, total_steps)
   tx = optim.make_optimizer(config.optim, total_steps)
-  state, state_shardings, reference = starting_state(config, model, tx, mesh, rules)
+  state, state_shardings, reference, extra = starting_state(config, model, tx, mesh, rules)
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
 
   encoder = pref_inputs.PreferenceEncoder(tokenizer, kind=kind,
@@ -298,20 +308,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data, encoder, batch_size=data_cfg.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_epochs=None if config.train.steps else data_cfg.epochs)
-  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="policy")
+  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="policy",
+                          extra=extra)
   ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   state, _ = resume(ckpt, state, data_iter)
 
   held_out = make_held_out(config, tokenizer, objective, model_config, mesh, rules,
-                           state_shardings.params)
-  initial = initial_metrics(workdir, held_out, reference, objective, int(state.step))
-  evaluations = [] if held_out is None else [Evaluation(held_out.bind(reference),
+                           state_shardings.eval_params())
+  # LoRA: the evaluator's reference is the base with zero adapters, for the policy's model; its
+  # log-probs are computed once, here, before the first step donates these buffers.
+  eval_reference = reference if reference is not None else lora.zero_adapters(
+      state.eval_params())
+  initial = initial_metrics(workdir, held_out, eval_reference, objective, int(state.step))
+  evaluations = [] if held_out is None else [Evaluation(held_out.bind(eval_reference),
                                                         config.eval.every)]
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
                      for k, v in encoder.empty(1).items() if k in BATCH_KEYS}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = make_jitted_step(model_config, tx, schedule, objective, state_shardings,
-                              state_shardings.params, batch_shardings)
+                              None if reference is None else state_shardings.params,
+                              batch_shardings)
     _, last = run_train_loop(
         config, workdir, state, lambda current, batch: jitted(current, reference, batch),
         data_iter, ckpt, functools.partial(make_batch, mesh=mesh, rules=rules),
@@ -340,22 +356,30 @@ def preference_data(config):
 
 
 def starting_state(config, model, tx, mesh, rules):
-  """(state, its shardings, the frozen reference). The reference is the starting policy,
+  """(state, its shardings, the frozen reference, the record's extra fields). The reference is the starting policy,
   whatever step a resumed run is at; the policy and its optimizer state are built from it (a
-  random init would only be thrown away)."""
+  random init would only be thrown away).
+
+  With LoRA the reference is None: the step reads the state's frozen base (adapters off)."""
   data_cfg = config.data
   init_fn = init_params_fn(model, data_cfg.max_prompt_len + data_cfg.max_answer_len)
+  if model.config.lora_rank:
+    state, state_shardings = create_train_state(init_fn, tx, mesh, rules, config.seed,
+                                                split_lora=True)
+    state, extra = load_lora_base(state, config.init_from)
+    return state, state_shardings, None, extra
   if not config.init_from:
     log.warning("no init_from: the policy and the reference start from random params")
     state, state_shardings = create_train_state(init_fn, tx, mesh, rules, config.seed)
-    return state, state_shardings, copy_tree(state.params, state_shardings.params)
+    return state, state_shardings, copy_tree(state.params, state_shardings.params), {}
   check_init_shapes(config.init_from, jax.eval_shape(init_fn, jax.random.key(0)))
   state_shardings = train_state_shardings(init_fn, tx, mesh, rules)
   like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       nn.unbox(jax.eval_shape(init_fn, jax.random.key(0))),
                       state_shardings.params)
   reference = run_folder.restore_params(config.init_from, like)
-  return state_from_params(reference, tx, state_shardings, config.seed), state_shardings, reference
+  return (state_from_params(reference, tx, state_shardings, config.seed), state_shardings,
+          reference, {})
 
 
 def make_held_out(config, tokenizer, objective, model_config, mesh, rules, param_shardings):

@@ -33,15 +33,15 @@ from rlhf_jax.core import run_folder
 from rlhf_jax.core.langs import LANGS
 from rlhf_jax.models import losses
 from rlhf_jax.core import optim, sharding
-from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.models.heads import ScalarModel
+from rlhf_jax.models import ModelConfig, Transformer, lora
+from rlhf_jax.models.heads import ScalarModel, trunk_of
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.data import rm_batches as rm_inputs
 from rlhf_jax.data.pipeline import load_source
 from rlhf_jax.eval.held_out import RewardModelHeldOut
 from rlhf_jax.infer.rm_scores import NORMALIZATION_FILE, comparison_scores
 from rlhf_jax.train.loop import Evaluation, resume, run_train_loop
-from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
+from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state, load_lora_base,
                                   init_params_fn, param_count, setup_mesh,
                                   split_microbatches)
 from rlhf_jax.infer import answers as respond
@@ -128,8 +128,10 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
   end_on_average_at > 0 (with `optim.param_ema` in `tx`): the step that brings the counter to
   this number returns the params' moving average instead of the last iterate, so the run's
   final checkpoint, its held-out metrics and its normalisation are all the average's."""
+  # With LoRA, `state.params` are the adapters and the head; the trunk's base comes in frozen.
   grad_fn = jax.value_and_grad(
-      functools.partial(rm_loss, model=model, kind=kind, reduction=reduction), has_aux=True)
+      lambda p, b: rm_loss(state.full_params(p), b, model=model, kind=kind, reduction=reduction),
+      has_aux=True)
   if grad_accum == 1:
     (loss_sum, (count, scores)), grads = grad_fn(state.params, batch)
   else:
@@ -178,7 +180,8 @@ def make_jitted_step(model, tx, schedule, kind, reduction, grad_accum, state_sha
 
 def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   fields = {k: v for k, v in config.model.to_dict().items() if k != "size"}
-  return ModelConfig(**{**fields, "vocab_size": vocab_size})
+  return ModelConfig(**{**fields, "vocab_size": vocab_size,
+                        **lora.model_fields(config.get("lora"))})
 
 
 def _abstract_policy_params(model_config: ModelConfig, mesh, rules, seq_len: int):
@@ -202,9 +205,6 @@ def restore_policy(init_from: str, model_config: ModelConfig, mesh, rules, seq_l
   return run_folder.restore_params(init_from, like)
 
 
-def trunk_of(policy_params) -> dict:
-  """The RM trunk from a policy's params: everything but the vocabulary projection."""
-  return {k: v for k, v in policy_params.items() if k != "lm_head"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,16 +308,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if ema_decay:
     tx = optax.chain(tx, optim.param_ema(ema_decay))
   state, state_shardings = create_train_state(init_params_fn(model, data.seq_len), tx, mesh,
-                                              rules, config.seed)
+                                              rules, config.seed,
+                                              split_lora=bool(model_config.lora_rank))
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
-  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="scalar")
+  # LoRA: the SFT policy's trunk is the frozen base; the adapters and the head train.
+  state, record_extra = load_lora_base(
+      state, config.init_from, placed_as="trunk",
+      base_of=lambda source, like: {"trunk": trunk_of(restore_policy(
+          source, lora.base_config(model_config), mesh, rules, data.seq_len))})
+  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="scalar",
+                          extra=record_extra)
   ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   state, start = resume(ckpt, state, data_iter)
-  if start is None and config.init_from:
+  if start is None and config.init_from and state.frozen is None:
     state = state.replace(params=init_from_sft(config, state.params, model_config, mesh, rules))
   start = int(state.step)
   evaluations = held_out_evaluations(config, tokenizer, model, mesh, rules,
-                                     state_shardings.params)
+                                     state_shardings.eval_params())
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
                      for k, v in data_iter.encoder.empty(1).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -337,8 +344,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   already = start == total_steps and os.path.exists(os.path.join(workdir, NORMALIZATION_FILE))
   if finished and config.normalize.enabled and not already:
     # Outside the logical-rules scope: restoring the policy unboxes abstract params there.
-    norm = run_normalization(config, workdir, final_state.params, model_config, tokenizer,
-                             mesh, rules)
+    norm = run_normalization(config, workdir, final_state.eval_params(), model_config,
+                             tokenizer, mesh, rules)
     last = {**last, **{f"normalize/{k}": float(v) for k, v in norm.items()}}
   return {**last, **{f"data/{k}": float(v) for k, v in stats.items()}}
 
