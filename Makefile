@@ -9,7 +9,7 @@ WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup setup-demo demo test test-fast bench peers clean
+.PHONY: setup setup-demo demo test test-all test-fast bench peers clean
 
 # What the recipe itself needs: the package and its data sources (no torch, no browser).
 setup-demo: $(DEMO_STAMP)
@@ -42,13 +42,18 @@ $(STAMP): $(DEMO_STAMP)
 demo: setup-demo
 	$(PY) -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py --workdir=$(WORKDIR) $(DEMO_ARGS)
 
-# The whole suite, slow end-to-end tests included (CI runs exactly this).
+# The suite CI runs (under 15 minutes on 2 cores): everything but the tests marked heavy.
 test: setup
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not heavy" $(PYTEST_ARGS) tests
+
+# Everything, the heavy tests too: two processes as one multi-host run, the quickstart notebook
+# in a kernel, a sweep of whole pipelines.
+test-all: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests
 
 # Everything but the tests marked slow.
 test-fast: setup
-	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS) tests
 
 # Every benchmark in benchmarks/, each printing one JSON object and a Markdown table; the
 # peer comparison (TRL, torch) needs `make peers` first and is skipped without it.

@@ -23,6 +23,18 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests (run in CI too)")
+  config.addinivalue_line(
+      "markers", "heavy: minutes each (several processes, the notebook kernel, a sweep of whole "
+      "pipelines): `make test-all` runs them, `make test` (CI) leaves them out")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Every test without an xdist group runs in its module's group: under `--dist loadgroup`
+  a module's tests share one worker, so a module-scoped fixture (a real model loaded, datasets
+  prepared, a tiny run trained) is built once per session, not once per worker."""
+  for item in items:
+    if item.get_closest_marker("xdist_group") is None:
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 import contextlib  # noqa: E402

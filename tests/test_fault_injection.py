@@ -210,6 +210,7 @@ def test_kill_plan_is_seeded_and_bounded():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ten restarts of the pipeline: ~4 minutes on top of the shared fixture
 @pytest.mark.xdist_group("pipeline")
 def test_sigkill_in_every_stage_then_resume_equals_the_uninterrupted_run(
     tiny_pipeline_workdir, tmp_path, bundled_data_dir, bundled_tokenizer):

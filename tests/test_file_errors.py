@@ -114,8 +114,6 @@ def test_bad_content_names_the_file_and_line(reader, name, content, line, what, 
   assert not isinstance(caught.value, (json.JSONDecodeError, UnicodeDecodeError))
 
 
-@pytest.mark.xfail(strict=True, reason="infer/rm_scores.read_normalization reads with a bare "
-                                       "json.load; infer/ is outside this change")
 def test_a_garbled_rm_normalization_names_its_file(tmp_path):
   from rlhf_jax.infer import rm_scores
   (tmp_path / rm_scores.NORMALIZATION_FILE).write_text("{")

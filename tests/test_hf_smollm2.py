@@ -91,7 +91,7 @@ def _ours(path: str):
   return model_config, params, HFTokenizer.load(path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def gguf_path():
   try:
     return pretrained.smollm2_135m_path()
@@ -99,12 +99,12 @@ def gguf_path():
     pytest.skip(str(e))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ours(gguf_path):
   return _ours(gguf_path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def reference(gguf_path, tmp_path_factory):
   # getbasetemp().parent is the one directory all xdist workers of a session share.
   return _reference(gguf_path, str(tmp_path_factory.getbasetemp().parent))

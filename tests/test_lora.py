@@ -142,8 +142,8 @@ def test_fingerprint_names_a_changed_base():
   same = jax.tree.map(lambda x: x + 0, params)
   assert lora.fingerprint(params) == lora.fingerprint(same)
   changed = jax.tree.map(lambda x: x, params)
-  changed["layer_0"]["mlp"]["up"]["kernel"] = params["layer_0"]["mlp"]["up"]["kernel"].at[0, 0].add(
-      1e-3)
+  up = params["layer_0"]["mlp"]["up"]["kernel"]
+  changed["layer_0"]["mlp"]["up"]["kernel"] = up.at[0, 0].add(1e-3)
   assert lora.fingerprint(params) != lora.fingerprint(changed)
 
 

@@ -149,3 +149,25 @@ def test_a_later_full_stage_starts_from_the_folded_lora_run(base_run, tmp_path):
   want, got = flat_params(folded), flat_params(restored)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_merged_export_loads_in_transformers_with_the_unmerged_logits(base_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from rlhf_jax.export import hf_export
+  run = str(tmp_path / "lora")
+  lm.train(_lora_config(base_run, steps=2), run)
+  folded, config = run_folder.load_policy(run)
+  out = hf_export.export_pretrained(folded, config, str(tmp_path / "hf"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+
+  saved = ckpt_lib.read_params(run_folder.checkpoint_dir(run))
+  base = ckpt_lib.read_params(run_folder.checkpoint_dir(base_run))
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16))
+  positions = np.broadcast_to(np.arange(16), (2, 16))
+  unmerged = np.asarray(Transformer(run_folder.model_config(run)).apply(
+      {"params": lora.merge(saved, base)}, tokens, positions, np.ones((2, 16), np.int32))[0])
+  with torch.no_grad():
+    theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+  scale = float(np.max(np.abs(unmerged)))
+  assert float(np.max(np.abs(theirs - unmerged))) <= 1e-4 * scale

@@ -34,6 +34,7 @@ def _params(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_match_one(tmp_path):
   single = str(tmp_path / "single")
   subprocess.run([sys.executable, "-m", "rlhf_jax.main", *ARGS, f"--workdir={single}"],

@@ -32,6 +32,7 @@ def _outputs(nb, output_type=None):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_quickstart_notebook_runs_and_shows_the_report(tmp_path, monkeypatch,
                                                        tiny_pipeline_workdir, bundled_data_dir):
   import nbformat

@@ -378,6 +378,7 @@ def get_sweep():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_tiny_sweep_on_the_real_pipeline(tmp_path, tiny_pipeline_workdir, bundled_data_dir,
                                          bundled_tokenizer):
   """Two PPO runs (2 iterations each, as the smoke preset has) on the shared tiny pipeline: one

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.core import metrics as metrics_lib
 from rlhf_jax.models.heads import ScalarModel, last_token_value
 from rlhf_jax.models.transformer import ModelConfig
 from rlhf_jax.core import run_folder
@@ -79,8 +80,7 @@ def read_normalization(workdir: str) -> dict:
         f"no {NORMALIZATION_FILE} in {workdir}: the RM run did not finish its normalisation "
         "step. Run the same reward command again in that workdir (it resumes and normalises), "
         "or pass require_normalization=False to get raw scores (gain 1, bias 0).")
-  with open(path) as f:
-    return json.load(f)
+  return metrics_lib.read_json(path)  # a bad file is an error naming it
 
 
 # ---------------------------------------------------------------------------------------------

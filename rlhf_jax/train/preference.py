@@ -313,15 +313,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
   state, _ = resume(ckpt, state, data_iter)
 
-  held_out = make_held_out(config, tokenizer, objective, model_config, mesh, rules,
-                           state_shardings.eval_params())
-  # LoRA: the evaluator's reference is the base with zero adapters, for the policy's model; its
-  # log-probs are computed once, here, before the first step donates these buffers.
-  eval_reference = reference if reference is not None else lora.zero_adapters(
-      state.eval_params())
-  initial = initial_metrics(workdir, held_out, eval_reference, objective, int(state.step))
-  evaluations = [] if held_out is None else [Evaluation(held_out.bind(eval_reference),
-                                                        config.eval.every)]
+  held_out, initial, evaluations = held_out_setup(config, workdir, tokenizer, objective,
+                                                  model_config, state, state_shardings,
+                                                  reference, mesh, rules)
   batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
                      for k, v in encoder.empty(1).items() if k in BATCH_KEYS}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -356,9 +350,9 @@ def preference_data(config):
 
 
 def starting_state(config, model, tx, mesh, rules):
-  """(state, its shardings, the frozen reference, the record's extra fields). The reference is the starting policy,
-  whatever step a resumed run is at; the policy and its optimizer state are built from it (a
-  random init would only be thrown away).
+  """(state, its shardings, the frozen reference, the record's extra fields). The reference is
+  the starting policy, whatever step a resumed run is at; the policy and its optimizer state are
+  built from it (a random init would only be thrown away).
 
   With LoRA the reference is None: the step reads the state's frozen base (adapters off)."""
   data_cfg = config.data
@@ -380,6 +374,22 @@ def starting_state(config, model, tx, mesh, rules):
   reference = run_folder.restore_params(config.init_from, like)
   return (state_from_params(reference, tx, state_shardings, config.seed), state_shardings,
           reference, {})
+
+
+def held_out_setup(config, workdir, tokenizer, objective, model_config, state, state_shardings,
+                   reference, mesh, rules):
+  """(the held-out evaluator or None, its metrics before training, the loop's evaluations).
+  With LoRA (reference None) the evaluator's reference is the base with zero adapters, for the
+  policy's model; its log-probs are computed once, here, before the first step donates these
+  buffers."""
+  held_out = make_held_out(config, tokenizer, objective, model_config, mesh, rules,
+                           state_shardings.eval_params())
+  eval_reference = reference if reference is not None else lora.zero_adapters(
+      state.eval_params())
+  initial = initial_metrics(workdir, held_out, eval_reference, objective, int(state.step))
+  evaluations = [] if held_out is None else [Evaluation(held_out.bind(eval_reference),
+                                                        config.eval.every)]
+  return held_out, initial, evaluations
 
 
 def make_held_out(config, tokenizer, objective, model_config, mesh, rules, param_shardings):

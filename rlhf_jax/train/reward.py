@@ -307,21 +307,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ema_decay = config.optim.get("ema_decay", 0.0)
   if ema_decay:
     tx = optax.chain(tx, optim.param_ema(ema_decay))
-  state, state_shardings = create_train_state(init_params_fn(model, data.seq_len), tx, mesh,
-                                              rules, config.seed,
-                                              split_lora=bool(model_config.lora_rank))
-  log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
-  # LoRA: the SFT policy's trunk is the frozen base; the adapters and the head train.
-  state, record_extra = load_lora_base(
-      state, config.init_from, placed_as="trunk",
-      base_of=lambda source, like: {"trunk": trunk_of(restore_policy(
-          source, lora.base_config(model_config), mesh, rules, data.seq_len))})
-  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="scalar",
-                          extra=record_extra)
-  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
-  state, start = resume(ckpt, state, data_iter)
-  if start is None and config.init_from and state.frozen is None:
-    state = state.replace(params=init_from_sft(config, state.params, model_config, mesh, rules))
+  state, state_shardings, ckpt = starting_state(config, workdir, model, tx, tokenizer, data_iter,
+                                                mesh, rules)
   start = int(state.step)
   evaluations = held_out_evaluations(config, tokenizer, model, mesh, rules,
                                      state_shardings.eval_params())
@@ -348,6 +335,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              tokenizer, mesh, rules)
     last = {**last, **{f"normalize/{k}": float(v) for k, v in norm.items()}}
   return {**last, **{f"data/{k}": float(v) for k, v in stats.items()}}
+
+
+def starting_state(config, workdir, model, tx, tokenizer, data_iter, mesh, rules):
+  """(state, its shardings, the checkpointer): resumed, or started from the SFT policy's
+  trunk. With LoRA that trunk is the frozen base and only the adapters and the head train."""
+  model_config, seq_len = model.config, config.data.seq_len
+  state, state_shardings = create_train_state(init_params_fn(model, seq_len), tx, mesh, rules,
+                                              config.seed, split_lora=bool(model_config.lora_rank))
+  log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
+  state, record_extra = load_lora_base(
+      state, config.init_from, placed_as="trunk",
+      base_of=lambda source, like: {"trunk": trunk_of(restore_policy(
+          source, lora.base_config(model_config), mesh, rules, seq_len))})
+  run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="scalar",
+                          extra=record_extra)
+  ckpt = run_folder.checkpointer(workdir, max_to_keep=config.train.max_to_keep)
+  state, start = resume(ckpt, state, data_iter)
+  if start is None and config.init_from and state.frozen is None:
+    state = state.replace(params=init_from_sft(config, state.params, model_config, mesh, rules))
+  return state, state_shardings, ckpt
 
 
 def make_comparison_batches(config, tokenizer, unit: str, loss_name: str):
