@@ -260,3 +260,75 @@ def test_bfloat16_compute_matches_the_mixed_precision_projection():
   for g, w in zip(jax.grad(parts, argnums=(0, 1))(hidden, kernel),
                   jax.grad(whole, argnums=(0, 1))(hidden, kernel)):
     _close(g, w, 1e-5)
+
+
+# ------------------------------------------------------------------- wired into SFT and PPO
+
+
+def _close_trees(a, b, rel=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert np.max(np.abs(x - y)) <= rel * max(np.max(np.abs(y)), 1e-12)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sft_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary(tied):
+  """train/lm.lm_loss with ModelConfig.vocab_chunk = 48 (not a divisor of the 128 words)
+  against vocab_chunk = 0 (the whole logits): summed loss, count and every gradient."""
+  import dataclasses
+  from rlhf_jax.train import lm
+  whole = dataclasses.replace(model_config("tiny", vocab_size=128), tie_embeddings=tied)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 128, (4, 17))
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "positions": np.broadcast_to(np.arange(16), (4, 16)),
+           "segment_ids": np.ones((4, 16), np.int32),
+           "loss_mask": (rng.random((4, 16)) > 0.3).astype(np.float32)}
+  params = nn.unbox(Transformer(whole).init(jax.random.key(0), batch["inputs"],
+                                            batch["positions"], batch["segment_ids"])["params"])
+  out = {}
+  for chunk in (0, 48):
+    model = Transformer(dataclasses.replace(whole, vocab_chunk=chunk))
+    (loss, count), grads = jax.value_and_grad(lambda p: lm.lm_loss(p, batch, model),
+                                              has_aux=True)(params)
+    out[chunk] = (loss, count, grads)
+  assert float(out[0][1]) == float(out[48][1])
+  np.testing.assert_allclose(float(out[48][0]), float(out[0][0]), rtol=1e-6)
+  _close_trees(out[48][2], out[0][2])
+
+
+def test_ppo_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary():
+  """rl/ppo.ppo_loss (log-probs, entropy with its gradient, the ptx term) at vocab_chunk 40
+  against 0 on one random minibatch."""
+  import dataclasses
+  import ppo_setup as S
+  from rlhf_jax.infer import rollout as rollout_lib
+  from rlhf_jax.infer.sampling import SamplingParams
+  from rlhf_jax.rl import ppo
+  hyper = ppo.PPOHyper(temperature=0.7, ent_coef=0.01, ptx_coef=0.5)
+  params = {"policy": S.policy_params(0), "critic": S.scalar_params(1)}
+  tokens, mask = S.prompts(4, seed=3)
+  ro = rollout_lib.make_rollout_fn(S.CFG, 6, (), S.PAD, SamplingParams(temperature=0.7))(
+      {"params": params["policy"]}, tokens, mask, jax.random.key(0))
+  n = ro.answer_mask.shape[1]
+  rng = np.random.default_rng(1)
+  exp = ppo.Experience(rollout=ro, old_logprobs=jnp.asarray(ro.logprobs),
+                       old_values=jnp.zeros((4, n)), advantages=jnp.asarray(rng.normal(size=(4, n)),
+                                                                            jnp.float32),
+                       returns=jnp.asarray(rng.normal(size=(4, n)), jnp.float32),
+                       scores=jnp.zeros(4), kl=jnp.zeros(4))
+  ptx_tokens = rng.integers(0, S.V, (2, 9))
+  ptx = {"inputs": ptx_tokens[:, :-1], "targets": ptx_tokens[:, 1:],
+         "positions": np.broadcast_to(np.arange(8), (2, 8)),
+         "segment_ids": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32)}
+  out = {}
+  for chunk in (0, 40):
+    cfg = dataclasses.replace(S.CFG, vocab_chunk=chunk)
+    models = ppo.PPOModels(policy=cfg, critic=S.CFG, reward=S.CFG)
+    (loss, stats), grads = jax.value_and_grad(
+        lambda p: ppo.ppo_loss(p, exp, ptx, models=models, hyper=hyper), has_aux=True)(params)
+    out[chunk] = (loss, stats, grads)
+  np.testing.assert_allclose(float(out[40][0]), float(out[0][0]), rtol=1e-5)
+  for key in ("ppo/policy/entropy", "ppo/loss/ptx", "ppo/loss/policy"):
+    np.testing.assert_allclose(float(out[40][1][key]), float(out[0][1][key]), rtol=1e-5)
+  _close_trees(out[40][2], out[0][2], rel=1e-4)

@@ -70,7 +70,7 @@ def model_section(size: str, **overrides) -> ml_collections.ConfigDict:
                      + (f"; did you mean {close[0]!r}?" if close else ""))
   fields = dict(size=size, vocab_size=8192, n_kv_heads=SIZES[size]["n_heads"], head_dim=0,
                 rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, qkv_bias=False,
-                dtype="float32", remat=False, scan_layers=False)
+                dtype="float32", remat=False, scan_layers=False, vocab_chunk=0)
   fields.update(SIZES[size])
   fields.update(overrides)
   # dtype may also be "auto" (bfloat16 where it measures faster): the trainer resolves it with
@@ -98,8 +98,11 @@ def pretrained_model_section(model: str, path: str = "", dtype: str = "float32")
     name = os.path.basename(model.rstrip("/"))
   fields = {**_PRETRAINED_DEFAULTS, **fields}
   # Scanned layers compile once per model, not once per layer (30 layers for SmolLM2).
-  section = ml_collections.ConfigDict(dict(size=name, **fields, dtype=dtype,
-                                           remat=fields["d_model"] >= 1024, scan_layers=True))
+  # Big vocabularies (Gemma 3's 262k) in chunks of 16k columns: 2.1 GB of float32 logits per
+  # 16 x 128 batch otherwise (models/chunked.py); small ones whole.
+  section = ml_collections.ConfigDict(dict(
+      size=name, **fields, dtype=dtype, remat=fields["d_model"] >= 1024, scan_layers=True,
+      vocab_chunk=16384 if fields["vocab_size"] > 65536 else 0))
   return section, path or model
 
 

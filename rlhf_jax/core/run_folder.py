@@ -170,7 +170,10 @@ def write_record(run: str, *, model_config: ModelConfig, tokenizer, kind: str,
             **(extra or {})}
   if os.path.exists(path):
     old = read_record(run)
-    was, now = _shape(old.get("model", {})), _shape(record["model"])
+    # A field a record predates (lora_*, vocab_chunk) reads as its default: an old run resumes.
+    defaults = _model_fields(ModelConfig())
+    was = _shape({**defaults, **old.get("model", {})})
+    now = _shape(record["model"])
     if (old.get("kind"), was, old.get("base")) != (kind, now, record.get("base")):
       fields = ([f"kind: recorded {old.get('kind')}, this run {kind}"]
                 if old.get("kind") != kind else [])

@@ -69,6 +69,9 @@ class ModelConfig:
   lora_targets: str = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"
   lora_dropout: float = 0.0  # on the adapter's input, only when a 'dropout' rng is passed
   dtype: str = "float32"  # compute dtype; params are always float32
+  # > 0: the trainers' log-probs, entropy and next-token loss walk the vocabulary in chunks of
+  # this many columns (models/chunked.py), never holding [B, T, V] float32 logits; 0: whole.
+  vocab_chunk: int = 0
   remat: bool = False
   scan_layers: bool = False
 

@@ -42,7 +42,7 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # ModelConfig fields that change how a model computes, not which params it has: a later stage
 # (PPO, KTO, DPO, the RM from an SFT trunk) takes an earlier run's shape and sets these itself.
-NUMERICS_FIELDS = ("dtype", "remat")
+NUMERICS_FIELDS = ("dtype", "remat", "vocab_chunk")
 
 
 def _dense_init(fan_in: int):

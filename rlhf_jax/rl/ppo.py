@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax.models import lora, losses
+from rlhf_jax.models import chunked, lora, losses
 from rlhf_jax.infer import rm_scores as reward
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
@@ -169,22 +169,27 @@ def full_params(params, frozen: Frozen, models: PPOModels) -> dict:
 # What the models say about a rollout.
 
 
-def answer_logits(params, rollout: Rollout, *, model_config: ModelConfig,
-                  temperature: float) -> Array:
-  """Temperature-scaled float32 logits [B, N, V] for the answer tokens only."""
-  model = Transformer(model_config)
+def answer_token_stats(params, rollout: Rollout, *, model_config: ModelConfig,
+                       temperature: float, with_entropy: bool = False,
+                       entropy_grad: bool = True) -> tuple[Array, Optional[Array]]:
+  """(log π(a_t | prompt, a_<t) [B, N], entropy [B, N] or None) at the sampling temperature,
+  from the answer columns' hidden states only; over vocabulary chunks when
+  model_config.vocab_chunk > 0 (never [B, N, V] logits at once), else from the whole logits."""
   columns = answer_columns(rollout.tokens.shape[1], rollout.answer_mask.shape[1])
-  hidden, _ = model.apply({"params": params}, rollout.tokens, rollout.positions,
-                          rollout.segment_ids, columns=columns,
-                          method=Transformer.hidden_states)  # [B, N, D]
-  return model.apply({"params": params}, hidden, method=Transformer.project) / temperature
+  hidden, _ = Transformer(model_config).apply(
+      {"params": params}, rollout.tokens, rollout.positions, rollout.segment_ids,
+      columns=columns, method=Transformer.hidden_states)  # [B, N, D]
+  return chunked.model_logit_stats(params, hidden, rollout.answer_tokens,
+                                   model_config=model_config, temperature=temperature,
+                                   with_entropy=with_entropy, entropy_grad=entropy_grad)
 
 
 def answer_logprobs(params, rollout: Rollout, *, model_config: ModelConfig,
                     temperature: float) -> Array:
   """log π(a_t | prompt, a_<t) [B, N] at the sampling temperature; 0 on padding."""
-  logits = answer_logits(params, rollout, model_config=model_config, temperature=temperature)
-  return losses.token_logprobs(logits, rollout.answer_tokens) * rollout.answer_mask
+  logprobs, _ = answer_token_stats(params, rollout, model_config=model_config,
+                                   temperature=temperature)
+  return logprobs * rollout.answer_mask
 
 
 def answer_values(params, rollout: Rollout, *, model_config: ModelConfig) -> Array:
@@ -301,12 +306,11 @@ def ppo_loss(params, batch: Experience, ptx_batch: Optional[dict], *, models: PP
              hyper: PPOHyper) -> tuple[Array, dict]:
   """Loss of one minibatch: policy + vf_coef·value − ent_coef·entropy + ptx_coef·ptx."""
   rollout, mask = batch.rollout, batch.rollout.answer_mask
-  logits = answer_logits(params["policy"], rollout, model_config=models.policy,
-                         temperature=hyper.temperature)  # [b, N, V]
-  logprobs = losses.token_logprobs(logits, rollout.answer_tokens)  # [b, N]
   # Without an entropy bonus the entropy is only logged: keep it out of the backward pass.
-  entropy_logits = logits if hyper.ent_coef else jax.lax.stop_gradient(logits)
-  entropy = gae.masked_mean(losses.entropy_from_logits(entropy_logits), mask)
+  logprobs, token_entropy = answer_token_stats(
+      params["policy"], rollout, model_config=models.policy, temperature=hyper.temperature,
+      with_entropy=True, entropy_grad=bool(hyper.ent_coef))  # [b, N] each
+  entropy = gae.masked_mean(token_entropy, mask)
   policy_loss, policy_stats = losses.ppo_policy_loss(
       logprobs, batch.old_logprobs, batch.advantages, mask, hyper.clip_eps)
 
@@ -317,11 +321,12 @@ def ppo_loss(params, batch: Experience, ptx_batch: Optional[dict], *, models: PP
   loss = policy_loss + hyper.vf_coef * value_loss - hyper.ent_coef * entropy
   ptx_loss = jnp.zeros((), jnp.float32)
   if ptx_batch is not None:
-    logits_ptx, _ = Transformer(models.policy).apply(
+    hidden_ptx, _ = Transformer(models.policy).apply(
         {"params": params["policy"]}, ptx_batch["inputs"], ptx_batch["positions"],
-        ptx_batch["segment_ids"])  # [b', T, V]
-    nll_sum, count = losses.next_token_loss(logits_ptx, ptx_batch["targets"],
-                                            ptx_batch["loss_mask"])
+        ptx_batch["segment_ids"], method=Transformer.hidden_states)  # [b', T, D]
+    nll_sum, count = chunked.model_next_token_loss(
+        params["policy"], hidden_ptx, ptx_batch["targets"], ptx_batch["loss_mask"],
+        model_config=models.policy)
     ptx_loss = nll_sum / jnp.maximum(count, 1.0)
     loss = loss + hyper.ptx_coef * ptx_loss
 

@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 from rlhf_jax.core import run_folder
-from rlhf_jax.models import losses
+from rlhf_jax.models import chunked
 from rlhf_jax.core import optim, sharding
 from rlhf_jax.models import ModelConfig, Transformer, lora
 from rlhf_jax.train import inputs as inputs_lib
@@ -35,10 +35,12 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 def lm_loss(params, batch, model: Transformer):
-  """(summed next-token loss, number of trained tokens) of one batch."""
-  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                          batch["segment_ids"])  # [B, T, V]
-  return losses.next_token_loss(logits, batch["targets"], batch["loss_mask"])
+  """(summed next-token loss, number of trained tokens) of one batch; over vocabulary chunks
+  when model.config.vocab_chunk > 0 (models/chunked.py), else from the whole logits."""
+  hidden, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                          batch["segment_ids"], method=Transformer.hidden_states)  # [B, T, D]
+  return chunked.model_next_token_loss(params, hidden, batch["targets"], batch["loss_mask"],
+                                       model_config=model.config)
 
 
 def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.GradientTransformation,
