@@ -150,3 +150,26 @@ def test_fingerprint_names_a_changed_base():
 def test_bad_lora_settings_are_errors():
   with pytest.raises(ValueError, match="lora_rank"):
     dataclasses.replace(BASE, lora_rank=-1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_no_weight_gradient_of_the_base_is_computed(dtype):
+  """The compiled backward pass of a LoRA step has no matmul producing a base kernel's
+  gradient ([D, F]-shaped outputs), while the full-parameter one has them (the check can
+  fail). bfloat16 goes through dense's custom VJP, whose unused weight gradient XLA drops."""
+  import re
+  config = dataclasses.replace(BASE, lora_rank=4, dtype=dtype)
+  params = _init(config)
+  inputs = _inputs()  # 2 x 12 = 24 token rows: no activation is [32, *] or [48, *]
+  trainable, frozen = lora.split(params)
+  kernel_shapes = ("32,32", "32,16", "32,48", "48,32")
+  pattern = re.compile(r"= f32\[(%s)\]\{[^}]*\} (dot|convolution)\(" % "|".join(kernel_shapes))
+
+  def loss(p):
+    return jnp.sum(_logits(config, p, inputs) ** 2)
+
+  lora_hlo = jax.jit(jax.grad(lambda tr: loss(lora.merge(tr, frozen)))).lower(
+      trainable).compile().as_text()
+  full_hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  assert pattern.search(full_hlo), "the full-parameter gradient should compute kernel grads"
+  assert not pattern.search(lora_hlo), pattern.search(lora_hlo).group(0)
