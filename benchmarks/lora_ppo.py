@@ -11,10 +11,11 @@ optimizer state is the adapters'. Params are drawn in numpy (values do not chang
 Each setting runs in its own subprocess, so its peak RSS (getrusage's ru_maxrss, read in the
 child) is that setting's alone: one warm-up iteration (compiles included), then `--iterations`
 timed ones, median seconds per phase. The layers are scanned (--scan_layers 1): the same
-arithmetic, and a compile of minutes less than 30 unrolled layers on a shared 2-core CPU. The experience and update steps are compiled ahead
-(`lower().compile()`) and those executables run the iterations, so XLA's memory plan of each
-(`core/compiled_memory.py`) costs no second compile. Every result is written to the JSON as
-soon as it is measured: a later failure keeps the earlier ones.
+arithmetic, and a compile of minutes less than 30 unrolled layers on a shared 2-core CPU.
+The experience and update steps are compiled ahead (`lower().compile()`) and those
+executables run the iterations, so XLA's memory plan of each (`core/compiled_memory.py`)
+costs no second compile. Every result is written to the JSON as soon as it is measured: a
+later failure keeps the earlier ones.
 
 Memory part, on abstract inputs (jax.ShapeDtypeStruct; nothing allocated), scan_layers=True so
 the compile is quick, one subprocess per size and dtype with a time limit: at 135M, 1B
@@ -406,7 +407,7 @@ def tables(out: dict) -> str:
         gib(m["one_model"]["params_and_activations_bytes"]),
         f"{m['ratio_to_one_model']['full']:.2f}x", f"{m['ratio_to_one_model']['lora']:.2f}x"]
        for m in mem])
-  failed = [f"- {r.get('spec')}: {r['error'].strip().splitlines()[-1] if r['error'].strip() else ''}"
+  failed = [f"- {r.get('spec')}: {(r['error'].strip().splitlines() or [''])[-1]}"
             for r in out["results"] + out["memory"] if "error" in r]
   return "\n\n".join([first, second] + (["failed or skipped:\n" + "\n".join(failed)]
                                          if failed else []))
