@@ -21,18 +21,46 @@ tests and notebooks), and the step counts pretrain_steps, sft_steps, ppo_steps, 
 dpo_steps (0 = the preset's), which also set each stage's warm-up and checkpoint interval.
 
 Top-level fields: langs ('en,zh', 'en' or 'zh'), data_dir (TFDS dir of the bundled data;
-'' = ~/.cache/rlhf_jax/tfds, prepared on first use), seed (added to every stage's own seed).
+'' = ~/.cache/rlhf_jax/tfds, prepared on first use), seed (added to every stage's own seed),
+model and continue_pretraining (below).
+
+From a pretrained model (`make demo-real`):
+
+  python -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py:model=gemma3_270m --workdir=W
+  python -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py:model=/ckpt/hf_dir,smoke=1 ...
+
+`model` is a preset of rlhf_jax/models/pretrained.py with weights here (gemma3_270m, the base
+model; smollm2_135m, an instruct model), a Hugging Face directory or a .gguf file; '' (the
+default) is the from-scratch pipeline above, unchanged. With a model:
+- the tokenizer stage is skipped: every stage reads text with the model's own tokenizer and
+  renders chats with its chat template (config.tokenizer.path is the model);
+- the pretrain stage is skipped: the "pretraining run" is the model, SFT's init_from its
+  weights. `pretrain=1` (config.continue_pretraining) trains it on the bundled text first;
+- every stage's `model` section is the imported model's (shape, scan_layers, vocab_chunk),
+  computing in dtype 'auto' (bfloat16 where this machine measures it faster);
+- LoRA, rank 16 (alpha 32) on the attention and MLP projections, in SFT, RM (its head trains
+  in full), PPO (policy; the critic sits on the frozen RM trunk), KTO and DPO: each run saves
+  adapters only and records its base, and the frozen base doubles as every reference model,
+  so no stage holds a second copy of the weights. Continued pretraining trains every weight.
+  A choice for memory and speed on a 2-core CPU, not yet measured against full fine-tuning;
+- step counts, learning rates and data sizes are PRETRAINED_STEPS and _use_model's, a first
+  guess sized for a 2-core CPU, not yet measured (issue 19).
+`lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA.
 """
 import os
 
 import ml_collections
 
+from rlhf_jax.config import sections
 from rlhf_jax.config import util as config_util
 
 # Step counts per preset: (pretrain, sft, ppo, kto, dpo). The default preset runs `make demo` in
 # about 7 minutes, install included, on a quiet 2-core Zen 4 CPU (README, "Demo").
 STEPS = {"tiny": (600, 300, 300, 150, 150), "small": (300, 150, 20, 20, 20)}
 SMOKE_STEPS = (3, 3, 2, 2, 2)
+# From a pretrained model: (continued pretraining, sft, ppo, kto, dpo), not yet measured.
+PRETRAINED_STEPS = (100, 300, 40, 60, 60)
+LORA_STAGES = ("sft", "rm", "ppo", "kto", "dpo")
 
 
 def _stage(name: str, arg: str) -> ml_collections.ConfigDict:
@@ -44,10 +72,14 @@ def _stage(name: str, arg: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  arg = config_util.parse_arg(arg, size="tiny", smoke=False, pretrain_steps=0, sft_steps=0,
-                              ppo_steps=0, kto_steps=0, dpo_steps=0)
+  arg = config_util.parse_arg(arg, size="", smoke=False, pretrain_steps=0, sft_steps=0,
+                              ppo_steps=0, kto_steps=0, dpo_steps=0, model="", pretrain=False,
+                              lora_rank=16)
+  # The stage files' presets: tiny from scratch; a pretrained model starts from small's.
+  arg.size = arg.size or ("small" if arg.model else "tiny")
   tiny = arg.size == "tiny"
-  defaults = SMOKE_STEPS if arg.smoke else STEPS.get(arg.size, STEPS["small"])
+  defaults = (SMOKE_STEPS if arg.smoke else PRETRAINED_STEPS if arg.model
+              else STEPS.get(arg.size, STEPS["small"]))
   pretrain_steps, sft_steps, ppo_steps, kto_steps, dpo_steps = (
       given or default for given, default in zip(
           (arg.pretrain_steps, arg.sft_steps, arg.ppo_steps, arg.kto_steps, arg.dpo_steps),
@@ -74,10 +106,47 @@ def get_config(arg=None):
   for section in (config.kto, config.dpo) if tiny else ():
     section.optim.learning_rate = 3e-4  # as PPO's: 1e-4 barely moves a tiny policy in 150 steps
   _add_evaluate(config, arg)
+  config.model = ""  # a pretrained model to start from ('' = from scratch; see the docstring)
+  config.continue_pretraining = False  # with a model: run the pretrain stage on it first
+  if arg.model:
+    _use_model(config, arg)
 
   if arg.smoke:
     _shrink(config)
   return config
+
+
+def _use_model(config, arg) -> None:
+  """Every stage on the imported model: its shape, tokenizer and chat template, LoRA."""
+  section, source = sections.pretrained_model_section(arg.model, dtype="auto")
+  config.model = source
+  config.continue_pretraining = arg.pretrain
+  config.size = section.size  # the report names the model
+  config.tokenizer.path = source
+  config.tokenizer.vocab_size = section.vocab_size
+  for stage in ("pretrain",) + LORA_STAGES:
+    config[stage].model = ml_collections.ConfigDict(section.to_dict())
+    config[stage].tokenizer.path = source  # filled in by the pipeline too
+    config[stage].lora = sections.lora_section(0 if stage == "pretrain" else arg.lora_rank)
+    config[stage].lora.alpha = 2.0 * max(arg.lora_rank, 1)
+  config.pretrain.init_from = source
+  # Adapters learn at about ten times a full fine-tune's rate (not yet tuned here).
+  lora = arg.lora_rank > 0
+  for stage, full, adapters in (("pretrain", 1e-4, 1e-4), ("sft", 2e-5, 2e-4),
+                                ("rm", 1e-5, 1e-4), ("ppo", 5e-6, 5e-5), ("kto", 5e-6, 5e-5),
+                                ("dpo", 5e-7, 5e-6)):
+    config[stage].optim.learning_rate = adapters if lora else full
+    config[stage].optim.embed_lr_multiplier = 1.0
+  for stage in ("pretrain", "sft"):
+    config[stage].data.batch_size = 16
+    config[stage].data.seq_len = 256
+  config.rm.optim.ema_decay = 0.0
+  config.rm.data.epochs = 1
+  config.comparisons.update(dict(prompts_per_lang=256, heldout_per_lang=64, max_new_tokens=32,
+                                 max_prompt_tokens=64, batch_size=32))
+  config.ppo.sampling.max_new_tokens = 32
+  config.evaluate.prompts_per_lang = 64
+  config.evaluate.samples_per_lang = 8  # the first 8 held-out prompts per language
 
 
 def _tokenizer_section(tiny: bool) -> ml_collections.ConfigDict:
@@ -169,4 +238,9 @@ def _shrink(config) -> None:
   config.dpo.eval.max_examples = 16
   config.ppo.eval.every = 1
   config.ppo.data.batch_size = 8
-  config.tokenizer.vocab_size = 2048  # the tests' bundled tokenizer; trains in a second
+  if not config.model:
+    config.tokenizer.vocab_size = 2048  # the tests' bundled tokenizer; trains in a second
+  else:
+    config.comparisons.update(dict(prompts_per_lang=12, heldout_per_lang=8, max_new_tokens=16))
+    config.ppo.sampling.max_new_tokens = 16
+    config.evaluate.prompts_per_lang = 8

@@ -79,3 +79,74 @@ def hf_greedy(model, prompt, new_tokens: int) -> list[int]:
                          min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                          pad_token_id=0)
   return out[0, len(prompt):].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny chat models as Hugging Face directories: stand-ins of Gemma 3 and Llama for tests that
+# run a whole recipe on an imported model (weights, config.json and a tokenizer with its chat
+# template), built from configs in a second, no download.
+
+# The pieces of a toy tokenizer: byte fallback spells any text (Chinese as three bytes per
+# character), a few merges shorten English. Each family adds its own turn tokens.
+TOY_WORDS = ["\u2581", "e", "t", "a", "o", "h", "th", "\u2581th", "the", "\u2581the", "er",
+             "in", "\u2581a", "\u2581i", "\u2581in", "an", "\u2581an", "\u2581is", "\u2581you"]
+# ChatML, the turn format of SmolLM2-Instruct: the stand-in's template differs from Gemma's in
+# every token, so a rendered prompt says which one a stage used.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+CHAT_FAMILIES = {
+    # family: (special tokens: pad, eos, bos, unk, then turn tokens; chat template)
+    "gemma3": (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+               "gemma"),
+    "llama": (["<pad>", "</s>", "<s>", "<unk>", "<|im_start|>", "<|im_end|>"], "chatml"),
+}
+
+
+def toy_chat_tokenizer(family: str):
+  """An HFTokenizer of the family's turn tokens and chat template on a toy vocabulary."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+  from rlhf_jax.text import chat_template
+  from rlhf_jax.text.hf_tokenizer import HFTokenizer, sentencepiece_merges
+  specials, template = CHAT_FAMILIES[family]
+  vocab = specials + ["\n"] + [f"<0x{b:02X}>" for b in range(256)] + TOY_WORDS
+  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)},
+                             merges=sentencepiece_merges(vocab), unk_token=specials[3],
+                             fuse_unk=True, byte_fallback=True))
+  tok.normalizer = normalizers.Replace(" ", "\u2581")
+  tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+  tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
+  source = chat_template.GEMMA_TEMPLATE if template == "gemma" else CHATML_TEMPLATE
+  return HFTokenizer(tok, source, bos_token=specials[2], eos_token=specials[1],
+                     pad_token=specials[0], unk_token=specials[3])
+
+
+def write_tiny_chat_model(family: str, directory: str, seed: int = 0) -> str:
+  """A randomly initialised `family` model ('gemma3' | 'llama') with its toy tokenizer, saved as
+  a Hugging Face directory (safetensors, config.json, tokenizer.json + its chat template)."""
+  import transformers
+  tokenizer = toy_chat_tokenizer(family)
+  ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+  common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                **ids)
+  if family == "gemma3":
+    config = transformers.Gemma3TextConfig(
+        **common, num_hidden_layers=2, head_dim=16, rms_norm_eps=1e-6, query_pre_attn_scalar=16,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        attn_implementation="eager",
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    model = randomize(transformers.Gemma3ForCausalLM(config), seed, norm_offset=True)
+  else:
+    config = transformers.LlamaConfig(**common, num_hidden_layers=2, rms_norm_eps=1e-5,
+                                      rope_theta=10000.0, tie_word_embeddings=True)
+    model = randomize(transformers.LlamaForCausalLM(config), seed)
+  model.save_pretrained(directory, safe_serialization=True)
+  tokenizer.save(directory)
+  return directory

@@ -27,6 +27,9 @@ DEPENDS = {"pretrain": ("tokenizer",), "sft": ("tokenizer", "pretrain"), "compar
 DONE = "DONE.json"
 STARTED = "STARTED.json"  # the config hash a stage was started with (to resume, or not)
 SUMMARY = "summary.json"
+# Stages an imported pretrained model (configs/pipeline.py:model=...) stands in for: its own
+# tokenizer, and its weights as the pretraining run (unless config.continue_pretraining).
+MODEL_STAGES = ("tokenizer", "pretrain")
 # Model fields a stage keeps its own (models.transformer.NUMERICS_FIELDS); every other model
 # field comes from config.pretrain.model.
 
@@ -102,9 +105,19 @@ def config_hash(config, stage: str) -> str:
   section = config[stage].to_dict() if stage in config else {}
   section.get("train", {}).pop("stop_after", None)
   shared = {k: config[k] for k in ("size", "langs", "data_dir", "seed")}
+  if config.get("model"):  # only when set: a from-scratch run's hashes stay what they were
+    shared["model"] = config.model
   blob = json.dumps({"stage": stage, "section": section, "shared": shared}, sort_keys=True,
                     default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def replaced_by_model(config) -> tuple[str, ...]:
+  """The stages a pretrained model replaces (none without `config.model`): its tokenizer is
+  the model's own, and its weights are the pretraining run unless it is continued."""
+  if not config.get("model"):
+    return ()
+  return MODEL_STAGES[:1] if config.get("continue_pretraining") else MODEL_STAGES
 
 
 def stage_status(config, workdir: str, stage: str) -> str:

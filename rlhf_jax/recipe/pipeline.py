@@ -43,7 +43,7 @@ from rlhf_jax.config import overrides, validate
 from rlhf_jax.recipe.markers import (  # noqa: F401 (the pipeline's public names, re-exported)
     DEPENDS, DONE, OPTIONAL, POLICIES, STAGES, STARTED, SUMMARY, TRAINED, MarkerError,
     MissingStageError, StageStopped, config_hash, done_time, last_values, parse_langs,
-    parse_stages, read_done, read_marker, stage_status, write_json_atomic)
+    parse_stages, read_done, read_marker, replaced_by_model, stage_status, write_json_atomic)
 from rlhf_jax.recipe.stages import STAGE_FNS, Context  # noqa: F401 (re-exported)
 from rlhf_jax.eval.report import machine_info
 from rlhf_jax.core.logs import setup_logging
@@ -147,10 +147,15 @@ def plan(config, workdir: str, only=None, start=None, upstream=None):
     if len(first) != 1:
       raise ValueError(f"--from takes one stage, got {start!r}")
     redo = list(STAGES[STAGES.index(first[0]):])
+  replaced = replaced_by_model(config)
+  if only and set(redo) & set(replaced):
+    raise ValueError(f"--only: {', '.join(s for s in redo if s in replaced)} come(s) from the "
+                     f"pretrained model {config.model}: nothing to redo")
+  redo = [s for s in redo if s not in replaced]
   if only or upstream:
     local = [s for s in STAGES if s in redo or s == "report"]
   else:
-    local = list(STAGES)
+    local = [s for s in STAGES if s not in replaced]
   return [s for s in local if s not in skip], [s for s in redo if s != "report"], skip
 
 
@@ -174,12 +179,17 @@ def run_pipeline(config, workdir: str, *, only=None, start=None, upstream=None) 
     started = read_marker(stage_dir, STARTED) or {}
     if read_done(stage_dir) or started.get("config_hash") != config_hash(config, stage):
       clear_stage(stage_dir, stage)
+  replaced = replaced_by_model(config)
   ctx = Context(config=config, workdir=workdir, upstream=upstream,
-                local=frozenset(local) | frozenset(redo), skipped=frozenset(skip))
+                local=frozenset(local) | frozenset(redo), skipped=frozenset(skip),
+                replaced=frozenset(replaced))
   summary: dict = {}
   for stage in STAGES:
     if stage in skip:
       summary[stage] = {"status": "skipped by config.skip"}
+      continue
+    if stage in replaced:
+      summary[stage] = model_stage_summary(config, stage)
       continue
     if stage not in local:
       directory = ctx.stage_dir(stage)
@@ -198,6 +208,13 @@ def run_pipeline(config, workdir: str, *, only=None, start=None, upstream=None) 
       break
   _write_summary(config, workdir, summary, upstream)
   return summary
+
+
+def model_stage_summary(config, stage: str) -> dict:
+  """The summary of a stage the pretrained model stands in for: what it takes instead."""
+  what = ("its own tokenizer and chat template" if stage == "tokenizer"
+          else "its weights, as pretrained (config.continue_pretraining=False)")
+  return {"status": "from the pretrained model", "dir": None, "line": f"{config.model}: {what}"}
 
 
 def _write_summary(config, workdir, summary, upstream) -> None:

@@ -17,11 +17,13 @@ from rlhf_jax.models.transformer import NUMERICS_FIELDS
 from rlhf_jax.recipe.markers import (DONE, POLICIES, MissingStageError, StageStopped, fmt,
                                      last_values, parse_langs, read_done, write_json_atomic)
 from rlhf_jax.text import tokenizer as tok_lib
+from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 from rlhf_jax.train.inputs import tokenizer_corpus
 from rlhf_jax.train import launch
 from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.recipe import comparisons
 from rlhf_jax.data import builders
+from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.eval import policies as evaluate
 from rlhf_jax.eval import report
 
@@ -37,6 +39,7 @@ class Context:
   upstream: str | None
   local: frozenset  # stages that run (or were run) in this workdir
   skipped: frozenset = frozenset()  # stages left out by config.skip
+  replaced: frozenset = frozenset()  # stages a pretrained model stands in for (config.model)
 
   @property
   def langs(self) -> tuple[str, ...]:
@@ -55,7 +58,10 @@ class Context:
     return os.path.join(self.upstream, stage)
 
   def require(self, stage: str) -> str:
-    """The directory of a finished earlier stage, or an error saying how to get it."""
+    """The directory of a finished earlier stage, or an error saying how to get it. A stage
+    the pretrained model stands in for is the model itself (a preset name or its path)."""
+    if stage in self.replaced:
+      return self.config.model
     directory = self.stage_dir(stage)
     if read_done(directory) is None:
       where = ("the upstream workdir " + self.upstream
@@ -69,8 +75,14 @@ class Context:
 
   @property
   def tokenizer_path(self) -> str:
+    if "tokenizer" in self.replaced:  # the model's own, with its chat template
+      return self.config.model
     # The tokenizer stage writes it where a run folder keeps its own (core/run_folder.py).
     return run_folder.tokenizer_file(os.path.dirname(self.require("tokenizer")))
+
+  def tokenizer(self):
+    """The tokenizer every stage reads text with: sentencepiece, or the model's own."""
+    return load_any_tokenizer(self.tokenizer_path, self.config.tokenizer.vocab_size)
 
   def stage_config(self, stage: str):
     """A copy of the stage's section with the paths between stages and the shared fields
@@ -133,7 +145,10 @@ def run_trainer(ctx: Context, stage: str, config) -> dict:
 
 
 def run_pretrain(ctx: Context):
-  m = run_trainer(ctx, "pretrain", ctx.stage_config("pretrain"))
+  config = ctx.stage_config("pretrain")
+  if ctx.config.get("model"):  # continued pretraining: from the model's own weights
+    config.init_from = ctx.config.model
+  m = run_trainer(ctx, "pretrain", config)
   return {"train/loss": m.get("train/loss")}, f"loss {fmt(m.get('train/loss'), 3)}"
 
 
@@ -153,7 +168,7 @@ def run_comparisons(ctx: Context):
   if cfg.rounds < 1:
     raise ValueError(f"config.comparisons.rounds must be >= 1, got {cfg.rounds}")
   sft_dir = ctx.require("sft")
-  tokenizer = tok_lib.Tokenizer.load(ctx.tokenizer_path)
+  tokenizer = ctx.tokenizer()
   params, model_config = run_folder.load_policy(sft_dir)
   prompts, prompt_langs = [], []
   # Training prompts, then held-out ones: the comparisons keep their prompt's split, so the
@@ -251,11 +266,20 @@ def run_evaluate(ctx: Context):
   for name in POLICIES[1:]:
     if name not in ctx.skipped and ctx.available(name):
       policies[name] = ctx.stage_dir(name)
-  results = evaluate.evaluate_policies(
-      policies, ctx.tokenizer_path, ctx.langs, data_dir=ctx.data_dir,
-      prompts_per_lang=cfg.prompts_per_lang, max_prompt_len=ctx.config.ppo.data.max_prompt_len,
-      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-      seed=cfg.seed, samples_per_lang=cfg.samples_per_lang)
+  settings = dict(data_dir=ctx.data_dir, prompts_per_lang=cfg.prompts_per_lang,
+                  max_prompt_len=ctx.config.ppo.data.max_prompt_len,
+                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                  top_p=cfg.top_p, seed=cfg.seed, samples_per_lang=cfg.samples_per_lang)
+  tokenizer = ctx.tokenizer()
+  if "tokenizer" in ctx.replaced:  # the model's own tokenizer, not a sentencepiece file
+    results = evaluate_with_tokenizer(policies, tokenizer, ctx.langs, **settings)
+  else:
+    results = evaluate.evaluate_policies(policies, ctx.tokenizer_path, ctx.langs, **settings)
+  # What the policies were shown: the first held-out prompt as its chat template renders it.
+  first = results["samples"][results["langs"][0]][:1]
+  if first:
+    results["settings"]["rendered_prompt"] = tokenizer.decode(
+        prompts_lib.render(tokenizer, first[0]["prompt"]))
   write_json_atomic(os.path.join(ctx.workdir, "evaluate", "results.json"), results)
   metrics = {f"{name}/{lang}/{k}": v for name, by_lang in results["metrics"].items()
              for lang, row in by_lang.items() for k, v in row.items()
@@ -264,6 +288,27 @@ def run_evaluate(ctx: Context):
                                  for lang in results["langs"])
            for name in results["policies"] if name != "sft"]
   return metrics, "win vs SFT: " + ("; ".join(parts) or "no policy but SFT")
+
+
+def evaluate_with_tokenizer(policies, tokenizer, langs, *, data_dir, prompts_per_lang: int,
+                            max_prompt_len: int, max_new_tokens: int, temperature: float,
+                            top_p: float, seed: int, samples_per_lang: int) -> dict:
+  """eval/policies.evaluate_policies with a tokenizer object in place of a sentencepiece path:
+  the same held-out prompts, sampling key, greedy answers, comparison and settings."""
+  prompts = evaluate.held_out_prompts(tokenizer, langs, prompts_per_lang, data_dir=data_dir,
+                                      max_prompt_len=max_prompt_len)
+  answers, greedy = {}, {}
+  for name, policy_dir in policies.items():
+    answers[name], greedy[name] = evaluate.sample_policy(
+        policy_dir, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, greedy=True)
+  results = evaluate.compare(answers, prompts, samples_per_lang=samples_per_lang, greedy=greedy)
+  results["settings"] = {"prompts_per_lang": {lang: len(p) for lang, p in prompts.items()},
+                         "split": "validation", "max_new_tokens": max_new_tokens,
+                         "temperature": temperature, "top_p": top_p, "seed": seed,
+                         "scorer": "gold", "check_scorer": "check", "greedy": True,
+                         "policies": dict(policies), "tokenizer": repr(tokenizer)}
+  return results
 
 
 def run_report(ctx: Context):
