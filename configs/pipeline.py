@@ -142,8 +142,9 @@ def _use_model(config, arg) -> None:
     config[stage].data.seq_len = 256
   config.rm.optim.ema_decay = 0.0
   config.rm.data.epochs = 1
-  config.comparisons.update(dict(prompts_per_lang=256, heldout_per_lang=64, max_new_tokens=32,
-                                 max_prompt_tokens=64, batch_size=32))
+  for name, value in dict(prompts_per_lang=256, heldout_per_lang=64, max_new_tokens=32,
+                          max_prompt_tokens=64, batch_size=32).items():
+    config.comparisons[name] = value
   config.ppo.sampling.max_new_tokens = 32
   config.evaluate.prompts_per_lang = 64
   config.evaluate.samples_per_lang = 8  # the first 8 held-out prompts per language
@@ -241,6 +242,8 @@ def _shrink(config) -> None:
   if not config.model:
     config.tokenizer.vocab_size = 2048  # the tests' bundled tokenizer; trains in a second
   else:
-    config.comparisons.update(dict(prompts_per_lang=12, heldout_per_lang=8, max_new_tokens=16))
+    config.comparisons.prompts_per_lang = 12
+    config.comparisons.heldout_per_lang = 8
+    config.comparisons.max_new_tokens = 16
     config.ppo.sampling.max_new_tokens = 16
     config.evaluate.prompts_per_lang = 8

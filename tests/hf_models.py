@@ -105,14 +105,26 @@ CHAT_FAMILIES = {
 }
 
 
-def toy_chat_tokenizer(family: str):
-  """An HFTokenizer of the family's turn tokens and chat template on a toy vocabulary."""
+def sentencepiece_pieces(model_file: str) -> list[str]:
+  """The ordinary pieces of a sentencepiece BPE model, in the order they were learnt (no
+  control, unknown, byte or chat-marker pieces): a real vocabulary for a toy tokenizer."""
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=model_file)
+  return [sp.id_to_piece(i) for i in range(sp.vocab_size())
+          if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)
+                  or sp.id_to_piece(i).startswith("<|"))]
+
+
+def toy_chat_tokenizer(family: str, pieces=()):
+  """An HFTokenizer of the family's turn tokens and chat template on a toy vocabulary, or on
+  `pieces` (sentencepiece_pieces: English words and Chinese characters as single tokens)."""
   from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
   from rlhf_jax.text import chat_template
   from rlhf_jax.text.hf_tokenizer import HFTokenizer, sentencepiece_merges
   specials, template = CHAT_FAMILIES[family]
-  vocab = specials + ["\n"] + [f"<0x{b:02X}>" for b in range(256)] + TOY_WORDS
+  words = [p for p in dict.fromkeys(list(pieces) or TOY_WORDS) if p != "\n"]
+  vocab = specials + ["\n"] + [f"<0x{b:02X}>" for b in range(256)] + words
   tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)},
                              merges=sentencepiece_merges(vocab), unk_token=specials[3],
                              fuse_unk=True, byte_fallback=True))
@@ -126,11 +138,12 @@ def toy_chat_tokenizer(family: str):
                      pad_token=specials[0], unk_token=specials[3])
 
 
-def write_tiny_chat_model(family: str, directory: str, seed: int = 0) -> str:
-  """A randomly initialised `family` model ('gemma3' | 'llama') with its toy tokenizer, saved as
-  a Hugging Face directory (safetensors, config.json, tokenizer.json + its chat template)."""
+def write_tiny_chat_model(family: str, directory: str, seed: int = 0, pieces=()) -> str:
+  """A randomly initialised `family` model ('gemma3' | 'llama') with its toy tokenizer (on
+  `pieces`, see toy_chat_tokenizer), saved as a Hugging Face directory (safetensors,
+  config.json, tokenizer.json and tokenizer_config.json with the chat template)."""
   import transformers
-  tokenizer = toy_chat_tokenizer(family)
+  tokenizer = toy_chat_tokenizer(family, pieces)
   ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
   common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,

@@ -16,6 +16,11 @@ Stages, in order (configs/pipeline.py holds one section per stage):
   evaluate     every policy on held-out prompts: gold, win rate vs SFT  W/evaluate/results.json
   report       W/report.md and W/plots/*.png                            (always rebuilt)
 
+With a pretrained model (config.model: a preset, an HF directory or a .gguf file), the model
+stands in for the tokenizer stage (its own tokenizer and chat template) and, unless
+config.continue_pretraining, for the pretrain stage (its weights are SFT's init_from): neither
+runs nor has a directory, and the summary and report say where they came from.
+
 A finished stage writes W/<stage>/DONE.json (seconds, key metrics, config hash), atomically and
 last; a re-run skips it. A trainer stopped part-way (killed, SIGTERM, train.stop_after) has no
 DONE.json: the same command resumes it from its checkpoint. Stages that write data (comparisons,
