@@ -116,3 +116,15 @@ def test_mean_length_column_reads_policy_then_sft(tmp_path):
   # zh lengths: PPO 8 + 5 + 8 + 4 = 25 / 4 = 6.25 -> "6.2" (round half to even), SFT 3, 3, 4, 3
   # -> 13 / 4 = 3.25 -> "3.2".
   assert _verdict_rows(text)[("PPO", "zh")][6] == "6.2 (3.2)"
+
+
+def test_verdicts_say_kto_learns_from_english_feedback_only():
+  from rlhf_jax.eval import report_verdicts
+  results = _results(with_diagnostics=True)  # SFT and PPO, English and Chinese
+  assert report_verdicts.KTO_DATA_NOTE not in "\n".join(
+      report_verdicts.verdict_section(results))
+  with_kto = {**results, "policies": list(results["policies"]) + ["kto"],
+              "diagnostics": {**results["diagnostics"], "kto": results["diagnostics"]["ppo"]},
+              "verdicts": {**results["verdicts"], "kto": results["verdicts"]["ppo"]}}
+  text = "\n".join(report_verdicts.verdict_section(with_kto))
+  assert report_verdicts.KTO_DATA_NOTE in text

@@ -63,6 +63,13 @@ def rules_text(results: dict) -> str:
           "HowNet lexicon for Chinese).")
 
 
+# The bundled likes and dislikes (rlhf_feedback, data/sources.py) are real thumbs on English
+# conversations only: no Chinese feedback source exists, so KTO's Chinese is untrained by them.
+KTO_DATA_NOTE = ("KTO learns from the bundled likes and dislikes, which are English only (no "
+                 "Chinese feedback source exists): its Chinese answers change only as a side "
+                 "effect of English feedback.")
+
+
 def verdict_section(results: dict | None) -> list[str]:
   if not results:
     return ["The evaluation stage has not run yet: no verdicts."]
@@ -72,6 +79,8 @@ def verdict_section(results: dict | None) -> list[str]:
          "per language; unique answers and distinct greedy answers are shares of the prompts.",
          ""] + verdict_table(results) + [""]
   out += [f"- {one_line(v['line'], 400)}" for v in results["verdicts"].values()]
+  if "kto" in results.get("policies", ()) and "zh" in results.get("langs", ()):
+    out.append(f"- {KTO_DATA_NOTE}")
   out += ["", rules_text(results), "", "![gold vs check-scorer win rate]"
           "(plots/win_rates_gold_vs_check.png)"]
   return out
