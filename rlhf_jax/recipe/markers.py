@@ -125,8 +125,11 @@ def stage_status(config, workdir: str, stage: str) -> str:
   skips a finished stage, for callers that decide from outside (sweeps sharing one base).
 
   Stale: finished under another config hash, or before a stage it reads (DEPENDS, in the same
-  workdir) was redone. The report has no DONE.json, so it is always "missing".
+  workdir) was redone. The report has no DONE.json, so it is always "missing". A stage the
+  pretrained model stands in for (replaced_by_model) is always "done".
   """
+  if stage in replaced_by_model(config):
+    return "done"
   stage_dir = os.path.join(workdir, stage)
   done = read_done(stage_dir)
   if done is None:

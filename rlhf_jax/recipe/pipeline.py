@@ -154,8 +154,8 @@ def plan(config, workdir: str, only=None, start=None, upstream=None):
     redo = list(STAGES[STAGES.index(first[0]):])
   replaced = replaced_by_model(config)
   if only and set(redo) & set(replaced):
-    raise ValueError(f"--only: {', '.join(s for s in redo if s in replaced)} come(s) from the "
-                     f"pretrained model {config.model}: nothing to redo")
+    log.warning("--only: %s come from the pretrained model %s: nothing to redo there",
+                ", ".join(s for s in redo if s in replaced), config.model)
   redo = [s for s in redo if s not in replaced]
   if only or upstream:
     local = [s for s in STAGES if s in redo or s == "report"]
