@@ -5,6 +5,7 @@ implementation in the same forms can beat). Those shape lists must add up, with 
 two matmuls counted by hand here, to the model FLOPs the benchmark divides by for MFU;
 otherwise the floor and the MFU would describe different work.
 """
+import json
 import os
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
+import lora_ppo  # noqa: E402
 import ppo_iteration  # noqa: E402
 
 from rlhf_jax.models import model_config  # noqa: E402
@@ -43,3 +45,33 @@ def test_phase_matmuls_add_up_to_the_model_flops(size, kv_heads):
   # Generation's prefill reads one column per prompt, each decode step one row per sequence.
   gen_rows = [batch * p] * (L - 1) + [batch] + [batch] * L * (n - 1)
   assert matmul_flops("generate") + attn(gen_rows) == expected["generate"]
+
+
+def test_lora_ppo_benchmark_reports_every_setting_at_a_tiny_size(tmp_path):
+  """benchmarks/lora_ppo.py in process at the tiny size: the JSON holds every timed setting
+  asked for and the memory part, and the LoRA state trains exactly the adapters and the
+  critic's head (counted by hand) with a fraction of the full run's optimizer state."""
+  path = tmp_path / "lora_ppo.json"
+  lora_ppo.main(["--size", "tiny", "--prompts", "4", "--prompt_len", "8", "--new_tokens", "4",
+                 "--iterations", "1", "--ranks", "0,4", "--dtypes", "float32",
+                 "--mem_sizes", "tiny", "--mem_dtypes", "float32", "--mem_rank", "4",
+                 "--subprocess", "0", "--json_out", str(path)])
+  out = json.loads(path.read_text())
+  assert not [r for r in out["results"] + out["memory"] if "error" in r]
+  by_setting = {(r["setting"], r["dtype"]): r for r in out["results"]}
+  assert set(by_setting) == {("full", "float32"), ("lora4", "float32")}
+  for r in by_setting.values():
+    assert r["iteration_s"] > 0 and set(r["seconds"]) == {"generate", "score", "update"}
+    assert r["peak_rss_gib"] > 0 and r["compiled_memory"]["update"]["peak_bytes"] > 0
+  # tiny: d 64, 2 layers, 4 query heads and 2 kv heads of 16, SwiGLU 128. Adapter params per
+  # layer at rank r: q (64 + 64) r, k and v (64 + 32) r each, o (64 + 64) r, gate and up
+  # (64 + 128) r each, down (128 + 64) r: 1024 r. Policy and critic, 2 layers, r = 4: 16384,
+  # plus the critic's head (a [64, 1] kernel and a bias): 16449.
+  full, lora = by_setting[("full", "float32")], by_setting[("lora4", "float32")]
+  assert lora["trained_params"] == 2 * 2 * 1024 * 4 + 65
+  assert lora["opt_state_bytes"] < full["opt_state_bytes"] / 50
+  (memory,) = out["memory"]
+  assert (memory["size"], memory["dtype"], memory["rank"]) == ("tiny", "float32", 4)
+  assert memory["lora"]["iteration_plan_bytes"] < memory["full"]["iteration_plan_bytes"]
+  assert set(out["ratios"]["full_over_lora_iteration_s"]) == {"float32/lora4"}
+  assert set(out["ratios"]["lora_plan_over_one_model"]) == {"tiny/float32/lora4"}
