@@ -47,6 +47,7 @@ def test_phase_matmuls_add_up_to_the_model_flops(size, kv_heads):
   assert matmul_flops("generate") + attn(gen_rows) == expected["generate"]
 
 
+@pytest.mark.heavy  # ~2 minutes of compiles (six settings and the memory plans)
 def test_lora_ppo_benchmark_reports_every_setting_at_a_tiny_size(tmp_path):
   """benchmarks/lora_ppo.py in process at the tiny size: the JSON holds every timed setting
   asked for and the memory part, and the LoRA state trains exactly the adapters and the
