@@ -128,3 +128,15 @@ def test_verdicts_say_kto_learns_from_english_feedback_only():
               "verdicts": {**results["verdicts"], "kto": results["verdicts"]["ppo"]}}
   text = "\n".join(report_verdicts.verdict_section(with_kto))
   assert report_verdicts.KTO_DATA_NOTE in text
+
+
+def test_config_line_names_the_pretrained_model_in_place_of_pretraining():
+  import types
+  base = {"size": "gemma3_270m", "langs": "en,zh", "seed": 0, "sft": {"train": {"steps": 100}},
+          "pretrain": {"train": {"steps": 600}}}
+  line = report._config_section(types.SimpleNamespace(config={**base, "model": "gemma3_270m"}))[0]
+  assert "pretrain `gemma3_270m`, SFT 100" in line
+  line = report._config_section(types.SimpleNamespace(config={
+      **base, "model": "gemma3_270m", "continue_pretraining": True}))[0]
+  assert "pretrain 600, SFT 100" in line
+  assert "pretrain 600," in report._config_section(types.SimpleNamespace(config=base))[0]

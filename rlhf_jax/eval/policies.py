@@ -26,7 +26,7 @@ from rlhf_jax.data import pipeline
 from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.infer import answers as respond
 from rlhf_jax.core import run_folder
-from rlhf_jax.text import tokenizer as tok_lib
+from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 
 BASELINE = "sft"
 
@@ -106,18 +106,22 @@ def compare(answers: Mapping[str, Mapping[str, Sequence[str]]],
           "verdict_thresholds": dataclasses.asdict(diag.THRESHOLDS)}
 
 
-def evaluate_policies(policies: Mapping[str, str], tokenizer_path: str, langs: Sequence[str], *,
+def evaluate_policies(policies: Mapping[str, str], tokenizer, langs: Sequence[str], *,
                       data_dir: str | None, prompts_per_lang: int, max_prompt_len: int,
                       max_new_tokens: int, temperature: float, top_p: float, seed: int,
                       samples_per_lang: int = 4, greedy: bool = True) -> dict:
   """{policy name: run dir} -> `compare`'s results, plus the prompts and settings used.
 
+  tokenizer: a tokenizer, or the path of one (a sentencepiece .model, an HF directory, a .gguf):
+  an imported model's own tokenizer is an object, the tiny pipeline's a path.
   greedy: also answer every prompt by greedy (temperature 0) decoding, for the greedy
   diversity diagnostic (one more generation per policy and language).
   """
   from tqdm.auto import tqdm
 
-  tokenizer = tok_lib.Tokenizer.load(tokenizer_path)
+  given = tokenizer
+  if isinstance(tokenizer, str):
+    tokenizer = load_any_tokenizer(tokenizer)
   prompts = held_out_prompts(tokenizer, langs, prompts_per_lang, data_dir=data_dir,
                              max_prompt_len=max_prompt_len)
   answers, greedy_answers = {}, {}
@@ -133,4 +137,6 @@ def evaluate_policies(policies: Mapping[str, str], tokenizer_path: str, langs: S
                          "temperature": temperature, "top_p": top_p, "seed": seed,
                          "scorer": "gold", "check_scorer": "check", "greedy": greedy,
                          "policies": dict(policies)}
+  if not isinstance(given, str):
+    results["settings"]["tokenizer"] = repr(tokenizer)
   return results

@@ -182,8 +182,11 @@ def _config_section(run: Run) -> list[str]:
   ema = c.get("rm", {}).get("optim", {}).get("ema_decay", 0.0)
   if ema:
     rm += f" (ending on its moving average, decay {ema:g})"
+  # With a pretrained model (config.model) pretraining is the model's own, unless continued.
+  pretrain = (f"`{c['model']}`" if c.get("model") and not c.get("continue_pretraining")
+              else steps("pretrain"))
   out = [f"size `{c.get('size')}`, languages `{c.get('langs')}`, seed {c.get('seed')}; steps: "
-         f"pretrain {steps('pretrain')}, SFT {steps('sft')}, RM {rm}, "
+         f"pretrain {pretrain}, SFT {steps('sft')}, RM {rm}, "
          f"PPO {steps('ppo')}, KTO {steps('kto')}, DPO {steps('dpo')}; comparisons: "
          f"{c.get('comparisons', {}).get('prompts_per_lang')} prompts per language × "
          f"K={c.get('comparisons', {}).get('k')}; PPO β {ppo.get('kl', {}).get('coef')} "

@@ -271,10 +271,10 @@ def run_evaluate(ctx: Context):
                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   top_p=cfg.top_p, seed=cfg.seed, samples_per_lang=cfg.samples_per_lang)
   tokenizer = ctx.tokenizer()
-  if "tokenizer" in ctx.replaced:  # the model's own tokenizer, not a sentencepiece file
-    results = evaluate_with_tokenizer(policies, tokenizer, ctx.langs, **settings)
-  else:
-    results = evaluate.evaluate_policies(policies, ctx.tokenizer_path, ctx.langs, **settings)
+  # The model's own tokenizer (an object) when it stood in for the tokenizer stage, else the path.
+  results = evaluate.evaluate_policies(
+      policies, tokenizer if "tokenizer" in ctx.replaced else ctx.tokenizer_path, ctx.langs,
+      **settings)
   # What the policies were shown: the first held-out prompt as its chat template renders it.
   first = results["samples"][results["langs"][0]][:1]
   if first:
@@ -288,27 +288,6 @@ def run_evaluate(ctx: Context):
                                  for lang in results["langs"])
            for name in results["policies"] if name != "sft"]
   return metrics, "win vs SFT: " + ("; ".join(parts) or "no policy but SFT")
-
-
-def evaluate_with_tokenizer(policies, tokenizer, langs, *, data_dir, prompts_per_lang: int,
-                            max_prompt_len: int, max_new_tokens: int, temperature: float,
-                            top_p: float, seed: int, samples_per_lang: int) -> dict:
-  """eval/policies.evaluate_policies with a tokenizer object in place of a sentencepiece path:
-  the same held-out prompts, sampling key, greedy answers, comparison and settings."""
-  prompts = evaluate.held_out_prompts(tokenizer, langs, prompts_per_lang, data_dir=data_dir,
-                                      max_prompt_len=max_prompt_len)
-  answers, greedy = {}, {}
-  for name, policy_dir in policies.items():
-    answers[name], greedy[name] = evaluate.sample_policy(
-        policy_dir, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, greedy=True)
-  results = evaluate.compare(answers, prompts, samples_per_lang=samples_per_lang, greedy=greedy)
-  results["settings"] = {"prompts_per_lang": {lang: len(p) for lang, p in prompts.items()},
-                         "split": "validation", "max_new_tokens": max_new_tokens,
-                         "temperature": temperature, "top_p": top_p, "seed": seed,
-                         "scorer": "gold", "check_scorer": "check", "greedy": True,
-                         "policies": dict(policies), "tokenizer": repr(tokenizer)}
-  return results
 
 
 def run_report(ctx: Context):
