@@ -24,8 +24,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests (run in CI too)")
   config.addinivalue_line(
-      "markers", "heavy: minutes each (several processes, the notebook kernel, a sweep of whole "
-      "pipelines): `make test-all` runs them, `make test` (CI) leaves them out")
+      "markers", "heavy: minutes each (the real SmolLM2 / Gemma 3 weights, several processes, the "
+      "notebook kernel, whole pipelines beyond the shared tiny one): `make test-all` runs them, "
+      "`make test` (CI, under 15 minutes on 2 cores) leaves them out")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -236,6 +236,7 @@ def _reference_model(path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.xdist_group("gemma3_270m")
 def test_real_gemma3_270m_equals_transformers(gemma3_270m):
   """Our import of the GGUF against transformers on the same dequantised weights, and a check

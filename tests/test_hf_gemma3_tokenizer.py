@@ -101,6 +101,7 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.xdist_group("gemma3_270m")
 def test_ids_equal_transformers_gguf_tokenizer(gemma):
   ours, ref = gemma
@@ -113,6 +114,7 @@ def test_ids_equal_transformers_gguf_tokenizer(gemma):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.xdist_group("gemma3_270m")
 def test_chat_template_renders_as_transformers(gemma):
   ours, ref = gemma
@@ -131,6 +133,7 @@ def test_chat_template_renders_as_transformers(gemma):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.xdist_group("gemma3_270m")
 def test_typed_turn_marker_stays_text(gemma):
   ours, _ = gemma

@@ -28,7 +28,7 @@ from rlhf_jax.models import hf_import, pretrained
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
 from rlhf_jax.infer.sampling import SamplingParams, make_generate_fn  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.xdist_group("smollm2")]
 
 TEXTS = {
     "en": "The capital of France is Paris. It is famous for",

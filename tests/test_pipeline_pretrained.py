@@ -28,7 +28,7 @@ from rlhf_jax.models import lora  # noqa: E402
 from rlhf_jax.recipe import pipeline  # noqa: E402
 from rlhf_jax.recipe.markers import MODEL_STAGES  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline_pretrained")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.xdist_group("pipeline_pretrained")]
 
 FAMILIES = [pytest.param("gemma3"), pytest.param("llama", marks=pytest.mark.heavy)]
 LORA_STAGES = ("sft", "rm", "ppo", "kto", "dpo")
