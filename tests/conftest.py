@@ -17,6 +17,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_TEST_CACHE, "xl
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -29,21 +30,11 @@ def pytest_configure(config):
       "`make test` (CI, under 15 minutes on 2 cores) leaves them out")
 
 
-def pytest_collection_modifyitems(config, items):
-  """Every test without an xdist group runs in its module's group: under `--dist loadgroup`
-  a module's tests share one worker, so a module-scoped fixture (a real model loaded, datasets
-  prepared, a tiny run trained) is built once per session, not once per worker."""
-  for item in items:
-    if item.get_closest_marker("xdist_group") is None:
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import pathlib  # noqa: E402
 
-import pytest  # noqa: E402
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 _CACHE = pathlib.Path(_TEST_CACHE)

@@ -7,6 +7,9 @@ import tensorflow_datasets as tfds
 
 from rlhf_jax.data import builders, pipeline, sources
 
+# One worker builds this module's fixtures once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("data_builders")
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -15,6 +15,9 @@ from rlhf_jax.core import run_folder
 from rlhf_jax.models import Transformer, lora
 from rlhf_jax.train import lm
 
+# One worker builds this module's fixtures once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("lora_train")
+
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):

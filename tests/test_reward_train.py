@@ -20,7 +20,8 @@ from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import Transformer
 from rlhf_jax.train import reward as rm_trainer
 
-pytestmark = pytest.mark.slow  # one ~60 s training run shared by the tests below
+pytestmark = [pytest.mark.slow,  # one ~60 s training run shared by the tests below
+              pytest.mark.xdist_group("reward_train")]  # built once, on one worker
 
 
 def planted_config(data_dir, tokenizer_path, sft_dir, **overrides):
