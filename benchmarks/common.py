@@ -99,3 +99,21 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def emit(result: dict, json_out: str = "") -> None:
+  """Print the benchmark's JSON object on one line (what scripts parse) and, with a path, also
+  write it there indented (what RESULTS.md cites)."""
+  import json
+  print(json.dumps(result))
+  write_json(result, json_out)
+
+
+def write_json(result: dict, path: str) -> None:
+  """`result` indented into `path` (nothing when the path is empty); a long benchmark calls it
+  after every setting, so a run cut short keeps what it measured."""
+  import json
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -121,10 +120,7 @@ def main(argv=None):
       machine={**common.machine_info(), "loadavg_before": load_before,
                "loadavg_after": os.getloadavg()},
       when=datetime.datetime.now().isoformat(timespec="seconds"))
-  print(json.dumps(result))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(result, f, indent=2)
+  common.emit(result, args.json_out)
   print()
   print(common.markdown_table(
       ["what", "dtype", "framework", "tokens", "seconds", "tokens/s", "first call (s)"],

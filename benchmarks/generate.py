@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -135,10 +134,7 @@ def main():
   }
   results["machine"] = {**common.machine_info(), "jax": jax.__version__,
                         "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
-  print(json.dumps(results))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(results, f, indent=2)
+  common.emit(results, args.json_out)
   lo, hi = args.positions.split(",")
   print(f"\n{args.size} (vocab {args.vocab}), batch {args.batch}, "
         f"prompt {args.prompt_len} + {args.new_tokens} new tokens; step cache {args.cache_len}\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -125,10 +124,7 @@ def main(argv=None):
                                              transformers=transformers.__version__),
       machine={**common.machine_info(), "loadavg_1m_before": load_before},
       when=datetime.datetime.now().isoformat(timespec="seconds"))
-  print(json.dumps(result))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(result, f, indent=2)
+  common.emit(result, args.json_out)
   print()
   print("| framework | dtype | batch x seq | forward (s) | tokens/s | model GFLOP/s | MFU |")
   print("|---|---|---|---|---|---|---|")

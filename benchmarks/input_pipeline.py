@@ -11,7 +11,6 @@ Timings are never asserted: a shared machine makes them noisy, so the load avera
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -106,10 +105,7 @@ def main() -> None:
   cols = ("dataset", "tokenizer", "pack", "tokens_per_s", "loss_tokens_per_s", "batches_per_s",
           "density", "examples_per_batch", "truncated")
   results["machine"] = {**common.machine_info(), "loadavg_1m_after": os.getloadavg()[0]}
-  print(json.dumps(results))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(results, f, indent=2)
+  common.emit(results, args.json_out)
   print(f"\ninput pipeline, batch {args.batch_size} x {args.seq_len}, {args.batches} batches, "
         f"load average {results['load_average']:.1f} on {results['cpus']} cpus\n")
   print(common.markdown_table(list(cols), [[row[c] for c in cols] for row in results["runs"]]))

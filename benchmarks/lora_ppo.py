@@ -371,13 +371,6 @@ def ratios(out: dict) -> dict:
           "goals": {"memory": "<= 1.4", "speed": ">= 1.5"}}
 
 
-def write(out: dict, path: str) -> None:
-  if path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(out, f, indent=1)
-
-
 def gib(x: float) -> str:
   return f"{x / GIB:.2f}"
 
@@ -436,11 +429,10 @@ def main(argv=None):
     result = run_spec(args, argv, spec, args.setting_timeout if timing else args.mem_timeout)
     out["results" if timing else "memory"].append(result)
     out["ratios"] = ratios(out)
-    write(out, args.json_out)
+    common.write_json(out, args.json_out)
   out["ratios"] = ratios(out)
   out["machine"]["loadavg_after"] = os.getloadavg()
-  write(out, args.json_out)
-  print(json.dumps(out, indent=1))
+  common.emit(out, args.json_out)
   print()
   print(tables(out))
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -103,10 +102,7 @@ def main(argv=None):
          "date": datetime.datetime.now().isoformat(timespec="seconds"),
          "machine": {**common.machine_info(), "jax": jax.__version__},
          "matmul_peak_gflop_per_s": {d: p / 1e9 for d, p in peaks.items()}, "results": rows}
-  print(json.dumps(out, indent=1))
-  if args.json_out:
-    with open(args.json_out, "w") as fh:
-      json.dump(out, fh, indent=1)
+  common.emit(out, args.json_out)
   print()
   parts = ("forward", "input grad", "weight grad", "fwd+bwd")
   print(common.markdown_table(

@@ -331,10 +331,7 @@ def main(argv=None):
       "trl": peer,
       "results": results,
   }
-  print(json.dumps(out, indent=1))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(out, f, indent=1)
+  common.emit(out, args.json_out)
   print()
   print(common.markdown_table(
       ["dtype", "log pi_old", "iteration s", "episodes/s", "generate s (%)", "score s (%)",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -153,12 +152,9 @@ def main(argv=None):
       "matmul_peak": list(peaks.values()),
       "reward_step": runs,
   }
-  print(json.dumps(result, indent=2))
+  common.emit(result, args.json_out)
   print()
   print(markdown_table(result))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(result, f, indent=2)
   return result
 
 

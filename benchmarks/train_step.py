@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -31,8 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from rlhf_jax.config import util as config_util  # noqa: E402
@@ -154,12 +151,9 @@ def main(argv=None):
                       for r in runs],
       "train_step": runs,
   }
-  print(json.dumps(result, indent=2))
+  common.emit(result, args.json_out)
   print()
   print(markdown_table(result))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(result, f, indent=2)
   return result
 
 

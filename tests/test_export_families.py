@@ -20,8 +20,7 @@ import hf_models as H  # noqa: E402
 from rlhf_jax.export import hf_export  # noqa: E402
 from rlhf_jax.models import hf_import  # noqa: E402
 from rlhf_jax.models.transformer import ModelConfig  # noqa: E402
-from rlhf_jax.text import chat_template  # noqa: E402
-from rlhf_jax.text.hf_tokenizer import HFTokenizer, sentencepiece_merges  # noqa: E402
+from rlhf_jax.text.hf_tokenizer import HFTokenizer  # noqa: E402
 
 WINDOW = 16
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -41,17 +40,9 @@ COMMON = dict(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=96, num_h
 
 def toy_tokenizer() -> HFTokenizer:
   """Gemma's tokenizer shape on a toy vocabulary: U+2581 spaces, byte fallback, turn tokens."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(VOCAB)},
-                             merges=sentencepiece_merges(VOCAB), unk_token="<unk>",
-                             fuse_unk=True, byte_fallback=True))
-  tok.normalizer = normalizers.Replace(" ", "\u2581")
-  tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                   decoders.Fuse()])
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-  tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
-  return HFTokenizer(tok, chat_template.GEMMA_TEMPLATE, bos_token="<bos>", eos_token="<eos>",
-                     pad_token="<pad>", unk_token="<unk>")
+  tok = H.toy_chat_tokenizer("gemma3", WORDS)
+  assert tok.vocab_size == len(VOCAB)
+  return tok
 
 
 def build(family: str):
@@ -189,8 +180,8 @@ def test_gguf_loads_in_transformers(family, tmp_path):
         embed_scale=True, query_pre_attn_scalar=256.0, sliding_window=WINDOW,
         local_layers=(0, 1, 2, 3, 4), rope_local_theta=1e4)
   params = ppo_setup.random_params(Transformer(cfg), 3)
-  path = gguf_export.write_gguf(params, cfg, str(tmp_path / "m.gguf"),
-                                tokenizer=toy_tokenizer() if gemma else None)
+  gguf_export.write_gguf(params, cfg, str(tmp_path / "m.gguf"),
+                         tokenizer=toy_tokenizer() if gemma else None)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
   tokens = [list(range(7, 7 + 40))]  # past the window

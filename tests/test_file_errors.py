@@ -137,3 +137,24 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
   path.write_bytes(b'{"step": 1}\n{"st\n{"step": 2}\n')
   with pytest.raises(metrics.FileContentError, match=re.escape(f"{path}:2: not valid JSON")):
     metrics.MetricWriter(str(tmp_path), enabled=True).drop_after(1)
+
+
+def test_garbled_hugging_face_files_name_themselves(tmp_path):
+  """An imported model's JSON files (config.json, tokenizer_config.json, and the tokenizer.json
+  the GGUF export reads) go through the same reader: `path:line: not valid JSON`."""
+  from rlhf_jax.export import gguf_export
+  from rlhf_jax.models import hf_configs
+  from rlhf_jax.text import hf_tokenizer
+  (tmp_path / "config.json").write_bytes(b'{"vocab_size":\n')
+  with pytest.raises(metrics.FileContentError,
+                     match=re.escape(f"{tmp_path / 'config.json'}:2: not valid JSON")):
+    hf_configs.read_hf_config(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_bytes(b"{}")
+  (tmp_path / "tokenizer_config.json").write_bytes(b"[1, 2")
+  with pytest.raises(metrics.FileContentError,
+                     match=re.escape(f"{tmp_path / 'tokenizer_config.json'}:1: not valid JSON")):
+    hf_tokenizer.HFTokenizer.load(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_bytes(b"[]")
+  with pytest.raises(metrics.FileContentError,
+                     match=re.escape(f"{tmp_path / 'tokenizer.json'}: expected a JSON object")):
+    gguf_export._bpe_metadata(None, None, str(tmp_path / "tokenizer.json"))

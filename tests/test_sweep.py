@@ -117,6 +117,25 @@ def test_bad_sweeps_fail_before_anything_runs(tmp_path, monkeypatch):
   assert calls == [] and not (tmp_path / "w").exists()
 
 
+def test_a_sweep_files_set_reaches_every_run_and_a_flag_beats_it(tmp_path):
+  """SET in the sweep file is --set written down once: the base config of every run carries it,
+  the printed commands pass it, a --set of the same key wins, and a bad key names the file."""
+  text = SWEEP_FILE.replace('START = "ppo"', 'START = "ppo"\nSET = {"skip": "kto,dpo", '
+                            '"evaluate.prompts_per_lang": 5}')
+  path = write_sweep(tmp_path, text)
+  sweep, config, sets = sweep_lib.prepare(path, sets=["evaluate.prompts_per_lang=7"])
+  assert sets == {"skip": "kto,dpo", "evaluate.prompts_per_lang": 7}
+  assert config.skip == "kto,dpo" and config.evaluate.prompts_per_lang == 7
+  commands = sweep_lib.commands(sweep, "W", sets=sets)
+  runs = [c for c in commands if not c.startswith("#")]
+  assert len(runs) == 3 and all("--config.skip=kto,dpo" in c and
+                                "--config.evaluate.prompts_per_lang=7" in c for c in runs)
+  bad = write_sweep(tmp_path, text.replace('"skip"', '"skipp"'), "bad.py")
+  with pytest.raises(ValueError, match=re.escape(f"{bad}: SET: ") + ".*'skipp'"):
+    sweep_lib.prepare(bad)
+
+
+
 def test_shipped_sweeps_check_against_the_pipeline_config():
   """Every experiments/*/sweep.py loads and its overrides name real pipeline-config fields."""
   files = sorted((REPO / "experiments").glob("*/sweep.py"))

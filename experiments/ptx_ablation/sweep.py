@@ -10,9 +10,10 @@ stages after it) from the same SFT model and reward model.
 
   python -m rlhf_jax.recipe.sweep experiments/ptx_ablation/sweep.py --workdir=workdirs/ptx
 """
-from rlhf_jax.recipe.sweep import product
+from rlhf_jax.recipe.sweep import policy_diagnostics, product
 
-BASE = "configs/pipeline.py:size=small"
+BASE = "configs/pipeline.py"
+SET = {"skip": "kto,dpo"}  # no metric here reads KTO or DPO
 START = "ppo"
 
 METRICS = {
@@ -24,6 +25,7 @@ METRICS = {
     "win_rate": "results:metrics.ppo.*.win_rate",
     "kl": "ppo:eval/*/kl",
     "proxy": "ppo:eval/*/proxy",
+    **policy_diagnostics("ppo"),
 }
 PLOT = ("ptx_loss", "gold")
 

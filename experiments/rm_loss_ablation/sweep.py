@@ -12,9 +12,10 @@ the same answers, labelled the run's way), the RM and everything after it.
 
   python -m rlhf_jax.recipe.sweep experiments/rm_loss_ablation/sweep.py --workdir=workdirs/rm_loss
 """
-from rlhf_jax.recipe.sweep import zipped
+from rlhf_jax.recipe.sweep import policy_diagnostics, zipped
 
-BASE = "configs/pipeline.py:size=small"
+BASE = "configs/pipeline.py"
+SET = {"skip": "kto,dpo"}  # no metric here reads KTO or DPO
 START = "comparisons"
 
 METRICS = {
@@ -28,6 +29,7 @@ METRICS = {
     "gold": "results:metrics.ppo.*.gold",
     "win_rate": "results:metrics.ppo.*.win_rate",
     "kl": "ppo:eval/*/kl",
+    **policy_diagnostics("ppo"),
 }
 PLOT = ("rm_gold_accuracy", "gold")
 

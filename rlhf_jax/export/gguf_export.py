@@ -25,7 +25,6 @@ written as 'gpt2' byte-level BPE (tokens and merges of its tokenizer.json).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -33,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from rlhf_jax.core.metrics import read_json
 from rlhf_jax.export import hf_export
 from rlhf_jax.models.gguf_io import GGUFFile
 from rlhf_jax.models.transformer import ModelConfig
@@ -252,8 +252,7 @@ def _copy_gguf_tokenizer(writer, source: GGUFFile) -> None:
 def _bpe_metadata(writer, tokenizer, tokenizer_json: str) -> None:
   """'gpt2' byte-level BPE from an HF tokenizer.json (tokens, merges, special tokens)."""
   import gguf
-  with open(tokenizer_json, encoding="utf-8") as f:
-    spec = json.load(f)
+  spec = read_json(tokenizer_json)
   model = spec["model"]
   if model.get("type") != "BPE":
     raise ValueError(f"{tokenizer_json}: a {model.get('type')} tokenizer cannot be written to "

@@ -11,13 +11,13 @@ rotary, yarn/dynamic rope, an unknown layer type, bidirectional attention) is an
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Optional
 
 import numpy as np
 
+from rlhf_jax.core.metrics import read_json
 from rlhf_jax.models.gguf_io import GGUFError, GGUFFile
 from rlhf_jax.models.model_config import ModelConfig, rope_frequencies
 
@@ -40,11 +40,7 @@ def read_hf_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no config.json in {directory}: not a Hugging Face checkpoint")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e})") from None
+  return read_json(path)
 
 
 def _rope_fields(rope: Optional[dict], where: str) -> dict:

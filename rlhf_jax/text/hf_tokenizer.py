@@ -38,6 +38,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from rlhf_jax.core.metrics import read_json
 from rlhf_jax.text import chat_template as jinja_chat
 from rlhf_jax.text.tokenizer import TooLongError, check_length, check_messages  # noqa: F401
 
@@ -381,8 +382,7 @@ class HFTokenizer:
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path)
 
 
 def load_any_tokenizer(path: str, vocab_size: Optional[int] = None):

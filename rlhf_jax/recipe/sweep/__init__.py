@@ -13,6 +13,8 @@ A sweep file is a Python module that defines
                come from --base=W0, a finished pipeline workdir), and every run reads them there
   METRICS      {column label: metric spec}, or a list of specs (each its own label)
   PLOT         (x, y): metric labels to plot across runs; x may also be an override key
+  SET          optional {dotted key: value} set on the base config of every run, as --set
+               does (e.g. {"skip": "kto,dpo"} when no metric reads KTO or DPO)
 
 Metric specs say where a run's number comes from, relative to the run's workdir W/runs/<name>:
 
@@ -49,6 +51,6 @@ from rlhf_jax.recipe.sweep.run import (prepare_base, run_selected, run_sweep, ru
                                        stages_by_status)
 from rlhf_jax.recipe.sweep.spec import (SOURCE_FILES, Run, Sweep, base_stages, check_metric_spec,
                                         check_overrides, format_value, load_sweep, prepare,
-                                        product, run_names, select_runs, short_keys,
-                                        source_path, zipped)
+                                        policy_diagnostics, product, run_names, select_runs,
+                                        short_keys, source_path, zipped)
 from rlhf_jax.recipe.sweep.status import FAILED_FILE, RUN_FILE, run_dir, run_status

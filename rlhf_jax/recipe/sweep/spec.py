@@ -12,6 +12,7 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from rlhf_jax.config import util as config_util
+from rlhf_jax.core.langs import LANGS
 from rlhf_jax.recipe import pipeline
 from rlhf_jax.recipe.sweep.overrides import NAME_KEY, apply_overrides, parse_set
 
@@ -54,6 +55,25 @@ def zipped(axes: Mapping[str, Sequence] | None = None, **kwargs: Sequence) -> li
     raise ValueError(f"zipped axes must have equal lengths, got {lengths}")
   keys = list(axes)
   return [dict(zip(keys, values)) for values in zip(*axes.values())]
+
+
+# ----------------------------------------------------------------------------- metric specs
+
+def policy_diagnostics(policy: str = "ppo", langs: Sequence[str] = LANGS) -> dict[str, str]:
+  """The metric specs of one policy's verdict and the diagnostics behind it, per language
+  (eval/diagnostics.py, in the evaluate stage's results): a sweep that reports a win rate
+  reports beside it the check scorer's win, the same-script win, the diversity and the verdict.
+  Labels are `<what>_<lang>`, e.g. `check_win_zh`."""
+  fields = {"verdict": "verdicts.{p}.langs.{l}.verdict",
+            "gold_win": "diagnostics.{p}.{l}.gold_win",
+            "check_win": "diagnostics.{p}.{l}.check_win",
+            "same_script_win": "diagnostics.{p}.{l}.same_script_win",
+            "unique": "diagnostics.{p}.{l}.unique_answers",
+            "greedy_distinct": "diagnostics.{p}.{l}.greedy_distinct",
+            "length": "diagnostics.{p}.{l}.mean_length",
+            "sft_length": "diagnostics.sft.{l}.mean_length"}
+  return {f"{name}_{lang}": "results:" + key.format(p=policy, l=lang)
+          for lang in langs for name, key in fields.items()}
 
 
 # ----------------------------------------------------------------------------- run names
@@ -161,6 +181,7 @@ class Sweep:
   metrics: dict[str, str]  # column label -> metric spec
   plot: tuple[str, str] | None
   base_given: bool = False  # BASE replaced by --base_config
+  sets: dict = dataclasses.field(default_factory=dict)  # SET: overrides of every run
 
   @property
   def override_keys(self) -> list[str]:
@@ -237,8 +258,11 @@ def load_sweep(path: str) -> Sweep:
   runs = _load_runs(module, where)
   keys = {k for run in runs for k in run.overrides}
   metrics = _load_metrics(module, keys, where)
+  sets = getattr(module, "SET", {})
+  if not isinstance(sets, Mapping):
+    raise ValueError(f"{where}SET must be a dict {{dotted key: value}}, got {sets!r}")
   return Sweep(path=path, base=module.BASE, start=module.START, runs=runs, metrics=metrics,
-               plot=_load_plot(module, metrics, keys, where))
+               plot=_load_plot(module, metrics, keys, where), sets=dict(sets))
 
 
 def check_overrides(sweep: Sweep, config) -> None:
@@ -256,14 +280,16 @@ def check_overrides(sweep: Sweep, config) -> None:
 
 
 def prepare(sweep_path: str, base_config: str | None = None, sets: Sequence[str] = ()):
-  """(sweep, its base config with `sets` applied, {key: value} of the sets), every run's
-  overrides checked against that config."""
+  """(sweep, its base config with the file's SET and then `sets` applied, {key: value} of them
+  all), every run's overrides checked against that config."""
   sweep = load_sweep(sweep_path)
   if base_config:
     sweep.base, sweep.base_given = base_config, True
   config = config_util.load_config(sweep.base)
-  set_values = dict(parse_set(s, config) for s in sets)
-  config = apply_overrides(config, set_values, "--set: ")
+  config = apply_overrides(config, sweep.sets, f"{sweep_path}: SET: ")
+  flag_values = dict(parse_set(s, config) for s in sets)
+  config = apply_overrides(config, flag_values, "--set: ")
+  set_values = {**sweep.sets, **flag_values}
   check_overrides(sweep, config)
   return sweep, config, set_values
 
