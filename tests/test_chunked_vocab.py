@@ -113,10 +113,10 @@ def test_output_projection_reproduces_the_model_projection(tie):
   tokens = jnp.asarray(_inputs()[2])
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
   segments = jnp.ones((B, T), jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), tokens, positions, segments)["params"]
-  hidden, _ = model.apply({"params": params}, tokens, positions, segments,
-                          method=Transformer.hidden_states)
-  logits = model.apply({"params": params}, hidden, method=Transformer.project)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, positions, segments)["params"]
+  hidden, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, positions, segments,
+                                            method=Transformer.hidden_states))(params)
+  logits = jax.jit(lambda p: model.apply({"params": p}, hidden, method=Transformer.project))(params)
   targets = jnp.roll(tokens, -1, axis=1)
   want = losses.token_logprobs(logits, targets)
   kernel, vocab_axis = chunked.output_projection(params, tie)
@@ -206,7 +206,8 @@ def _tiny_model(tie=False, softcap=0.0):
   tokens = jnp.asarray(_inputs()[2])
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
   segments = jnp.ones((B, T), jnp.int32)
-  params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens, positions, segments)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens, positions,
+                                        segments)["params"])
   return cfg, model, params, (tokens, positions, segments)
 
 
@@ -284,13 +285,13 @@ def test_sft_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary(tie
            "positions": np.broadcast_to(np.arange(16), (4, 16)),
            "segment_ids": np.ones((4, 16), np.int32),
            "loss_mask": (rng.random((4, 16)) > 0.3).astype(np.float32)}
-  params = nn.unbox(Transformer(whole).init(jax.random.key(0), batch["inputs"],
-                                            batch["positions"], batch["segment_ids"])["params"])
+  params = nn.unbox(jax.jit(Transformer(whole).init)(
+      jax.random.key(0), batch["inputs"], batch["positions"], batch["segment_ids"])["params"])
   out = {}
   for chunk in (0, 48):
     model = Transformer(dataclasses.replace(whole, vocab_chunk=chunk))
-    (loss, count), grads = jax.value_and_grad(lambda p: lm.lm_loss(p, batch, model),
-                                              has_aux=True)(params)
+    (loss, count), grads = jax.jit(jax.value_and_grad(lambda p: lm.lm_loss(p, batch, model),
+                                                      has_aux=True))(params)
     out[chunk] = (loss, count, grads)
   assert float(out[0][1]) == float(out[48][1])
   np.testing.assert_allclose(float(out[48][0]), float(out[0][0]), rtol=1e-6)
@@ -325,8 +326,8 @@ def test_ppo_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary():
   for chunk in (0, 40):
     cfg = dataclasses.replace(S.CFG, vocab_chunk=chunk)
     models = ppo.PPOModels(policy=cfg, critic=S.CFG, reward=S.CFG)
-    (loss, stats), grads = jax.value_and_grad(
-        lambda p: ppo.ppo_loss(p, exp, ptx, models=models, hyper=hyper), has_aux=True)(params)
+    (loss, stats), grads = jax.jit(jax.value_and_grad(
+        lambda p: ppo.ppo_loss(p, exp, ptx, models=models, hyper=hyper), has_aux=True))(params)
     out[chunk] = (loss, stats, grads)
   np.testing.assert_allclose(float(out[40][0]), float(out[0][0]), rtol=1e-5)
   for key in ("ppo/policy/entropy", "ppo/loss/ptx", "ppo/loss/policy"):

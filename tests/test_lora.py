@@ -22,12 +22,13 @@ def _inputs(b=2, t=12, vocab=64, seed=0):
 
 def _init(config, seed=0):
   tokens, positions, segments = _inputs()
-  return nn.unbox(Transformer(config).init(jax.random.key(seed), tokens, positions,
-                                           segments)["params"])
+  init = jax.jit(Transformer(config).init)
+  return nn.unbox(init(jax.random.key(seed), tokens, positions, segments)["params"])
 
 
 def _logits(config, params, inputs):
-  return Transformer(config).apply({"params": params}, *inputs)[0]
+  """Jitted: op-by-op, a forward (and its gradient) costs a compile per operation."""
+  return jax.jit(lambda p, *xs: Transformer(config).apply({"params": p}, *xs)[0])(params, *inputs)
 
 
 def _randomize_b(params, seed=1):
@@ -89,9 +90,10 @@ def test_adapter_gradients_follow_the_chain_rule_from_the_full_weight():
     return jnp.sum(jnp.tanh(logits) * target)
 
   trainable, frozen = lora.split(params)
-  g_lora = jax.grad(lambda tr: loss(_logits(config, lora.merge(tr, frozen), inputs)))(trainable)
+  g_lora = jax.jit(jax.grad(lambda tr: loss(_logits(config, lora.merge(tr, frozen), inputs))))(
+      trainable)
   merged = lora.fold(params, config)
-  g_full = jax.grad(lambda p: loss(_logits(lora.base_config(config), p, inputs)))(merged)
+  g_full = jax.jit(jax.grad(lambda p: loss(_logits(lora.base_config(config), p, inputs))))(merged)
   for layer in ("layer_0", "layer_1"):
     for module, kernel, prefix in (("mlp/up", "kernel", ""), ("attn/q", "kernel", ""),
                                    ("attn", "o", "o_")):

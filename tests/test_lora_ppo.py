@@ -24,7 +24,7 @@ MODELS = ppo.PPOModels(policy=LORA, critic=LORA, reward=S.CFG)
 
 def _adapters(module, seed):
   tokens = jnp.zeros((1, 4), jnp.int32)
-  params = nn.unbox(module.init(jax.random.key(seed), tokens, tokens, tokens)["params"])
+  params = nn.unbox(jax.jit(module.init)(jax.random.key(seed), tokens, tokens, tokens)["params"])
   return lora.split(params)[0]
 
 
