@@ -100,3 +100,25 @@ def bundled_tokenizer():
 
 # The tiny pipeline, run once per session (tests/pipeline_fixture.py).
 from pipeline_fixture import tiny_pipeline_workdir  # noqa: E402,F401
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """`--dist loadgroup` sends the tests of one `xdist_group` to one worker, so a fixture they
+  share is built once. xdist marks a group by suffixing the test's node id with `@group`, but
+  since pytest 9.2 a node id is a structured `_id` and xdist's write to `_nodeid` is lost: every
+  group was split over both workers, and each worker built the shared fixtures again (the
+  planted reward-model run: 2 x 92 s). This writes the suffix where this pytest keeps it."""
+  if not getattr(config.option, "loadgroup", False):  # set on the workers by xdist
+    return
+  for item in items:
+    groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                     for m in item.iter_markers("xdist_group")})
+    if not groups or "@" in item.nodeid:
+      continue  # no group, or xdist's own suffix took effect (pytest < 9.2)
+    nodeid = f"{item.nodeid}@{'_'.join(groups)}"
+    if hasattr(item, "_id"):
+      from _pytest.nodeid import coerce_node_id
+      item._id = coerce_node_id(nodeid)
+    else:
+      item._nodeid = nodeid
