@@ -32,7 +32,6 @@ def test_config_builds_at_every_size(path):
     assert config.trainer in launch.TRAINERS
 
 
-@pytest.mark.xdist_group("bundled_data")
 @pytest.mark.parametrize("path", CONFIG_FILES)
 def test_config_runs_two_steps_at_tiny(path, tmp_path, bundled_data_dir, bundled_tokenizer):
   config = config_util.load_config(f"{path}:size=tiny,steps=2{RUN_ARGS.get(path, '')}")

@@ -86,7 +86,6 @@ def test_unknown_mesh_preset_is_an_error():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bundled_data")
 def test_sft_starts_from_a_hugging_face_checkpoint(tmp_path, bundled_data_dir):
   """configs/sft_hf.py with model=<HF dir>: the trainer reads the model's own tokenizer (chat
   template, loss mask) and starts from its weights: the first step's loss equals the loss of

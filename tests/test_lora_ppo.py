@@ -40,13 +40,21 @@ def _start():
   return state, S.frozen(base, reward), tx
 
 
-def _iteration(state, frozen, tx, tokens, mask):
+@functools.lru_cache(maxsize=None)
+def _step_fns(tx):
+  """The jitted rollout, experience and update, built once: a fresh jax.jit of a fresh partial
+  each iteration would compile all three again every time."""
   rollout_fn = rollout.make_rollout_fn(LORA, N, (), S.PAD,
                                        SamplingParams(temperature=HYPER.temperature))
   experience_fn = jax.jit(functools.partial(ppo.make_experience, models=MODELS, hyper=HYPER,
                                             reward_fn=planted_reward))
   update_fn = jax.jit(functools.partial(ppo.ppo_update, models=MODELS, hyper=HYPER,
                                         controller=CONTROLLER, tx=tx))
+  return rollout_fn, experience_fn, update_fn
+
+
+def _iteration(state, frozen, tx, tokens, mask):
+  rollout_fn, experience_fn, update_fn = _step_fns(tx)
   key = jax.random.fold_in(state.key(), 0)
   policy = lora.merge(state.params["policy"], frozen.reference)
   ro = rollout_fn({"params": policy}, tokens, mask, key)

@@ -16,7 +16,9 @@ from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import lora
 from rlhf_jax.train import launch
 
-pytestmark = pytest.mark.slow  # two short trainings
+# Two short trainings (~2 minutes cold): `make test-all`. make test keeps LoRA's SFT runs
+# (test_lora_train.py) and its PPO step (test_lora_ppo.py).
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from rlhf_jax.data import jsonl
 from rlhf_jax.train.inputs import fit_conversation, tokenize_fn_for
 
 
-@pytest.mark.xdist_group("bundled_data")
 def test_sft_on_imported_jsonl_chats(tmp_path, bundled_tokenizer):
   path = tmp_path / "chats.jsonl"
   with open(path, "w") as f:

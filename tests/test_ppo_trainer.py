@@ -104,7 +104,6 @@ def _params_equal(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("bundled_data")
 def test_resume_mid_run_then_nan_reward_stops_and_keeps_the_checkpoint(
     tmp_path, stage_dirs, bundled_data_dir, bundled_tokenizer):
   # Every run has the same schedule (3 iterations); stop_after ends the first ones early.
