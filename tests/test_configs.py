@@ -32,7 +32,14 @@ def test_config_builds_at_every_size(path):
     assert config.trainer in launch.TRAINERS
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES)
+# PPO's and DPO's two steps from random weights cost a minute or more each cold (PPO compiles a
+# sampler, an experience pass and an update); their trainers run in make test through the tiny
+# pipeline (tests/test_pipeline.py), from these same stage configs. make test-all runs them here.
+HEAVY_RUNS = {"configs/ppo.py", "configs/dpo.py"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.heavy) if p in HEAVY_RUNS
+                                  else p for p in CONFIG_FILES])
 def test_config_runs_two_steps_at_tiny(path, tmp_path, bundled_data_dir, bundled_tokenizer):
   config = config_util.load_config(f"{path}:size=tiny,steps=2{RUN_ARGS.get(path, '')}")
   with config.unlocked():

@@ -21,15 +21,13 @@ PLOT = ("kl_en", "check_win_en")
 
 
 def get_sweep():
-  runs = [
+  return [
       {"_name": "default"},
       {"_name": "kl-target-1", "ppo.kl.target": 1.0},
       {"_name": "kl-target-2", "ppo.kl.target": 2.0},
-      {"_name": "beta-0.2-fixed", "ppo.kl.coef": 0.2, "ppo.kl.adaptive": False},
       {"_name": "entropy-0.01", "ppo.ppo.ent_coef": 0.01},
       {"_name": "entropy-0.05", "ppo.ppo.ent_coef": 0.05},
       {"_name": "whiten", "ppo.ppo.whiten_rewards": True},
       {"_name": "lr-1e-4", "ppo.optim.learning_rate": 1e-4},
-      {"_name": "steps-100", "ppo.train.steps": 100},
+      {"_name": "kl-target-2+entropy-0.01", "ppo.kl.target": 2.0, "ppo.ppo.ent_coef": 0.01},
   ]
-  return runs
