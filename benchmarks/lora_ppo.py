@@ -26,6 +26,10 @@ its gradients (an output) left out. A PPO iteration's plan is the larger of the 
 and the experience step's peak plus the optimizer state (resident, not an argument there); the
 rollout (params plus a KV cache) is smaller than both and not compiled here.
 
+A third plan, `lora_shared`, is LoRA PPO with an RM that was itself trained as LoRA on the
+SFT policy: the RM and the critic are adapters and heads on the reference's trunk, one base in
+memory for all four models (rl/trainer.py).
+
 Ratios (the issue's goals): LoRA PPO's plan over one full model's params-and-activations
 (<= 1.4x), and the full-parameter iteration's seconds over the LoRA one's (>= 1.5x).
 
@@ -112,8 +116,10 @@ class Parts:
   sampling: object
 
 
-def make_parts(args, size: str, dtype: str, rank: int, scan: bool) -> Parts:
-  """configs/ppo.py's hyperparameters and optimizer for the W4 workload, models of `size`."""
+def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool = False) -> Parts:
+  """configs/ppo.py's hyperparameters and optimizer for the W4 workload, models of `size`.
+  shared: the RM is LoRA on the SFT policy (rank `rank` too), kept as adapters on the
+  reference's trunk, and the critic starts as it (rl/trainer.py): one base for four models."""
   config = config_util.load_config(f"configs/ppo.py:size={args.size}")
   with config.unlocked():
     config.model.dtype = dtype
@@ -122,7 +128,8 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool) -> Parts:
     config.kl.adaptive = False
   base = model_config(size, dtype=dtype, scan_layers=scan)
   adapted = dataclasses.replace(base, lora_rank=rank, lora_alpha=args.alpha) if rank else base
-  return Parts(models=ppo.PPOModels(policy=adapted, critic=adapted, reward=base),
+  return Parts(models=ppo.PPOModels(policy=adapted, critic=adapted,
+                                    reward=adapted if shared else base),
                hyper=ppo_trainer.hyper_from_config(config),
                controller=ppo_trainer.controller_from_config(config),
                tx=ppo_trainer.make_optimizer(tuple(sorted(config.optim.to_dict().items())), 1000),
@@ -145,6 +152,8 @@ def abstract_models(models: ppo.PPOModels) -> tuple[dict, ppo.Frozen]:
     (policy, base), (critic, _) = lora.split(policy), lora.split(critic)
   else:
     base = policy
+  if models.reward.lora_rank:  # a shared base: the RM is adapters and a head
+    reward, _ = lora.split(reward)
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   return {"policy": policy, "critic": critic}, ppo.Frozen(base, reward, scalar, scalar)
 
@@ -299,9 +308,10 @@ def one_model_memory(cfg, args, temperature: float) -> dict:
 def run_memory(args, size: str, dtype: str) -> dict:
   """Per-device plans of the full and the LoRA PPO steps and of one full model, abstract."""
   out = {"size": size, "dtype": dtype, "rank": args.mem_rank}
-  for name, rank in (("full", 0), ("lora", args.mem_rank)):
+  for name, rank, shared in (("full", 0, False), ("lora", args.mem_rank, False),
+                             ("lora_shared", args.mem_rank, True)):
     t0 = time.perf_counter()
-    parts = make_parts(args, size, dtype, rank, scan=True)
+    parts = make_parts(args, size, dtype, rank, scan=True, shared=shared)
     params, frozen = abstract_models(parts.models)
     state = jax.eval_shape(functools.partial(make_state, parts=parts), params)
     experience_fn, update_fn = step_fns(parts)
@@ -317,7 +327,8 @@ def run_memory(args, size: str, dtype: str) -> dict:
   cfg = model_config(size, dtype=dtype, scan_layers=True)
   out["one_model"] = one_model_memory(cfg, args, parts.hyper.temperature)
   one = out["one_model"]["params_and_activations_bytes"]
-  out["ratio_to_one_model"] = {k: out[k]["iteration_plan_bytes"] / one for k in ("full", "lora")}
+  out["ratio_to_one_model"] = {k: out[k]["iteration_plan_bytes"] / one
+                               for k in ("full", "lora", "lora_shared")}
   return out
 
 
@@ -365,8 +376,9 @@ def ratios(out: dict) -> dict:
   timed = {(r["dtype"], r["rank"]): r for r in out["results"] if "iteration_s" in r}
   speed = {f"{d}/lora{k}": timed[(d, 0)]["iteration_s"] / r["iteration_s"]
            for (d, k), r in timed.items() if k and (d, 0) in timed}
-  memory = {f"{m['size']}/{m['dtype']}/lora{m['rank']}": m["ratio_to_one_model"]["lora"]
-            for m in out["memory"] if "ratio_to_one_model" in m}
+  memory = {f"{m['size']}/{m['dtype']}/{kind}{m['rank']}": m["ratio_to_one_model"][kind]
+            for m in out["memory"] if "ratio_to_one_model" in m
+            for kind in ("lora", "lora_shared") if kind in m["ratio_to_one_model"]}
   return {"full_over_lora_iteration_s": speed, "lora_plan_over_one_model": memory,
           "goals": {"memory": "<= 1.4", "speed": ">= 1.5"}}
 
@@ -391,14 +403,13 @@ def tables(out: dict) -> str:
         gib(r["opt_state_bytes"])] for r in timed])
   mem = [m for m in out["memory"] if "one_model" in m]
   second = common.markdown_table(
-      ["size", "dtype", "full update GiB", "full iteration plan GiB", "LoRA update GiB",
-       "LoRA iteration plan GiB", "one model params+act GiB", "full / one model",
-       "LoRA / one model (goal <= 1.4)"],
-      [[m["size"], m["dtype"], gib(m["full"]["update"]["peak_bytes"]),
-        gib(m["full"]["iteration_plan_bytes"]), gib(m["lora"]["update"]["peak_bytes"]),
-        gib(m["lora"]["iteration_plan_bytes"]),
+      ["size", "dtype", "full iteration plan GiB", "LoRA iteration plan GiB",
+       "LoRA, shared base, plan GiB", "one model params+act GiB", "full / one model",
+       "LoRA / one model", "LoRA shared / one model (goal <= 1.4)"],
+      [[m["size"], m["dtype"], gib(m["full"]["iteration_plan_bytes"]),
+        gib(m["lora"]["iteration_plan_bytes"]), gib(m["lora_shared"]["iteration_plan_bytes"]),
         gib(m["one_model"]["params_and_activations_bytes"]),
-        f"{m['ratio_to_one_model']['full']:.2f}x", f"{m['ratio_to_one_model']['lora']:.2f}x"]
+        *(f"{m['ratio_to_one_model'][k]:.2f}x" for k in ("full", "lora", "lora_shared"))]
        for m in mem])
   failed = [f"- {r.get('spec')}: {(r['error'].strip().splitlines() or [''])[-1]}"
             for r in out["results"] + out["memory"] if "error" in r]

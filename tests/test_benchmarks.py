@@ -75,4 +75,11 @@ def test_lora_ppo_benchmark_reports_every_setting_at_a_tiny_size(tmp_path):
   assert (memory["size"], memory["dtype"], memory["rank"]) == ("tiny", "float32", 4)
   assert memory["lora"]["iteration_plan_bytes"] < memory["full"]["iteration_plan_bytes"]
   assert set(out["ratios"]["full_over_lora_iteration_s"]) == {"float32/lora4"}
-  assert set(out["ratios"]["lora_plan_over_one_model"]) == {"tiny/float32/lora4"}
+  assert set(out["ratios"]["lora_plan_over_one_model"]) == {"tiny/float32/lora4",
+                                                            "tiny/float32/lora_shared4"}
+  # A shared base keeps the RM as adapters and a head: the frozen trees differ by the RM's
+  # trunk less its adapters (2 layers x 1024 r at r = 4, float32).
+  shared = memory["lora_shared"]
+  trunk = memory["lora"]["frozen_bytes"] - shared["frozen_bytes"] + 4 * 2 * 1024 * 4
+  assert 0 < trunk < memory["lora"]["frozen_bytes"] / 2
+  assert shared["iteration_plan_bytes"] <= memory["lora"]["iteration_plan_bytes"]

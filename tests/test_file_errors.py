@@ -158,3 +158,21 @@ def test_garbled_hugging_face_files_name_themselves(tmp_path):
   with pytest.raises(metrics.FileContentError,
                      match=re.escape(f"{tmp_path / 'tokenizer.json'}: expected a JSON object")):
     gguf_export._bpe_metadata(None, None, str(tmp_path / "tokenizer.json"))
+
+
+def test_metric_writer_writes_tensorboard_events_without_importing_torch(tmp_path):
+  """TensorBoard events beside metrics.jsonl, through tensorboardX imported without torch
+  (which it only needs for torch tensors, and which took 10 s to import). In a subprocess: the
+  test session has imported torch already."""
+  import subprocess
+  import sys
+  code = ("import sys; from rlhf_jax.core import metrics; "
+          f"w = metrics.MetricWriter({str(tmp_path)!r}, enabled=True); "
+          "w.write(3, {'train/loss': 1.25}); "
+          "assert 'torch' not in sys.modules, 'torch was imported'; "
+          "import importlib.util; assert importlib.util.find_spec('torch') is not None")
+  subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ,
+                                                                "JAX_PLATFORMS": "cpu"})
+  events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 1 and b"train/loss" in events[0].read_bytes()
+  assert metrics.read_metrics(str(tmp_path))[0]["train/loss"] == 1.25

@@ -1,14 +1,19 @@
 """PPO with LoRA: the state holds adapters (and the critic's head) only, the reference is the
 frozen base with the adapters off, so the first minibatch runs at ratio 1 and KL 0; the bases
-stay bit-identical; and the planted reward rises as in the full-parameter test (test_ppo.py)."""
+stay bit-identical; and the planted reward rises as in the full-parameter test (test_ppo.py).
+An RM trained as LoRA on the SFT run shares its base: PPO holds one set of base weights."""
 import dataclasses
 import functools
+import json
+import os
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import ppo_setup as S
 from helpers import flat_params
 from test_ppo import CONTROLLER, HYPER, N, planted_reward
@@ -91,3 +96,104 @@ def test_lora_ppo_starts_at_the_reference_trains_adapters_only_and_raises_the_re
   start, end = scores[0], scores[-1]
   assert start < 0.5, scores
   assert end > start + 1.0 and end > 3 * start, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# One base for all four models: an RM trained as LoRA on the SFT run stays adapters on its trunk.
+
+
+def _shared_base_runs(root, tokenizer_vocab):
+  """An SFT run (random tiny params) and a LoRA RM run on its trunk (random adapters, B not 0,
+  and head), written as the stages write them: the RM's record names the SFT run as its base."""
+  from helpers import write_run
+  from rlhf_jax.core import run_folder
+  from rlhf_jax.models import heads
+  cfg = dataclasses.replace(S.CFG, vocab_size=tokenizer_vocab)
+  sft_params = S.random_params(Transformer(cfg), 0)
+  sft = str(root / "sft")
+  write_run(sft, sft_params, cfg, "", kind="policy")
+  rm_cfg = dataclasses.replace(cfg, lora_rank=4, lora_alpha=8.0)
+  rm_all = S.random_params(ScalarModel(rm_cfg), 1)  # adapters drawn non-zero: they matter
+  adapters, _ = lora.split(rm_all)
+  rm = str(root / "rm")
+  base = {"trunk": heads.trunk_of(sft_params)}
+  run_folder.write_record(rm, model_config=rm_cfg, tokenizer=None, kind="scalar",
+                          extra={"base": run_folder.base_identity(sft, base, "trunk")})
+  ckpt = run_folder.checkpointer(rm, max_to_keep=None, async_save=False)
+  ckpt.save(1, adapters, {"step": np.full((), 1, np.int32)}, {}, {}, force=True)
+  ckpt.close()
+  with open(os.path.join(rm, "normalization.json"), "w") as f:
+    json.dump({"gain": 2.0, "bias": -0.5}, f)
+  return sft, rm
+
+
+def _ppo_models(sft, rm, vocab):
+  """resolve_models, create_models and the loads of the PPO trainer, with LoRA rank 8."""
+  from rlhf_jax.config import util as config_util
+  from rlhf_jax.core import sharding
+  from rlhf_jax.rl import trainer
+  config = config_util.load_config("configs/ppo.py:size=tiny,steps=2")
+  with config.unlocked():
+    config.sft_dir, config.rm_dir = sft, rm
+    config.lora.rank, config.lora.alpha = 8, 16.0
+  models, sources = trainer.resolve_models(config, SimpleNamespace(vocab_size=vocab, path="-"))
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(None)
+  tx = optax.adam(1e-3)
+  (state, frozen), (shardings, _) = trainer.create_models(
+      models, tx, CONTROLLER, sources["gain"], sources["bias"], mesh, rules, 0)
+  frozen = trainer.load_frozen(frozen, sources)
+  state = trainer.load_trainable(state, frozen, shardings, sources, HYPER)
+  return models, sources, state, frozen
+
+
+def test_a_lora_rm_on_the_sft_run_shares_its_base_and_scores_as_the_folded_rm(tmp_path):
+  from rlhf_jax.core import run_folder
+  from rlhf_jax.infer import rm_scores
+  sft, rm = _shared_base_runs(tmp_path, S.V)
+  models, sources, state, frozen = _ppo_models(sft, rm, S.V)
+  assert sources["shared"] and models.reward.lora_rank == 4 and models.critic == models.reward
+  assert models.policy.lora_rank == 8
+  # In memory: one base (the reference), the RM as its 28 adapter arrays (7 projections x 2 x
+  # 2 layers) and its head's 2: no trunk of its own.
+  assert lora.count_adapters(frozen.reward) == 28
+  assert len(jax.tree.leaves(frozen.reward)) == 30
+  assert "trunk" not in lora.strip(frozen.reward)
+  # The same scores as the RM folded into its base (how chat and evaluation open the run).
+  folded, folded_cfg = run_folder.load_scalar_model(rm)
+  tokens, mask = S.prompts(4, seed=2)
+  positions = jnp.cumsum(mask, -1)
+  ro = SimpleNamespace(tokens=tokens, positions=positions, segment_ids=mask)
+  ours = ppo.reward_model_scores(frozen, ro, model_config=models.reward)
+  want = rm_scores.score_sequences(folded, tokens, positions, mask, mask,
+                                   model_config=folded_cfg, gain=2.0, bias=-0.5)
+  assert float(jnp.std(want)) > 1e-3  # the scores differ between rows: a real comparison
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  # The critic starts as the normalised RM: its values at every position are the RM's.
+  critic = ppo.full_params(state.params, frozen, models)["critic"]
+  values = jax.jit(lambda p: ScalarModel(models.critic).apply({"params": p}, tokens, positions,
+                                                                mask))(critic)
+  raw = jax.jit(lambda p: ScalarModel(folded_cfg).apply({"params": p}, tokens, positions,
+                                                          mask))(folded)
+  np.testing.assert_allclose(np.asarray(values), 2.0 * np.asarray(raw) - 0.5, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(raw))))
+  # The critic's adapters are a copy, not the RM's buffers (the update donates the state).
+  assert all(a is not b for a, b in zip(jax.tree.leaves(state.params["critic"]),
+                                        jax.tree.leaves(frozen.reward)))
+
+
+def test_a_changed_sft_run_under_a_shared_rm_is_an_error_and_another_base_is_not_shared(
+    tmp_path):
+  from helpers import write_run
+  from rlhf_jax.core import run_folder
+  sft, rm = _shared_base_runs(tmp_path, S.V)
+  # The SFT run's params replaced at the same step: the RM's fingerprint no longer matches.
+  import shutil
+  shutil.rmtree(os.path.join(sft, "checkpoints"))
+  write_run(sft, S.random_params(Transformer(S.CFG), 5), S.CFG, "", kind="policy")
+  with pytest.raises(run_folder.RunFolderError, match="fingerprint"):
+    _ppo_models(sft, rm, S.V)
+  # Another SFT run (the RM's base is not the policy's): the RM is folded, two bases as before.
+  other = str(tmp_path / "other_sft")
+  write_run(other, S.random_params(Transformer(S.CFG), 6), S.CFG, "", kind="policy")
+  assert not run_folder.is_trunk_of(rm, other)

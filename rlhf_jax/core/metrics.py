@@ -6,11 +6,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+
+
+def _tensorboard_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported without torch when torch is not loaded yet.
+
+  tensorboardX imports torch at import time, only to accept torch tensors; this project logs
+  floats. Where torch is installed (the test extras, a transformers environment) that import
+  took 10 s of every process's first metric write on a 2-core CPU. Marking torch unimportable
+  for the duration of the import makes tensorboardX fall back to numpy; a later `import torch`
+  anywhere else is unaffected."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(logdir)
+  sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter(logdir)
 
 
 class MetricWriter:
@@ -23,8 +43,7 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
       except ImportError:  # TensorBoard events are a nicety; the JSONL is the record.
         self._tb = None
 

@@ -281,6 +281,25 @@ def base_identity(source: str, base_params, placed_as: str = "") -> dict:
           "fingerprint": lora.fingerprint(base_params)}
 
 
+def is_trunk_of(run: str, policy_run: str) -> bool:
+  """Whether a run is LoRA adapters on the trunk of `policy_run` at its latest step (an RM
+  trained on that SFT run): PPO then keeps one base for the RM, critic, policy and reference."""
+  record = read_record(run)
+  base = record.get("base") or {}
+  return bool(record["model"].get("lora_rank")) and base.get("as") == "trunk" and (
+      base.get("source") == root(policy_run) and base.get("step") == latest_step(policy_run))
+
+
+def check_base(run: str, base_params) -> None:
+  """RunFolderError unless `base_params` are the base a LoRA run's record names (fingerprint)."""
+  entry = read_record(run)["base"]
+  found = lora.fingerprint(base_params)
+  if found != entry["fingerprint"]:
+    raise RunFolderError(f"LoRA run {root(run)} was trained on base {entry['source']} (step "
+                         f"{entry.get('step')}, fingerprint {entry['fingerprint']}), but those "
+                         f"params now have fingerprint {found}: train it again on them")
+
+
 def read_base(run: str):
   """The frozen base of a LoRA run, on one device, checked against the record's fingerprint."""
   record = read_record(run)
@@ -303,11 +322,7 @@ def read_base(run: str):
                          f"cannot be read: {e}") from None
   if entry.get("as") == "trunk":  # a scalar model's trunk: the policy without its lm_head
     params = {"trunk": trunk_of(params)}
-  found = lora.fingerprint(params)
-  if found != entry["fingerprint"]:
-    raise RunFolderError(f"LoRA run {root(run)} was trained on base {source} (step "
-                         f"{entry.get('step')}, fingerprint {entry['fingerprint']}), but {source} "
-                         f"now holds different params (fingerprint {found})")
+  check_base(run, params)
   return params
 
 

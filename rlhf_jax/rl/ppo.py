@@ -37,7 +37,7 @@ import optax
 
 from rlhf_jax.models import chunked, lora, losses
 from rlhf_jax.infer import rm_scores as reward
-from rlhf_jax.models.heads import ScalarModel
+from rlhf_jax.models.heads import ScalarModel, trunk_of
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
 from rlhf_jax.infer.rollout import Rollout, answer_columns
@@ -149,20 +149,39 @@ class PPOState:
 
 class Frozen(NamedTuple):
   reference: Any  # Transformer params (the SFT policy); with LoRA also the policy's base
-  reward: Any  # ScalarModel params; with LoRA its trunk is also the critic's base
+  # ScalarModel params; with LoRA its trunk is also the critic's base. With a shared base (the
+  # reward model's config has adapters: an RM trained as LoRA on this SFT policy) only its
+  # adapters and head: its trunk, and the critic's, is the reference's (`shared_trunk`).
+  reward: Any
   reward_gain: Array  # [] float32: normalised score = gain · raw + bias
   reward_bias: Array  # []
+
+
+def shared_trunk(frozen: Frozen) -> dict:
+  """The reference's trunk (all but its vocabulary projection) as a scalar model's base."""
+  return {"trunk": trunk_of(frozen.reference)}
+
+
+def reward_params(frozen: Frozen, reward_config: ModelConfig) -> dict:
+  """The reward model's whole params: frozen.reward, or with a shared base (its config has
+  adapters) its adapters and head on the reference's trunk."""
+  if not reward_config.lora_rank:
+    return frozen.reward
+  return lora.merge(frozen.reward, shared_trunk(frozen))
 
 
 def full_params(params, frozen: Frozen, models: PPOModels) -> dict:
   """The state's {'policy', 'critic'} as whole param trees. Without LoRA they are whole already.
   With LoRA (models/lora.py) the state holds adapters (and the critic's head), and the bases
   are the frozen models: the policy's is the reference (the SFT params), the critic's trunk is
-  the reward model's (the critic starts from the RM). No weight is stored twice."""
+  the reward model's (the critic starts from the RM), or the reference's when the RM is itself
+  adapters on it (a shared base: one set of base weights for all four models). No weight is
+  stored twice."""
   if not models.policy.lora_rank:
     return params
+  trunk = shared_trunk(frozen) if models.reward.lora_rank else {"trunk": frozen.reward["trunk"]}
   return {"policy": lora.merge(params["policy"], frozen.reference),
-          "critic": lora.merge(params["critic"], {"trunk": frozen.reward["trunk"]})}
+          "critic": lora.merge(params["critic"], trunk)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +222,8 @@ def answer_values(params, rollout: Rollout, *, model_config: ModelConfig) -> Arr
 
 def reward_model_scores(frozen: Frozen, rollout: Rollout, *, model_config: ModelConfig) -> Array:
   """Normalised RM scores [B]: the scalar head at each episode's last real token."""
-  return reward.score_sequences(frozen.reward, rollout.tokens, rollout.positions,
+  return reward.score_sequences(reward_params(frozen, model_config), rollout.tokens,
+                                rollout.positions,
                                 rollout.segment_ids, rollout.segment_ids,
                                 model_config=model_config, gain=frozen.reward_gain,
                                 bias=frozen.reward_bias)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.core import optim, run_folder, sharding
+from rlhf_jax.core import checkpoint as ckpt_lib, optim, run_folder, sharding
 from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.eval import ppo_periodic as evaluation
 from rlhf_jax.infer.rollout import make_rollout_fn
@@ -139,9 +139,18 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
   adapters = lora.model_fields(config.get("lora"))
   if adapters.get("lora_rank") and not sft_ckpt:
     raise ValueError("lora.rank > 0 needs sft_dir: the frozen policy the adapters train on")
+  sources = {"sft": sft_ckpt, "rm": rm_ckpt, "gain": gain, "bias": bias, "shared": False}
+  if adapters.get("lora_rank") and rm_ckpt and run_folder.is_trunk_of(rm_ckpt, sft_ckpt):
+    # One base for all four models: the RM stays its adapters and head on the SFT trunk, and
+    # the critic starts as the RM (its adapters copied, in the RM's own LoRA settings).
+    rm_adapters = run_folder.model_config(rm_ckpt, **{k: config.model[k]
+                                                      for k in NUMERICS_FIELDS})
+    models = ppo.PPOModels(policy=dataclasses.replace(policy, **adapters), critic=rm_adapters,
+                           reward=rm_adapters)
+    return models, {**sources, "shared": True}
   models = ppo.PPOModels(policy=dataclasses.replace(policy, **adapters),
                          critic=dataclasses.replace(reward, **adapters), reward=reward)
-  return models, {"sft": sft_ckpt, "rm": rm_ckpt, "gain": gain, "bias": bias}
+  return models, sources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +183,10 @@ def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, r
     state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
                          opt_state=tx.init(params), ema=None, kl_coef=controller.initial(),
                          rng=jax.random.key_data(k_state))
-    frozen = ppo.Frozen(reference=base,
-                        reward=ScalarModel(models.reward).init(k_reward, *inputs)["params"],
+    reward = ScalarModel(models.reward).init(k_reward, *inputs)["params"]
+    if models.reward.lora_rank:  # a shared base: the RM's trunk is the reference's
+      reward, _ = lora.split(reward)
+    frozen = ppo.Frozen(reference=base, reward=reward,
                         reward_gain=jnp.ones((), jnp.float32),
                         reward_bias=jnp.zeros((), jnp.float32))
     return state, frozen
@@ -216,11 +227,16 @@ def copy_tree(tree, shardings):
 
 
 def load_frozen(frozen: ppo.Frozen, sources: dict) -> ppo.Frozen:
-  """The SFT params into the reference, the RM checkpoint into the reward model."""
+  """The SFT params into the reference, the RM checkpoint into the reward model (with a shared
+  base, its saved adapters and head as they are, on a trunk checked to be the RM's base)."""
   if sources["sft"]:
     frozen = frozen._replace(reference=run_folder.restore_params(sources["sft"],
                                                                frozen.reference))
-  if sources["rm"]:
+  if sources["rm"] and sources.get("shared"):
+    run_folder.check_base(sources["rm"], ppo.shared_trunk(frozen))
+    frozen = frozen._replace(reward=ckpt_lib.restore_params(
+        run_folder.checkpoint_dir(sources["rm"]), frozen.reward))
+  elif sources["rm"]:
     frozen = frozen._replace(reward=run_folder.restore_params(sources["rm"], frozen.reward))
   return frozen
 
@@ -232,9 +248,11 @@ def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sou
   the frozen RM's own)."""
   params = state.params
   if lora.count_adapters(params["policy"]):
-    head = jax.jit(fold_normalization, out_shardings=state_shardings.params["critic"])(
-        {**params["critic"], "head": frozen.reward["head"]}, frozen.reward_gain,
-        frozen.reward_bias)
+    # The critic starts as the RM: its head (and with a shared base its adapters too).
+    start = frozen.reward if sources.get("shared") else {**params["critic"],
+                                                          "head": frozen.reward["head"]}
+    head = copy_tree(jax.jit(fold_normalization, out_shardings=state_shardings.params["critic"])(
+        start, frozen.reward_gain, frozen.reward_bias), state_shardings.params["critic"])
     return state.replace(params={**params, "critic": head},
                          ema=copy_tree(params["policy"], state_shardings.params["policy"])
                          if hyper.ema_decay else None)
