@@ -32,10 +32,11 @@ def test_config_builds_at_every_size(path):
     assert config.trainer in launch.TRAINERS
 
 
-# PPO's and DPO's two steps from random weights cost a minute or more each cold (PPO compiles a
-# sampler, an experience pass and an update); their trainers run in make test through the tiny
-# pipeline (tests/test_pipeline.py), from these same stage configs. make test-all runs them here.
-HEAVY_RUNS = {"configs/ppo.py", "configs/dpo.py"}
+# PPO's, DPO's, KTO's and the RM's two steps from random weights cost 20 s to a minute each cold
+# (PPO compiles a sampler, an experience pass and an update); their trainers run in make test
+# through the tiny pipeline (tests/test_pipeline.py), from these same stage configs. make
+# test-all runs them here.
+HEAVY_RUNS = {"configs/ppo.py", "configs/dpo.py", "configs/kto.py", "configs/reward.py"}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.heavy) if p in HEAVY_RUNS

@@ -85,6 +85,7 @@ def test_unknown_mesh_preset_is_an_error():
     config_util.load_config("configs/sft_hf.py:mesh=v9")
 
 
+@pytest.mark.heavy  # an HF checkpoint's SFT run; the pretrained-model pipeline (heavy) runs the same path
 @pytest.mark.slow
 def test_sft_starts_from_a_hugging_face_checkpoint(tmp_path, bundled_data_dir):
   """configs/sft_hf.py with model=<HF dir>: the trainer reads the model's own tokenizer (chat

@@ -94,6 +94,7 @@ def test_steps_leave_the_base_bit_identical_and_adam_holds_adapters_only(base_ru
   assert any(np.abs(moved[k] - adapters0[k]).max() > 0 for k in moved if "lora_b" in k)
 
 
+@pytest.mark.heavy  # resume is bit-exact for every trainer in test_train.py; LoRA's in make test-all
 def test_lora_resume_is_bit_exact(base_run, tmp_path):
   config = _lora_config(base_run, steps=4, **{"train.checkpoint_every": 2})
   straight = str(tmp_path / "straight")
@@ -140,6 +141,7 @@ def test_lora_without_a_base_is_a_clear_error(tmp_path):
     lm.train(config, str(tmp_path / "run"))
 
 
+@pytest.mark.heavy  # restore_params folds LoRA runs (test_lora_ppo.py's shared-base test reads one folded)
 def test_a_later_full_stage_starts_from_the_folded_lora_run(base_run, tmp_path):
   run = str(tmp_path / "lora")
   lm.train(_lora_config(base_run, steps=2), run)
@@ -154,6 +156,7 @@ def test_a_later_full_stage_starts_from_the_folded_lora_run(base_run, tmp_path):
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.heavy  # a LoRA run through the export into transformers; fold itself is tested in test_lora.py
 def test_merged_export_loads_in_transformers_with_the_unmerged_logits(base_run, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -239,6 +239,7 @@ def test_large_beta_keeps_kl_near_zero_while_zero_beta_moves(runner, free_run):
 # ------------------------------------------------------------------------------ EMA and ptx
 
 
+@pytest.mark.heavy  # an iteration compiled for EMA and ptx alone (30 s cold): make test-all
 @pytest.mark.slow  # compiles an update of its own
 def test_ema_and_ptx_terms():
   hyper = ppo.PPOHyper(epochs=1, minibatches=1, temperature=0.7, missing_eos_penalty=None,

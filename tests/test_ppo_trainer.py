@@ -103,6 +103,7 @@ def _params_equal(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.heavy  # two PPO runs from configs/ppo.py (about a minute cold)
 @pytest.mark.slow
 def test_resume_mid_run_then_nan_reward_stops_and_keeps_the_checkpoint(
     tmp_path, stage_dirs, bundled_data_dir, bundled_tokenizer):

@@ -457,6 +457,7 @@ def test_tokenizer_is_the_init_runs_own(tmp_path, bundled_tokenizer):
     assert copy.read() == original.read()
 
 
+@pytest.mark.heavy  # KTO on exported chat feedback; KTO's learning is tested on the bundled likes above
 @pytest.mark.slow
 def test_exported_chat_feedback_trains_kto(tmp_path, bundled_tokenizer, sft_dir):
   """Clicks in the chat store -> `feedback export` -> rlhf_feedback/chat -> a few KTO steps."""

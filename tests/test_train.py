@@ -65,6 +65,7 @@ def test_sharded_step_matches_single_device(single_device_run, mesh_config):
   assert compiled == 1, "the train step was compiled more than once"
 
 
+@pytest.mark.heavy  # bf16 x 8-device sharding; float32 sharding and bf16 steps are tested on their own
 def test_bfloat16_sharded_step_matches_single_device_and_float32():
   """Mixed precision (bf16 operands, float32 accumulation: models/dot.py) under a 3-axis mesh:
   the same losses as on one device, compiled once, and within bf16 rounding of float32."""
@@ -160,6 +161,7 @@ def test_param_ema_is_the_debiased_average_of_the_iterates():
     optim.ema_params(p_state, params)
 
 
+@pytest.mark.heavy  # a resumed EMA run; resume exactness is tested without EMA above
 def test_param_ema_state_is_checkpointed_and_restored_exactly(tmp_path):
   """The moving average lives in the optimizer state: a checkpoint round trip (orbax, onto a
   freshly built sharded state) gives back every leaf of it, so a resumed RM run ends on the
