@@ -43,8 +43,10 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   adapters only and records its base, and the frozen base doubles as every reference model,
   so no stage holds a second copy of the weights. Continued pretraining trains every weight.
   A choice for memory and speed on a 2-core CPU, not yet measured against full fine-tuning;
-- step counts, learning rates and data sizes are PRETRAINED_STEPS and _use_model's, a first
-  guess sized for a 2-core CPU, not yet measured (issue 19).
+- step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized so that Gemma 3 270M
+  runs every stage in about 90 minutes on a 2-core CPU (experiments/real_recipe: a training
+  step of 8 x 128 tokens costs ~30 s there, two thirds of it the 262k-word vocabulary); on an
+  accelerator raise them with --config.<stage>.<field>. Learning rates are a first guess.
 `lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA.
 """
 import os
@@ -59,7 +61,7 @@ from rlhf_jax.config import util as config_util
 STEPS = {"tiny": (600, 300, 300, 150, 150), "small": (300, 150, 20, 20, 20)}
 SMOKE_STEPS = (3, 3, 2, 2, 2)
 # From a pretrained model: (continued pretraining, sft, ppo, kto, dpo), not yet measured.
-PRETRAINED_STEPS = (100, 300, 40, 60, 60)
+PRETRAINED_STEPS = (100, 60, 24, 16, 16)
 LORA_STAGES = ("sft", "rm", "ppo", "kto", "dpo")
 
 
@@ -137,16 +139,26 @@ def _use_model(config, arg) -> None:
                                 ("dpo", 5e-7, 5e-6)):
     config[stage].optim.learning_rate = adapters if lora else full
     config[stage].optim.embed_lr_multiplier = 1.0
+  # Sized for a 2-core CPU (see the docstring): short texts and small batches everywhere.
   for stage in ("pretrain", "sft"):
-    config[stage].data.batch_size = 16
-    config[stage].data.seq_len = 256
+    config[stage].data.batch_size = 8
+    config[stage].data.seq_len = 128
   config.rm.optim.ema_decay = 0.0
   config.rm.data.epochs = 1
-  for name, value in dict(prompts_per_lang=256, heldout_per_lang=64, max_new_tokens=32,
-                          max_prompt_tokens=64, batch_size=32).items():
+  config.rm.data.batch_size = 16
+  config.rm.data.seq_len = 80  # prompt (<= 48) + answer (<= 24), padded
+  for name, value in dict(prompts_per_lang=96, heldout_per_lang=32, max_new_tokens=24,
+                          max_prompt_tokens=48, batch_size=32).items():
     config.comparisons[name] = value
-  config.ppo.sampling.max_new_tokens = 32
-  config.evaluate.prompts_per_lang = 64
+  config.ppo.sampling.max_new_tokens = 24
+  config.ppo.data.max_prompt_len = 48
+  config.ppo.eval.n_prompts = 16
+  for stage in ("kto", "dpo"):
+    config[stage].data.batch_size = 8
+    config[stage].data.max_prompt_len = 48
+    config[stage].data.max_answer_len = 24
+    config[stage].eval.max_examples = 32
+  config.evaluate.prompts_per_lang = 32
   config.evaluate.samples_per_lang = 8  # the first 8 held-out prompts per language
 
 

@@ -36,10 +36,12 @@ def test_card_counts_both_languages(data_dir, capsys):
   info = json.loads(capsys.readouterr().out)
   text = info["datasets"]["rlhf_text/tiny:1.0.0"]["splits"]["train"]
   assert text["count"] == 2
-  assert text["langs"] == {"en": {"count": 1, "length": {"mean": 6.0, "min": 6, "p50": 6,
-                                                         "p90": 6, "p99": 6, "max": 6}},
-                           "zh": {"count": 1, "length": {"mean": 3.0, "min": 3, "p50": 3,
-                                                         "p90": 3, "p99": 3, "max": 3}}}
+  assert text["langs"] == {"en": {"count": 1, "length": {"total": 6, "mean": 6.0, "min": 6,
+                                                         "p50": 6, "p90": 6, "p99": 6,
+                                                         "max": 6}},
+                           "zh": {"count": 1, "length": {"total": 3, "mean": 3.0, "min": 3,
+                                                         "p50": 3, "p90": 3, "p99": 3,
+                                                         "max": 3}}}
   splits = info["datasets"]["rlhf_dialogues/tiny:1.0.0"]["splits"]
   assert sum(s["count"] for s in splits.values()) == 5
   assert sum(s["langs"].get("zh", {}).get("count", 0) for s in splits.values()) == 2
@@ -56,3 +58,29 @@ def test_record_text_joins_every_text_field():
                            "responses": ["a", "b"]}) == "p\na\nb"
   assert card.record_text({"messages": [{"role": "user", "content": "q"},
                                         {"role": "assistant", "content": "a"}]}) == "q\na"
+
+
+def test_card_counts_tokens_per_language(data_dir, bundled_tokenizer, capsys):
+  """With a tokenizer, each language's total is the sum of its records' token counts, counted
+  here by a plain loop over the records with the same tokenizer."""
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+  card.main([f"--data_dir={data_dir}", f"--tokenizer={bundled_tokenizer}", "--json",
+             "--only=rlhf_dialogues"])
+  info = json.loads(capsys.readouterr().out)
+  assert info["unit"] == "tokens" and list(info["datasets"]) == ["rlhf_dialogues/tiny:1.0.0"]
+  tok = load_any_tokenizer(bundled_tokenizer)
+  path = dict(card.find_datasets(data_dir))["rlhf_dialogues/tiny:1.0.0"]
+  builder = tfds.builder_from_directory(path)
+  splits = info["datasets"]["rlhf_dialogues/tiny:1.0.0"]["splits"]
+  for split, split_info in splits.items():
+    expected = {}
+    for record in card.read_split(builder, split):
+      n = len(tok.encode(card.record_text(record)))
+      expected[record["lang"]] = expected.get(record["lang"], 0) + n
+    assert {lang: sub["length"]["total"] for lang, sub in split_info["langs"].items()} == expected
+    assert sum(expected.values()) > 0 or split_info["count"] == 0
+
+
+def test_card_names_what_only_did_not_find(data_dir):
+  with pytest.raises(SystemExit, match="rlhf_prompts.*there: .*rlhf_dialogues/tiny"):
+    card.main([f"--data_dir={data_dir}", "--only=rlhf_prompts"])

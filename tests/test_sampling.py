@@ -237,6 +237,33 @@ def test_temperature_sampling_frequencies_match_softmax():
   assert wrong > wrong_dof + 5 * np.sqrt(2 * wrong_dof)
 
 
+def test_categorical_draw_across_blocks_matches_softmax():
+  """The two-level inverse-CDF draw over a vocabulary of several blocks, not a multiple of the
+  block size, with masked entries on both sides of a block boundary: masked tokens are never
+  drawn and the frequencies pass a chi-square test against the float64 softmax (which rejects
+  the same counts against the unmasked distribution, so the check can fail)."""
+  from rlhf_jax.infer.sampling import DRAW_BLOCK, categorical_draw
+  v = 2 * DRAW_BLOCK + 77
+  rng = np.random.RandomState(5)
+  logits = 2.0 * rng.randn(2, v).astype(np.float32)
+  logits[0, DRAW_BLOCK - 3:DRAW_BLOCK + 3] = -np.inf  # straddles the first block boundary
+  logits[1, :DRAW_BLOCK] = -np.inf  # a whole block masked
+  logits[:, 40] += 6.0  # one likely token: probabilities from ~0.3 down to ~1e-6
+  n = 60000
+  draw = jax.jit(jax.vmap(lambda k: categorical_draw(k, jnp.asarray(logits))))
+  draws = np.asarray(draw(jax.random.split(jax.random.key(7), n)))  # [n, 2]
+  for row in range(2):
+    counts = np.bincount(draws[:, row], minlength=v).astype(np.float64)
+    assert counts[~np.isfinite(logits[row])].sum() == 0
+    probs = _softmax64(np.where(np.isfinite(logits[row]), logits[row], -np.inf).astype(np.float64))
+    stat, dof = _chi_square(counts, probs, n)
+    assert stat < dof + 5 * np.sqrt(2 * dof)
+  unmasked = _softmax64(np.where(np.isfinite(logits[1]), logits[1], 0.0).astype(np.float64))
+  wrong, wrong_dof = _chi_square(np.bincount(draws[:, 1], minlength=v).astype(np.float64),
+                                 unmasked, n)
+  assert wrong > wrong_dof + 5 * np.sqrt(2 * wrong_dof)
+
+
 def test_generate_compiles_once(params, monkeypatch):
   traces = []
   real_prefill = sampling.prefill

@@ -73,7 +73,8 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float]:
   if not len(lengths):
     return {}
   values = np.asarray(lengths)
-  stats = {"mean": round(float(values.mean()), 1), "min": int(values.min())}
+  stats = {"total": int(values.sum()), "mean": round(float(values.mean()), 1),
+           "min": int(values.min())}
   stats.update({f"p{p}": int(np.percentile(values, p)) for p in PERCENTILES})
   stats["max"] = int(values.max())
   return stats
@@ -96,19 +97,28 @@ def split_card(records: list[dict[str, Any]], measure: Callable[[list[str]], lis
 
 
 def make_measure(tokenizer: str | None) -> tuple[str, Callable[[list[str]], list[int]]]:
-  """(unit, texts -> lengths): sentencepiece pieces with a model file, else characters."""
+  """(unit, texts -> lengths): tokens of a tokenizer (a sentencepiece .model, a Hugging Face
+  directory, a .gguf file or a preset such as gemma3_270m), else characters."""
   if not tokenizer:
     return "chars", lambda texts: [len(t) for t in texts]
-  import sentencepiece  # Only needed with --tokenizer.
-  processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
-  return "tokens", lambda texts: [len(ids) for ids in processor.encode(texts)]
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer  # Only needed with --tokenizer.
+  processor = load_any_tokenizer(tokenizer)
+  return "tokens", lambda texts: [len(processor.encode(t)) for t in texts]
 
 
-def dataset_card(data_dir: str, tokenizer: str | None = None) -> dict[str, Any]:
-  """{'unit': ..., 'datasets': {name: {'metadata': ..., 'splits': {split: split_card}}}}."""
+def dataset_card(data_dir: str, tokenizer: str | None = None,
+                 only: Sequence[str] = ()) -> dict[str, Any]:
+  """{'unit': ..., 'datasets': {name: {'metadata': ..., 'splits': {split: split_card}}}}, of
+  every prepared dataset, or of those whose name starts with one of `only`."""
   unit, measure = make_measure(tokenizer)
   card: dict[str, Any] = {"data_dir": data_dir, "unit": unit, "datasets": {}}
-  for name, path in find_datasets(data_dir):
+  found = find_datasets(data_dir)
+  chosen = [(name, path) for name, path in found
+            if not only or any(name.startswith(prefix) for prefix in only)]
+  if only and not chosen:
+    raise SystemExit(f"--only={','.join(only)}: no prepared dataset starts with that in "
+                     f"{data_dir} (there: {', '.join(name for name, _ in found) or 'none'})")
+  for name, path in chosen:
     builder = tfds.builder_from_directory(path)
     splits = {split: split_card(read_split(builder, split), measure)
               for split in builder.info.splits}
@@ -120,14 +130,14 @@ def dataset_card(data_dir: str, tokenizer: str | None = None) -> dict[str, Any]:
 def _length_cells(stats: dict[str, float]) -> str:
   if not stats:
     return ""
-  return " ".join(f"{stats[k]:>7}" for k in ("mean", "p50", "p90", "p99", "max"))
+  return " ".join(f"{stats[k]:>7}" for k in ("mean", "p50", "p90", "p99", "max", "total"))
 
 
 def format_card(card: dict[str, Any]) -> str:
   """A plain-text table: one line per dataset, split and language."""
   header = (f"{'dataset':<32} {'split':<10} {'lang':<5} {'count':>7}   "
             f"{'length in ' + card['unit'] + ':':<18}"
-            + " ".join(f"{k:>7}" for k in ("mean", "p50", "p90", "p99", "max")))
+            + " ".join(f"{k:>7}" for k in ("mean", "p50", "p90", "p99", "max", "total")))
   lines = [f"data card of {card['data_dir']}", header, "-" * len(header)]
   if not card["datasets"]:
     lines.append("(no prepared datasets)")
@@ -151,15 +161,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description="Print the data card of a TFDS data_dir.")
   parser.add_argument("--data_dir", default=None,
                       help=f"default: {builders.DEFAULT_DATA_DIR}")
-  parser.add_argument("--tokenizer", default=None, help="sentencepiece .model file")
+  parser.add_argument("--tokenizer", default=None,
+                      help="sentencepiece .model, HF directory, .gguf or preset (gemma3_270m)")
   parser.add_argument("--prepare", action="store_true",
                       help="prepare the bundled datasets first")
+  parser.add_argument("--only", default="",
+                      help="comma-separated dataset name prefixes (rlhf_dialogues,rlhf_prompts)")
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
   args = parser.parse_args(argv)
   data_dir = builders.resolve_data_dir(args.data_dir)
   if args.prepare:
     builders.prepare(data_dir=data_dir)
-  card = dataset_card(data_dir, args.tokenizer)
+  card = dataset_card(data_dir, args.tokenizer,
+                      [prefix for prefix in args.only.split(",") if prefix])
   print(json.dumps(card, ensure_ascii=False, indent=1) if args.json else format_card(card))
 
 
