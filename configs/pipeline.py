@@ -42,7 +42,11 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   in full), PPO (policy; the critic sits on the frozen RM trunk), KTO and DPO: each run saves
   adapters only and records its base, and the frozen base doubles as every reference model,
   so no stage holds a second copy of the weights. Continued pretraining trains every weight.
-  A choice for memory and speed on a 2-core CPU, not yet measured against full fine-tuning;
+  A choice for memory and speed on a 2-core CPU, not yet measured against full fine-tuning.
+  Known defect: from Gemma 3 *base*, the template's <end_of_turn> is an untrained embedding row
+  with 4,664 near-copies, and a frozen embedding cannot tell them apart, so LoRA SFT answers
+  never stop (experiments/real_recipe); `--config.sft.lora.rank=0` would train the embedding
+  (not yet run);
 - step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized so that Gemma 3 270M
   runs every stage in about 90 minutes on a 2-core CPU (experiments/real_recipe: a training
   step of 8 x 128 tokens costs ~30 s there, two thirds of it the 262k-word vocabulary); on an
