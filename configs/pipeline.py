@@ -43,10 +43,9 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   adapters only and records its base, and the frozen base doubles as every reference model,
   so no stage holds a second copy of the weights. Continued pretraining trains every weight.
   A choice for memory and speed on a 2-core CPU, not yet measured against full fine-tuning.
-  Known defect: from Gemma 3 *base*, the template's <end_of_turn> is an untrained embedding row
-  with 4,664 near-copies, and a frozen embedding cannot tell them apart, so LoRA SFT answers
-  never stop (experiments/real_recipe); `--config.sft.lora.rank=0` would train the embedding
-  (not yet run);
+  The chat template's special tokens train as embedding rows beside the adapters (lora.tokens):
+  from Gemma 3 *base*, <end_of_turn> is an untrained row with 4,664 near-copies, and with a
+  frozen embedding the LoRA SFT answers never stopped (experiments/real_recipe);
 - step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized so that Gemma 3 270M
   runs every stage in about 90 minutes on a 2-core CPU (experiments/real_recipe: a training
   step of 8 x 128 tokens costs ~30 s there, two thirds of it the 262k-word vocabulary); on an
@@ -130,11 +129,14 @@ def _use_model(config, arg) -> None:
   config.size = section.size  # the report names the model
   config.tokenizer.path = source
   config.tokenizer.vocab_size = section.vocab_size
+  tokens = _template_tokens(source) if arg.lora_rank > 0 else ""
   for stage in ("pretrain",) + LORA_STAGES:
     config[stage].model = ml_collections.ConfigDict(section.to_dict())
     config[stage].tokenizer.path = source  # filled in by the pipeline too
     config[stage].lora = sections.lora_section(0 if stage == "pretrain" else arg.lora_rank)
     config[stage].lora.alpha = 2.0 * max(arg.lora_rank, 1)
+    if stage != "pretrain":
+      config[stage].lora.tokens = tokens
   config.pretrain.init_from = source
   # Adapters learn at about ten times a full fine-tune's rate (not yet tuned here).
   lora = arg.lora_rank > 0
@@ -164,6 +166,18 @@ def _use_model(config, arg) -> None:
     config[stage].eval.max_examples = 32
   config.evaluate.prompts_per_lang = 32
   config.evaluate.samples_per_lang = 8  # the first 8 held-out prompts per language
+
+
+def _template_tokens(source: str) -> str:
+  """The chat template's special-token ids ('105,106' for Gemma 3), as `lora.tokens`: their
+  embedding rows train beside the adapters. In a base model they are untrained rows with
+  thousands of near-copies, which a frozen embedding cannot tell apart (experiments/
+  real_recipe: Gemma 3's LoRA SFT answers never stopped)."""
+  from rlhf_jax.text.hf_tokenizer import HFTokenizer, load_any_tokenizer
+  tokenizer = load_any_tokenizer(source)
+  if not isinstance(tokenizer, HFTokenizer):
+    return ""
+  return ",".join(str(i) for i in tokenizer.template_token_ids())
 
 
 def _tokenizer_section(tiny: bool) -> ml_collections.ConfigDict:

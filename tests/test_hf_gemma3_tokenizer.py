@@ -78,6 +78,19 @@ def test_gemma_template_format_by_hand():
 # ------------------------------------------------------------------- the real Gemma 3 270M file
 
 
+def test_template_tokens_are_the_turn_markers():
+  """What LoRA trains as embedding rows (configs/pipeline.py): the special tokens of Gemma's
+  turn format written out by hand above, looked up one by one in the vocabulary."""
+  try:
+    path = pretrained.gemma3_270m_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  tokenizer = HFTokenizer.load(path)
+  by_hand = [tokenizer._tok.token_to_id(t) for t in ("<bos>", "<start_of_turn>", "<end_of_turn>")]
+  assert tokenizer.template_token_ids() == tuple(by_hand) == (2, 105, 106)
+
+
+
 @pytest.fixture(scope="module")
 def gemma():
   """(our tokenizer, transformers' tokenizer) of the Gemma 3 270M GGUF; transformers derives

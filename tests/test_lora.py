@@ -175,3 +175,59 @@ def test_no_weight_gradient_of_the_base_is_computed(dtype):
   full_hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
   assert pattern.search(full_hlo), "the full-parameter gradient should compute kernel grads"
   assert not pattern.search(lora_hlo), pattern.search(lora_hlo).group(0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_token_rows_act_as_those_rows_of_the_embedding(scan):
+  """Trained token rows (lora_tokens) are E[ids] + rows in the lookup and in the tied
+  projection: the adapted model's logits equal a plain model's whose embedding rows were
+  replaced in numpy, and `fold` writes the same table. Zeroed adapters give the base back,
+  and the chunked log-probs and their gradient with respect to the rows match the unchunked."""
+  from rlhf_jax.models import chunked
+  ids = (3, 7, 60)
+  config = dataclasses.replace(BASE, lora_rank=2, lora_tokens=ids, tie_embeddings=True,
+                               scan_layers=scan)
+  params = _randomize_b(_init(config))
+  rows = np.asarray(params["token_rows_lora_b"])  # [3, D], drawn N(0, 0.05) like every lora_b
+  assert rows.shape == (3, BASE.d_model) and np.abs(rows).min() > 0
+  assert lora.is_trainable(("token_rows_lora_b",))
+  inputs = _inputs()
+  inputs = (inputs[0].at[0, :3].set(jnp.asarray(ids)),) + inputs[1:]  # every id is read
+  table = np.asarray(params["embed"]["embedding"]).copy()
+  table[list(ids)] += rows
+  folded = lora.fold(params, config)
+  np.testing.assert_allclose(np.asarray(folded["embed"]["embedding"]), table, rtol=1e-6)
+  # The reference: lora.fold's kernels for the adapters (tested above), the rows added in
+  # numpy, run as a model without LoRA.
+  reference = dict(folded, embed={"embedding": jnp.asarray(table)})
+  got = _logits(config, params, inputs)
+  want = _logits(lora.base_config(config), reference, inputs)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+  np.testing.assert_array_equal(
+      _logits(config, lora.zero_adapters(params), inputs),
+      _logits(lora.base_config(config), lora.strip(params), inputs))
+
+  def logp(p, chunk):
+    c = dataclasses.replace(config, vocab_chunk=chunk)
+    hidden = Transformer(c).apply({"params": p}, *inputs, method=Transformer.hidden_states)[0]
+    return chunked.model_logit_stats(p, hidden[:, :-1], inputs[0][:, 1:],
+                                     model_config=c)[0].sum()
+
+  grads = {}
+  for chunk in (0, 24):  # 24 does not divide the 64-word vocabulary
+    value, grad = jax.jit(jax.value_and_grad(lambda r: logp(
+        dict(params, token_rows_lora_b=r), chunk)))(params["token_rows_lora_b"])
+    grads[chunk] = (float(value), np.asarray(grad))
+  np.testing.assert_allclose(grads[24][0], grads[0][0], rtol=1e-5)
+  np.testing.assert_allclose(grads[24][1], grads[0][1], rtol=1e-4,
+                             atol=1e-5 * float(np.abs(grads[0][1]).max()))
+  assert np.abs(grads[0][1]).min() > 0  # each row is read as input and as output
+
+
+def test_token_rows_need_tied_distinct_ids():
+  with pytest.raises(ValueError, match="lora_tokens"):
+    dataclasses.replace(BASE, lora_rank=2, lora_tokens=(3, 3), tie_embeddings=True)
+  with pytest.raises(ValueError, match="lora_tokens"):
+    dataclasses.replace(BASE, lora_rank=2, lora_tokens=(3,), tie_embeddings=False)
+  with pytest.raises(ValueError, match="lora_tokens"):
+    dataclasses.replace(BASE, lora_rank=2, lora_tokens=(64,), tie_embeddings=True)

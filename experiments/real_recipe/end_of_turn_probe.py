@@ -5,9 +5,11 @@ In Gemma 3 270M *base* the chat template's <end_of_turn> (id 106) is an untraine
 tied embedding: its cosine with the 6,242 <unused*> rows averages 0.91, and 4,664 rows lie
 within cosine 0.99 of it. Under LoRA the embedding is frozen, so an adapter that learns to
 "end the turn" raises all of them together. This script measures that on four short chats
-(two per language), at the position that should emit <end_of_turn>.
+(two per language), at the position that should emit <end_of_turn>, for the base model and
+each SFT run given (with `lora.tokens` the run trains those rows, and the mass returns to the
+stop token).
 
-  python experiments/real_recipe/end_of_turn_probe.py workdirs/demo-real/sft
+  python experiments/real_recipe/end_of_turn_probe.py workdirs/demo-real/sft [more SFT runs]
 """
 import sys
 
@@ -53,8 +55,8 @@ def probe(label, params, config, tokenizer, unused, copies) -> None:
           f"{p[copies].sum():.3f} |")
 
 
-def main(sft_run: str) -> None:
-  tokenizer = run_folder.tokenizer(sft_run)
+def main(*sft_runs: str) -> None:
+  tokenizer = run_folder.tokenizer(sft_runs[0])
   vocab = tokenizer._tok
   unused = np.array([i for i in range(vocab.get_vocab_size())
                      if (vocab.id_to_token(i) or "").startswith("<unused")])
@@ -65,9 +67,10 @@ def main(sft_run: str) -> None:
   print("| model | answer | P(<end_of_turn>) | P(any <unused*>) | P(its near-copies) |")
   print("|---|---|---|---|---|")
   probe("base", base, config, tokenizer, unused, copies)
-  params, config = run_folder.load_policy(sft_run)
-  probe("LoRA SFT", params, config, tokenizer, unused, copies)
+  for run in sft_runs:
+    params, config = run_folder.load_policy(run)
+    probe(run, params, config, tokenizer, unused, copies)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:])

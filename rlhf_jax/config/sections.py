@@ -119,9 +119,12 @@ def lora_section(rank: int = 0) -> ml_collections.ConfigDict:
   """`config.lora`: low-rank adapters on the projections whose parameter path matches `targets`
   (rank 0: train every parameter). alpha scales the adapter by alpha / rank; dropout acts on
   the adapter's input in supervised stages only (RL never samples with it). A scalar model's
-  head (RM, critic) is always fully trained."""
+  head (RM, critic) is always fully trained. tokens: comma-separated vocabulary ids whose tied
+  embedding rows train beside the adapters ('' none; the pipeline sets a pretrained model's
+  chat-template tokens)."""
   return ml_collections.ConfigDict(dict(rank=rank, alpha=16.0, dropout=0.0,
-                                        targets=r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"))
+                                        targets=r"(attn/(q|k|v|o)|mlp/(gate|up|down))$",
+                                        tokens=""))
 
 
 def mesh_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:

@@ -40,14 +40,25 @@ from rlhf_jax.models.transformer import ModelConfig, Transformer
 Array = jax.Array
 
 
-def output_projection(params: Mapping[str, Any], tie_embeddings: bool) -> tuple[Array, int]:
+def output_projection(params: Mapping[str, Any], tie_embeddings: bool,
+                      lora_tokens: tuple = ()) -> tuple[Array, int]:
   """(kernel, vocab_axis) of a Transformer's output projection: lm_head's kernel [D, V] (axis
   1), or with tied embeddings the embedding matrix [V, D] (axis 0) as stored. Not transposed
   here: a whole transposed copy (1.2 GB for Gemma 3's float32 embedding) is what chunking
-  avoids; each chunk transposes its own [C, D] slice."""
+  avoids; each chunk transposes its own [C, D] slice. With LoRA token rows (`lora_tokens`, the
+  params' `token_rows_lora_b`), the embedding with those rows added: one copy of it, and the
+  backward pass then forms the embedding's gradient to read the rows' part."""
   if tie_embeddings:  # unbox: freshly initialised params still carry their partitioning
-    return nn.unbox(params["embed"]["embedding"]), 0
+    table = nn.unbox(params["embed"]["embedding"])
+    if lora_tokens and "token_rows_lora_b" in params:
+      rows = nn.unbox(params["token_rows_lora_b"])
+      table = table.at[jnp.asarray(lora_tokens)].add(rows.astype(table.dtype))
+    return table, 0
   return nn.unbox(params["lm_head"]["kernel"]), 1
+
+
+def _lora_tokens(model_config) -> tuple:
+  return tuple(model_config.lora_tokens) if model_config.lora_rank else ()
 
 
 def _chunk_stats(carry, i, hidden, kernel, targets, *, chunk, vocab_axis, dtype, temperature,
@@ -174,7 +185,8 @@ def model_logit_stats(params, hidden: Array, targets: Array, *, model_config: Mo
       ent_logits = logits if entropy_grad else jax.lax.stop_gradient(logits)
       entropy_value = losses.entropy_from_logits(ent_logits)
     return losses.token_logprobs(logits, targets), entropy_value
-  kernel, vocab_axis = output_projection(params, model_config.tie_embeddings)
+  kernel, vocab_axis = output_projection(params, model_config.tie_embeddings,
+                                         _lora_tokens(model_config))
   logp, entropy_value = logit_stats(
       hidden, kernel, targets, chunk=chunk, dtype=model_config.compute_dtype,
       temperature=temperature, softcap=model_config.final_softcap,
@@ -192,7 +204,8 @@ def model_next_token_loss(params, hidden: Array, targets: Array, loss_mask: Arra
     logits = Transformer(model_config).apply({"params": params}, hidden,
                                              method=Transformer.project)
     return losses.next_token_loss(logits, targets, loss_mask)
-  kernel, vocab_axis = output_projection(params, model_config.tie_embeddings)
+  kernel, vocab_axis = output_projection(params, model_config.tie_embeddings,
+                                         _lora_tokens(model_config))
   return next_token_loss(hidden, kernel, targets, loss_mask, chunk=chunk,
                          dtype=model_config.compute_dtype, softcap=model_config.final_softcap,
                          vocab_axis=vocab_axis)

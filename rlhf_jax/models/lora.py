@@ -9,7 +9,10 @@ the same sharding rules place them on a mesh.
 
 Params. An adapted projection holds its base `kernel` and, beside it, `lora_a` and `lora_b`
 (the attention output, a bare param `o`, holds `o_lora_a`, `o_lora_b`). B starts at zero, so a
-fresh adapter leaves the model's function unchanged. Trainers split the tree in two:
+fresh adapter leaves the model's function unchanged. With `lora_tokens`, the top-level
+`token_rows_lora_b` [n, D] (zeros) is added to those ids' rows of the tied embedding, in the
+lookup and in the output projection: a chat template's special tokens are untrained rows in a
+base model, and a frozen embedding cannot separate them from their near-copies. Trainers split the tree in two:
 
   trainable  the adapters, and a scalar model's head (an RM's or critic's head is always fully
              trained: a frozen random head would make the adapters learn to fit it)
@@ -77,8 +80,10 @@ def model_fields(section) -> dict:
   """ModelConfig's lora_* fields from a config's `lora` section (None or absent: no LoRA)."""
   if not section:
     return {}
+  tokens = str(section.get("tokens", "") or "")
   return {"lora_rank": int(section.rank), "lora_alpha": float(section.alpha),
-          "lora_targets": str(section.targets), "lora_dropout": float(section.dropout)}
+          "lora_targets": str(section.targets), "lora_dropout": float(section.dropout),
+          "lora_tokens": tuple(int(t) for t in tokens.split(",") if t.strip())}
 
 
 def base_config(config):
@@ -178,7 +183,15 @@ def fold(params, config) -> dict:
       delta = jnp.einsum("...kr,...rf->...kf", a2, b2, precision=jax.lax.Precision.HIGHEST)
       out[kernel_name] = w + scale * delta.reshape(w.shape)
     return out
-  return go(dict(nn.unbox(params)), False)
+  folded = go(dict(nn.unbox(params)), False)
+  rows = dict(nn.unbox(params)).get("token_rows_lora_b")
+  if rows is not None:  # E[ids] + rows: what the model computed with them
+    embed = dict(folded["embed"])
+    table = jnp.asarray(embed["embedding"], jnp.float32)
+    embed["embedding"] = table.at[jnp.asarray(config.lora_tokens)].add(
+        jnp.asarray(rows, jnp.float32))
+    folded["embed"] = embed
+  return folded
 
 
 def fingerprint(params) -> str:

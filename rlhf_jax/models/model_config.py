@@ -68,6 +68,10 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_targets: str = r"(attn/(q|k|v|o)|mlp/(gate|up|down))$"
   lora_dropout: float = 0.0  # on the adapter's input, only when a 'dropout' rng is passed
+  # With LoRA, vocabulary ids whose (tied) embedding rows train beside the adapters: a chat
+  # template's special tokens, untrained rows in a base model that a frozen embedding cannot
+  # tell from their near-copies (experiments/real_recipe).
+  lora_tokens: tuple = ()
   dtype: str = "float32"  # compute dtype; params are always float32
   # > 0: the trainers' log-probs, entropy and next-token loss walk the vocabulary in chunks of
   # this many columns (models/chunked.py), never holding [B, T, V] float32 logits; 0: whole.
@@ -78,6 +82,13 @@ class ModelConfig:
   def __post_init__(self):
     # A config read back from JSON holds a list: keep the dataclass hashable (jit's static arg).
     object.__setattr__(self, "local_layers", tuple(int(i) for i in self.local_layers))
+    object.__setattr__(self, "lora_tokens", tuple(int(i) for i in self.lora_tokens))
+    if self.lora_tokens:
+      bad = [i for i in self.lora_tokens if not 0 <= i < self.vocab_size]
+      if bad or len(set(self.lora_tokens)) < len(self.lora_tokens) or not self.tie_embeddings:
+        raise ValueError(f"lora_tokens={self.lora_tokens}: ids must be distinct, in [0, "
+                         f"{self.vocab_size}), and the embeddings tied (the row is the token's "
+                         "input and output)")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if not self.head_dim and self.d_model % self.n_heads:

@@ -339,6 +339,10 @@ class Transformer(nn.Module):
     else:
       self.layers = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
     self.final_norm = norm(cfg, "final_norm")
+    if cfg.lora_rank and cfg.lora_tokens:  # models/lora.py: E[ids] + rows, trained
+      self.token_rows = self.param(
+          "token_rows_lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+          (len(cfg.lora_tokens), cfg.d_model), jnp.float32)  # [n, D]
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.vocab_size, cfg.compute_dtype, ("embed", "vocab"),
                             out_dtype=jnp.float32, name="lm_head")
@@ -358,6 +362,9 @@ class Transformer(nn.Module):
     """
     cfg = self.config
     x = self.embed(tokens)  # [B, T, D]
+    if cfg.lora_rank and cfg.lora_tokens:  # the trained rows of lora_tokens
+      hit = (tokens[..., None] == jnp.asarray(cfg.lora_tokens)).astype(x.dtype)  # [B, T, n]
+      x = x + jnp.einsum("btn,nd->btd", hit, self.token_rows.astype(x.dtype))
     if cfg.embed_scale:  # the factor in the compute dtype, as Gemma's reference rounds it
       x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -406,6 +413,9 @@ class Transformer(nn.Module):
     tokens = _flat_tokens(hidden)  # [N, D]: see _flat_tokens
     if self.config.tie_embeddings:
       logits = self.embed.attend(tokens)
+      if self.config.lora_rank and self.config.lora_tokens:  # h . (E[ids] + rows)
+        extra = dense(tokens, self.token_rows.T, self.config.compute_dtype)  # [N, n]
+        logits = logits.at[:, jnp.asarray(self.config.lora_tokens)].add(extra.astype(logits.dtype))
     else:
       logits = self.lm_head(tokens)
     logits = logits.reshape(*hidden.shape[:-1], -1).astype(jnp.float32)

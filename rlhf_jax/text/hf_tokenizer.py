@@ -359,6 +359,15 @@ class HFTokenizer:
         return i
     return self.eos_id
 
+  def template_token_ids(self) -> tuple[int, ...]:
+    """The special tokens the chat template writes around a user and an assistant turn
+    (Gemma 3: <bos>, <start_of_turn>, <end_of_turn>): what LoRA trains as embedding rows
+    (`lora.tokens`), since a base model never saw them."""
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    written = self._render(probe, False)[0]
+    special = set(self._special_ids())
+    return tuple(dict.fromkeys(i for i in written if i in special))
+
   def _special_ids(self) -> list[int]:
     return [i for i, t in sorted(self._tok.get_added_tokens_decoder().items()) if t.special]
 
