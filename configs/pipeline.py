@@ -45,7 +45,8 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   A choice for memory and speed on a 2-core CPU, not yet measured against full fine-tuning.
   The chat template's special tokens train as embedding rows beside the adapters (lora.tokens):
   from Gemma 3 *base*, <end_of_turn> is an untrained row with 4,664 near-copies, and with a
-  frozen embedding the LoRA SFT answers never stopped (experiments/real_recipe);
+  frozen embedding the LoRA SFT answers never stopped (experiments/real_recipe). At the
+  adapters' learning rate the rows have not yet lifted the stop token in 20 steps: open;
 - step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized so that Gemma 3 270M
   runs every stage in about 90 minutes on a 2-core CPU (experiments/real_recipe: a training
   step of 8 x 128 tokens costs ~30 s there, two thirds of it the 262k-word vocabulary); on an
