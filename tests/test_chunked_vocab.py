@@ -298,6 +298,7 @@ def test_sft_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary(tie
   _close_trees(out[48][2], out[0][2])
 
 
+@pytest.mark.heavy  # 27 s cold; the log-prob, entropy and loss equalities above stay in make test
 def test_ppo_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary():
   """rl/ppo.ppo_loss (log-probs, entropy with its gradient, the ptx term) at vocab_chunk 40
   against 0 on one random minibatch."""
