@@ -45,8 +45,9 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   A choice for memory and speed on a 2-core CPU, not yet measured against full fine-tuning.
   The chat template's special tokens train as embedding rows beside the adapters (lora.tokens):
   from Gemma 3 *base*, <end_of_turn> is an untrained row with 4,664 near-copies, and with a
-  frozen embedding the LoRA SFT answers never stopped (experiments/real_recipe). At the
-  adapters' learning rate the rows have not yet lifted the stop token in 20 steps: open;
+  frozen embedding the LoRA SFT answers never stopped (experiments/real_recipe). Trained rows
+  alone had not lifted it in 20 steps, so SFT starts <end_of_turn>'s row as a copy of <eos>'s
+  (lora.tokens_start), a token the base model predicts where a text ends;
 - step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized so that Gemma 3 270M
   runs every stage in about 90 minutes on a 2-core CPU (experiments/real_recipe: a training
   step of 8 x 128 tokens costs ~30 s there, two thirds of it the 262k-word vocabulary); on an
@@ -130,7 +131,7 @@ def _use_model(config, arg) -> None:
   config.size = section.size  # the report names the model
   config.tokenizer.path = source
   config.tokenizer.vocab_size = section.vocab_size
-  tokens = _template_tokens(source) if arg.lora_rank > 0 else ""
+  tokens, start = _template_tokens(source) if arg.lora_rank > 0 else ("", "")
   for stage in ("pretrain",) + LORA_STAGES:
     config[stage].model = ml_collections.ConfigDict(section.to_dict())
     config[stage].tokenizer.path = source  # filled in by the pipeline too
@@ -138,6 +139,7 @@ def _use_model(config, arg) -> None:
     config[stage].lora.alpha = 2.0 * max(arg.lora_rank, 1)
     if stage != "pretrain":
       config[stage].lora.tokens = tokens
+  config.sft.lora.tokens_start = start  # later stages start from SFT's rows
   config.pretrain.init_from = source
   # Adapters learn at about ten times a full fine-tune's rate (not yet tuned here).
   lora = arg.lora_rank > 0
@@ -169,16 +171,21 @@ def _use_model(config, arg) -> None:
   config.evaluate.samples_per_lang = 8  # the first 8 held-out prompts per language
 
 
-def _template_tokens(source: str) -> str:
-  """The chat template's special-token ids ('105,106' for Gemma 3), as `lora.tokens`: their
-  embedding rows train beside the adapters. In a base model they are untrained rows with
-  thousands of near-copies, which a frozen embedding cannot tell apart (experiments/
-  real_recipe: Gemma 3's LoRA SFT answers never stopped)."""
+def _template_tokens(source: str) -> tuple[str, str]:
+  """(lora.tokens, SFT's lora.tokens_start): the chat template's special-token ids
+  ('2,105,106' for Gemma 3), whose embedding rows train beside the adapters, and the turn end
+  starting as a copy of <eos> where the two differ ('106:1'). In a base model the template
+  tokens are untrained rows with thousands of near-copies, which a frozen embedding cannot tell
+  apart (experiments/real_recipe: Gemma 3's LoRA SFT answers never stopped); <eos> is a row
+  the base model already predicts where a text ends."""
   from rlhf_jax.text.hf_tokenizer import HFTokenizer, load_any_tokenizer
   tokenizer = load_any_tokenizer(source)
   if not isinstance(tokenizer, HFTokenizer):
-    return ""
-  return ",".join(str(i) for i in tokenizer.template_token_ids())
+    return "", ""
+  ids = tokenizer.template_token_ids()
+  start = (f"{tokenizer.end_id}:{tokenizer.eos_id}"
+           if tokenizer.end_id in ids and tokenizer.end_id != tokenizer.eos_id else "")
+  return ",".join(str(i) for i in ids), start
 
 
 def _tokenizer_section(tiny: bool) -> ml_collections.ConfigDict:

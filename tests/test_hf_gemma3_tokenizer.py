@@ -17,6 +17,8 @@ from rlhf_jax.models import pretrained
 from rlhf_jax.text import chat_template
 from rlhf_jax.text.hf_tokenizer import HFTokenizer, gguf_tokenizer, sentencepiece_merges
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 HARD_TEXTS = ["中国的首都是北京。“引号”，全角！【括号】《书名》……——、；：？",
               "🤗👨‍👩‍👧🇨🇳 emoji  and  spaces 👍🏽", "混合 mixed Текст العربية 日本語のテキスト 한국어",
               "  \t\n\n   runs   of\u3000whitespace \n", "numbers 1234567 3.14159 and 1,000,000",
@@ -88,6 +90,12 @@ def test_template_tokens_are_the_turn_markers():
   tokenizer = HFTokenizer.load(path)
   by_hand = [tokenizer._tok.token_to_id(t) for t in ("<bos>", "<start_of_turn>", "<end_of_turn>")]
   assert tokenizer.template_token_ids() == tuple(by_hand) == (2, 105, 106)
+  # The pipeline starts the untrained <end_of_turn> from <eos> (id looked up by hand).
+  from rlhf_jax.config import util as config_util
+  config = config_util.load_config(os.path.join(REPO, "configs/pipeline.py") + ":model=" + path)
+  eos = tokenizer._tok.token_to_id("<eos>")
+  assert config.sft.lora.tokens == "2,105,106" and config.sft.lora.tokens_start == f"106:{eos}"
+  assert config.rm.lora.tokens_start == ""  # later stages start from SFT's rows
 
 
 

@@ -230,3 +230,26 @@ def test_token_rows_need_tied_distinct_ids():
     dataclasses.replace(BASE, lora_rank=2, lora_tokens=(3,), tie_embeddings=False)
   with pytest.raises(ValueError, match="lora_tokens"):
     dataclasses.replace(BASE, lora_rank=2, lora_tokens=(64,), tie_embeddings=True)
+
+
+def test_tokens_start_copies_a_base_row_into_a_token_row():
+  """lora.tokens_start '60:1' makes the folded embedding's row 60 equal the base's row 1 (the
+  pipeline starts Gemma base's untrained <end_of_turn> from <eos>); the other rows, and rows
+  under a nested prefix (an RM's trunk), follow the same rule; bad specs are errors."""
+  ids = (3, 7, 60)
+  config = dataclasses.replace(BASE, lora_rank=2, lora_tokens=ids, tie_embeddings=True)
+  trainable, frozen = lora.split(_init(config))
+  table = np.asarray(frozen["embed"]["embedding"])  # [V, D]
+  starts = lora.parse_token_starts("60:1, 3:3", ids)
+  assert starts == ((2, 1), (0, 3))
+  for prefix in ((), ("trunk",)):
+    wrap = lambda t: {prefix[0]: t} if prefix else t  # noqa: E731
+    out = lora.start_token_rows(wrap(trainable), wrap(frozen), config, starts)
+    out = out[prefix[0]] if prefix else out
+    folded = np.asarray(lora.fold(lora.merge(out, frozen), config)["embed"]["embedding"])
+    np.testing.assert_allclose(folded[60], table[1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(folded[[3, 7]], table[[3, 7]])  # 3 from itself, 7 untouched
+    np.testing.assert_array_equal(folded[:3], table[:3])
+  for bad, match in (("5:1", "not one of"), ("60-1", "row_id:source_id"), ("60:64", "outside")):
+    with pytest.raises(ValueError, match=match):
+      lora.start_token_rows(trainable, frozen, config, lora.parse_token_starts(bad, ids))

@@ -121,10 +121,12 @@ def lora_section(rank: int = 0) -> ml_collections.ConfigDict:
   the adapter's input in supervised stages only (RL never samples with it). A scalar model's
   head (RM, critic) is always fully trained. tokens: comma-separated vocabulary ids whose tied
   embedding rows train beside the adapters ('' none; the pipeline sets a pretrained model's
-  chat-template tokens)."""
+  chat-template tokens). tokens_start: 'id:source,...', rows of `tokens` that start as copies
+  of another token's base row (the pipeline starts Gemma 3 base's untrained <end_of_turn> from
+  <eos>); a fresh run only, not PPO."""
   return ml_collections.ConfigDict(dict(rank=rank, alpha=16.0, dropout=0.0,
                                         targets=r"(attn/(q|k|v|o)|mlp/(gate|up|down))$",
-                                        tokens=""))
+                                        tokens="", tokens_start=""))
 
 
 def mesh_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:

@@ -194,6 +194,53 @@ def fold(params, config) -> dict:
   return folded
 
 
+def parse_token_starts(text: str, tokens: tuple) -> tuple[tuple[int, int], ...]:
+  """`lora.tokens_start` ('106:1,105:2') as (row index in `tokens`, source id) pairs. Each
+  named id must be one of lora.tokens; a source may be any id."""
+  pairs = []
+  for item in (t.strip() for t in str(text or "").split(",")):
+    if not item:
+      continue
+    try:
+      dst, src = (int(x) for x in item.split(":"))
+    except ValueError:
+      raise ValueError(f"lora.tokens_start={text!r}: {item!r} is not 'row_id:source_id'") from None
+    if dst not in tokens:
+      raise ValueError(f"lora.tokens_start={text!r}: {dst} is not one of lora.tokens={tokens}")
+    pairs.append((tokens.index(dst), src))
+  return tuple(pairs)
+
+
+def start_token_rows(params, frozen, config, starts) -> dict:
+  """The trainable params with each named token row set so that E[id] + row = E[source]: the
+  token starts as a copy of another's base row. Why: Gemma 3 base never saw <end_of_turn>
+  (an untrained row among 4,664 near-copies), but it does predict <eos> where a text ends, so
+  starting <end_of_turn> from <eos> lets SFT teach the stop from a token the model already
+  predicts. Rows sit at any depth (an RM's under `trunk`), beside that subtree's `embed`."""
+  if not starts:
+    return params
+
+  def go(tree, base):
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: go(v, base.get(k, {}) if isinstance(base, dict) else {}) for k, v in tree.items()}
+    if "token_rows_lora_b" in tree:
+      table = jnp.asarray(nn.unbox(base["embed"]["embedding"]), jnp.float32)  # [V, D]
+      box = tree["token_rows_lora_b"]
+      rows = jnp.asarray(nn.unbox(box), jnp.float32)  # [n, D]
+      for index, source in starts:
+        if not 0 <= source < table.shape[0]:
+          raise ValueError(f"lora.tokens_start: source id {source} is outside the vocabulary "
+                           f"({table.shape[0]})")
+        rows = rows.at[index].set(table[source] - table[config.lora_tokens[index]])
+      like = nn.unbox(box)
+      rows = jax.device_put(rows.astype(like.dtype), like.sharding)  # where the old rows were
+      out["token_rows_lora_b"] = (box.replace_boxed(rows)
+                                  if isinstance(box, nn.meta.AxisMetadata) else rows)
+    return out
+  return go(dict(params), dict(frozen))
+
+
 def fingerprint(params) -> str:
   """A CRC-32 over every leaf's path, shape, dtype and bytes: the identity of a base, checked
   when a LoRA run folder is opened (a different or changed base is an error, not a silent

@@ -137,6 +137,8 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
     reward = policy
   # config.lora adapts the policy and the critic; the reference and the RM stay their bases.
   adapters = lora.model_fields(config.get("lora"))
+  if (config.get("lora") or {}).get("tokens_start"):
+    raise ValueError("lora.tokens_start: set it in SFT (PPO's policy starts from SFT's rows)")
   if adapters.get("lora_rank") and not sft_ckpt:
     raise ValueError("lora.rank > 0 needs sft_dir: the frozen policy the adapters train on")
   sources = {"sft": sft_ckpt, "rm": rm_ckpt, "gain": gain, "bias": bias, "shared": False}

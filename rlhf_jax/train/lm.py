@@ -113,7 +113,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       init_params_fn(model, config.data.seq_len), tx, mesh, rules, config.seed,
       split_lora=bool(model.config.lora_rank))
   log.info("model: %s params, mesh %s", f"{param_count(state.params):,}", dict(mesh.shape))
-  state, record_extra = load_lora_base(state, config.get("init_from"))
+  state, record_extra = load_lora_base(
+      state, config.get("init_from"), model_config=model.config,
+      tokens_start=(config.get("lora") or {}).get("tokens_start", ""))
 
   data_iter = inputs_lib.make_lm_inputs(config, tokenizer, jax.process_index(),
                                         jax.process_count())

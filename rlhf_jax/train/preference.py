@@ -360,7 +360,8 @@ def starting_state(config, model, tx, mesh, rules):
   if model.config.lora_rank:
     state, state_shardings = create_train_state(init_fn, tx, mesh, rules, config.seed,
                                                 split_lora=True)
-    state, extra = load_lora_base(state, config.init_from)
+    state, extra = load_lora_base(state, config.init_from, model_config=model.config,
+                                  tokens_start=config.lora.get("tokens_start", ""))
     return state, state_shardings, None, extra
   if not config.init_from:
     log.warning("no init_from: the policy and the reference start from random params")

@@ -87,14 +87,16 @@ def create_train_state(init_params_fn, tx: optax.GradientTransformation, mesh, r
   return sharding.create_sharded(init, mesh, rules, jax.random.key(seed))
 
 
-def load_lora_base(state, source, placed_as: str = "", base_of=None):
+def load_lora_base(state, source, placed_as: str = "", base_of=None, model_config=None,
+                   tokens_start: str = ""):
   """(state, extra record fields): with LoRA (a `frozen` tree), the base params from `source`
   (init_from: a run folder or a pretrained model) put in as the frozen base, and the record's
   `base` entry naming them; without LoRA, the state as it is and no entry.
 
   base_of(source, frozen_like) -> base params: how a trainer reads its base when it is not
   simply `source`'s params (an RM's trunk from an SFT policy). A resumed run loads the same
-  base again: it is not in the checkpoint."""
+  base again: it is not in the checkpoint (nor are `tokens_start`'s starting rows: a resumed
+  run's checkpoint then overwrites them)."""
   if state.frozen is None:
     return state, {}
   if not source:
@@ -104,7 +106,12 @@ def load_lora_base(state, source, placed_as: str = "", base_of=None):
   identity = run_folder.base_identity(source, base, placed_as)
   log.info("LoRA: %s trainable params on a frozen base of %s (%s)",
            f"{param_count(state.params):,}", f"{param_count(base):,}", identity["source"])
-  return state.replace(frozen=base), {"base": identity}
+  params = state.params
+  if tokens_start:
+    starts = lora.parse_token_starts(tokens_start, model_config.lora_tokens)
+    params = lora.start_token_rows(params, base, model_config, starts)
+    log.info("LoRA: token rows %s start as copies of the base's rows", tokens_start)
+  return state.replace(frozen=base, params=params), {"base": identity}
 
 
 def apply_update_if(ok, tx, grads, params, opt_state):
