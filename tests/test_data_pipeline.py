@@ -111,6 +111,21 @@ def test_process_shards_are_disjoint_and_cover_one_epoch(data_dir):
   assert everything == collections.Counter(t.encode() for t in _texts())
 
 
+def test_lang_repeat_repeats_a_language_within_one_epoch(data_dir):
+  """data.lang_repeat 'zh:3': one epoch holds every Chinese text three times and every English
+  text once (the half/half corpus above, languages guessed when written)."""
+  it = make(data_dir, batch_size=4, seq_len=512, num_epochs=1,
+            lang_repeat=pipeline.parse_lang_repeat("zh:3"))
+  got = collections.Counter(s for b in it for s in segments(b))
+  want = collections.Counter({t.encode(): 3 if "你" in t else 1 for t in _texts()})
+  assert got == want
+  for bad in ("zh", "zh:0", ":2", "zh:x"):
+    with pytest.raises(ValueError, match="lang_repeat"):
+      pipeline.parse_lang_repeat(bad)
+  with pytest.raises(ValueError, match="no record has"):
+    make(data_dir, num_epochs=1, lang_repeat={"fr": 2})
+
+
 def test_truncation_is_counted(data_dir):
   it = make(data_dir, seq_len=16, num_epochs=1, shuffle=False)
   batches = list(it)

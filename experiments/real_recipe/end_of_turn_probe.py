@@ -6,8 +6,8 @@ tied embedding: its cosine with the 6,242 <unused*> rows averages 0.91, and 4,66
 within cosine 0.99 of it. Under LoRA the embedding is frozen, so an adapter that learns to
 "end the turn" raises all of them together. This script measures that on four short chats
 (two per language), at the position that should emit <end_of_turn>, for the base model and
-each SFT run given (with `lora.tokens` the run trains those rows, and the mass returns to the
-stop token).
+each SFT run given (with `lora.tokens` the run trains those rows; with `lora.tokens_start`
+'106:1' the row starts as <eos>'s, which also stops an answer).
 
   python experiments/real_recipe/end_of_turn_probe.py workdirs/demo-real/sft [more SFT runs]
 """
@@ -21,7 +21,7 @@ from rlhf_jax.core import run_folder
 from rlhf_jax.models import hf_import, pretrained
 from rlhf_jax.models.transformer import Transformer
 
-END_OF_TURN = 106  # Gemma 3's '<end_of_turn>'
+END_OF_TURN, EOS = 106, 1  # Gemma 3's '<end_of_turn>' and '<eos>': both stop an answer
 CHATS = [("hi", "Hello! How are you today?"),
          ("What is your favourite food?", "I love pizza."),
          ("你好", "你好！很高兴认识你。"),
@@ -51,8 +51,8 @@ def probe(label, params, config, tokenizer, unused, copies) -> None:
                       jnp.ones((1, end), jnp.int32))
     logits = out[0] if isinstance(out, tuple) else out  # [1, T, V]
     p = np.asarray(jax.nn.softmax(logits[0, -1].astype(jnp.float32)))  # [V]
-    print(f"| {label} | {answer} | {p[END_OF_TURN]:.4f} | {p[unused].sum():.3f} | "
-          f"{p[copies].sum():.3f} |")
+    print(f"| {label} | {answer} | {p[END_OF_TURN]:.4f} | {p[EOS]:.4f} | {p[unused].sum():.3f} "
+          f"| {p[copies].sum():.3f} |")
 
 
 def main(*sft_runs: str) -> None:
@@ -64,8 +64,8 @@ def main(*sft_runs: str) -> None:
   copies = near_copies(base)
   print(f"{len(unused)} <unused*> tokens; {len(copies)} rows within cosine 0.99 of "
         "<end_of_turn> in the base embedding\n")
-  print("| model | answer | P(<end_of_turn>) | P(any <unused*>) | P(its near-copies) |")
-  print("|---|---|---|---|---|")
+  print("| model | answer | P(<end_of_turn>) | P(<eos>) | P(any <unused*>) | P(its near-copies) |")
+  print("|---|---|---|---|---|---|")
   probe("base", base, config, tokenizer, unused, copies)
   for run in sft_runs:
     params, config = run_folder.load_policy(run)

@@ -188,6 +188,9 @@ def text_data_section(name: str, batch_size: int, seq_len: int) -> ml_collection
   return ml_collections.ConfigDict(dict(
       name=name, split="train", data_dir="",  # "" = ~/.cache/rlhf_jax/tfds
       text_field="text",  # for datasets of plain text; records with `messages` are chats
+      # 'zh:100': every record whose `lang` is zh appears 100 times per epoch ('' = once each):
+      # a language with few records gets a share of the steps (data/pipeline.py).
+      lang_repeat="",
       batch_size=batch_size, seq_len=seq_len, pack=True))
 
 

@@ -101,15 +101,47 @@ def _checked_example(record: dict[str, Any], tokenize_fn: TokenizeFn) -> Example
   return ids, mask
 
 
+def parse_lang_repeat(text: str) -> dict[str, int]:
+  """`data.lang_repeat` ('zh:100,en:1') as {lang: times per epoch}."""
+  out = {}
+  for item in (t.strip() for t in str(text or "").split(",")):
+    if not item:
+      continue
+    lang, _, times = item.partition(":")
+    if not lang or not times.strip().isdigit() or int(times) < 1:
+      raise ValueError(f"data.lang_repeat={text!r}: {item!r} is not 'lang:times' (times >= 1)")
+    out[lang.strip()] = int(times)
+  return out
+
+
+def record_order(source: Any, lang_repeat: dict[str, int] | None) -> np.ndarray:
+  """[N'] record indices of one epoch: each record once, or `lang_repeat[lang]` times.
+
+  Why: SFT's bundled dialogues are 99.7% English tokens; repeating the few Chinese records
+  gives Chinese a share of a short run's steps without weighting the loss. Reads every
+  record's `lang` once (the dialogue datasets are thousands of records)."""
+  n = len(source)
+  if not lang_repeat:
+    return np.arange(n)
+  langs = [decode_value(r["lang"]) for r in source.__getitems__(list(range(n)))]
+  missing = sorted(set(lang_repeat) - set(langs))
+  if missing:
+    raise ValueError(f"data.lang_repeat names {missing}, which no record has (langs here: "
+                     f"{sorted(set(langs))})")
+  return np.repeat(np.arange(n), [lang_repeat.get(lang, 1) for lang in langs])
+
+
 def make_example_blocks(source: Any, *, tokenize_fn: TokenizeFn, seed: int,
                         process_index: int = 0, process_count: int = 1,
                         num_epochs: int | None = None, shuffle: bool = True,
                         read_block: int = 64, read_threads: int = 2,
-                        name: str = "dataset", split: str = "split") -> grain.IterDataset:
+                        name: str = "dataset", split: str = "split",
+                        lang_repeat: dict[str, int] | None = None) -> grain.IterDataset:
   """IterDataset of blocks (lists) of tokenized examples from this process's shard."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  indices = grain.MapDataset.range(len(source))[process_index::process_count]
+  order = record_order(source, lang_repeat)
+  indices = grain.MapDataset.source(order)[process_index::process_count]
   if len(indices) == 0:
     raise ValueError(f"dataset {name!r} split {split!r} has {len(source)} records: none for "
                      f"process {process_index} of {process_count}")
@@ -287,7 +319,8 @@ def make_lm_dataset(name: str, split: str, *, data_dir: str | None, batch_size: 
                     tokenize_fn: TokenizeFn, seed: int, process_index: int = 0,
                     process_count: int = 1, pack: bool = True, num_epochs: int | None = None,
                     shuffle: bool = True, pad_id: int = 0, drop_remainder: bool = False,
-                    read_block: int = 64, read_threads: int = 2) -> PackedBatchIterDataset:
+                    read_block: int = 64, read_threads: int = 2,
+                    lang_repeat: dict[str, int] | None = None) -> PackedBatchIterDataset:
   """The IterDataset behind `make_lm_iterator` (iterate it again for a fresh start)."""
   if batch_size % process_count:
     raise ValueError(f"global batch_size {batch_size} is not divisible by process_count "
@@ -296,7 +329,8 @@ def make_lm_dataset(name: str, split: str, *, data_dir: str | None, batch_size: 
   blocks = make_example_blocks(source, tokenize_fn=tokenize_fn, seed=seed,
                                process_index=process_index, process_count=process_count,
                                num_epochs=num_epochs, shuffle=shuffle, read_block=read_block,
-                               read_threads=read_threads, name=name, split=split)
+                               read_threads=read_threads, name=name, split=split,
+                               lang_repeat=lang_repeat)
   return PackedBatchIterDataset(blocks, batch_size=batch_size // process_count,
                                 seq_len=seq_len, pack=pack, pad_id=pad_id,
                                 drop_remainder=drop_remainder,
@@ -321,7 +355,7 @@ def make_lm_iterator(name: str, split: str, *, data_dir: str | None, batch_size:
     process_index, process_count: this process's disjoint shard of the records.
     pack: several examples per row (first-fit in order) or one example per row.
     num_epochs: None repeats forever; otherwise the last batch may be part-empty.
-    **kwargs: shuffle, pad_id, drop_remainder, read_block, read_threads.
+    **kwargs: shuffle, pad_id, drop_remainder, read_block, read_threads, lang_repeat.
   """
   return iter(make_lm_dataset(name, split, data_dir=data_dir, batch_size=batch_size,
                               seq_len=seq_len, tokenize_fn=tokenize_fn, seed=seed,

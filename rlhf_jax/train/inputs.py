@@ -112,4 +112,5 @@ def make_lm_inputs(config, tokenizer, process_index: int, process_count: int):
       seq_len=data.seq_len,
       tokenize_fn=tokenize_fn_for(tokenizer, data.seq_len, data.get("text_field", "text")),
       seed=config.seed,
-      process_index=process_index, process_count=process_count, pack=data.pack)
+      process_index=process_index, process_count=process_count, pack=data.pack,
+      lang_repeat=pipeline.parse_lang_repeat(data.get("lang_repeat", "")))
