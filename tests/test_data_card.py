@@ -84,3 +84,22 @@ def test_card_counts_tokens_per_language(data_dir, bundled_tokenizer, capsys):
 def test_card_names_what_only_did_not_find(data_dir):
   with pytest.raises(SystemExit, match="rlhf_prompts.*there: .*rlhf_dialogues/tiny"):
     card.main([f"--data_dir={data_dir}", "--only=rlhf_prompts"])
+
+
+def test_sft_mix_counts_rendered_tokens_and_repeats_a_language(data_dir, bundled_tokenizer):
+  """The SFT mix against a plain loop: each train dialogue rendered by the chat template (all
+  shorter than seq_len here), the assistant-masked tokens counted, Chinese counted 3 times."""
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+  tok = load_any_tokenizer(bundled_tokenizer)
+  path = dict(card.find_datasets(data_dir))["rlhf_dialogues/tiny:1.0.0"]
+  want = {}
+  for record in card.read_split(tfds.builder_from_directory(path), "train"):
+    ids, mask = tok.render_chat(record["messages"])
+    times = 3 if record["lang"] == "zh" else 1
+    m = want.setdefault(record["lang"], {"records": 0, "tokens": 0, "trained": 0})
+    m["records"] += times
+    m["tokens"] += times * len(ids)
+    m["trained"] += times * int(sum(mask))
+  got = card.sft_mix(data_dir, bundled_tokenizer, 128, "zh:3", name="rlhf_dialogues/tiny")
+  assert {lang: {k: v for k, v in m.items() if k != "share"} for lang, m in got.items()} == want
+  assert sum(m["share"] for m in got.values()) == pytest.approx(100.0, abs=0.2)

@@ -127,6 +127,34 @@ def dataset_card(data_dir: str, tokenizer: str | None = None,
   return card
 
 
+def sft_mix(data_dir: str, tokenizer: str, seq_len: int, lang_repeat: str = "",
+            name: str = "rlhf_dialogues", split: str = "train") -> dict[str, dict[str, int]]:
+  """What one epoch of SFT trains on, per language: {lang: {records, tokens, trained, share}}.
+
+  Unlike the card's lengths (a record's raw text), this renders each dialogue with the
+  tokenizer's chat template and cuts it to `seq_len` at a turn boundary as SFT does
+  (train/inputs.py), counts the answer tokens the loss reads (`trained`), and repeats each
+  language as `data.lang_repeat` does. `share`: the language's percent of `tokens`."""
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+  from rlhf_jax.train.inputs import tokenize_fn_for
+  tokenize = tokenize_fn_for(load_any_tokenizer(tokenizer), seq_len)
+  repeat = pipeline.parse_lang_repeat(lang_repeat)
+  builder = builders.open_builder(name, data_dir)
+  mix: dict[str, dict[str, int]] = collections.defaultdict(
+      lambda: {"records": 0, "tokens": 0, "trained": 0})
+  for record in read_split(builder, split):
+    ids, mask = tokenize(record)
+    lang = record.get("lang", "?")
+    times = repeat.get(lang, 1)
+    mix[lang]["records"] += times
+    mix[lang]["tokens"] += times * min(len(ids), seq_len)
+    mix[lang]["trained"] += times * int(np.asarray(mask)[:seq_len].sum())
+  total = sum(m["tokens"] for m in mix.values()) or 1
+  for m in mix.values():
+    m["share"] = round(100.0 * m["tokens"] / total, 1)
+  return dict(sorted(mix.items()))
+
+
 def _length_cells(stats: dict[str, float]) -> str:
   if not stats:
     return ""
@@ -168,10 +196,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--only", default="",
                       help="comma-separated dataset name prefixes (rlhf_dialogues,rlhf_prompts)")
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  parser.add_argument("--sft_seq_len", type=int, default=0,
+                      help="with --tokenizer: also the SFT mix, dialogues rendered and cut to "
+                           "this many tokens, per language")
+  parser.add_argument("--lang_repeat", default="", help="the SFT mix's data.lang_repeat (zh:16)")
   args = parser.parse_args(argv)
   data_dir = builders.resolve_data_dir(args.data_dir)
   if args.prepare:
     builders.prepare(data_dir=data_dir)
+  if args.sft_seq_len:
+    if not args.tokenizer:
+      raise SystemExit("--sft_seq_len needs --tokenizer (the chat template renders the mix)")
+    mix = sft_mix(data_dir, args.tokenizer, args.sft_seq_len, args.lang_repeat)
+    print(f"SFT mix of rlhf_dialogues[train], one epoch, seq_len={args.sft_seq_len}, "
+          f"lang_repeat={args.lang_repeat!r}:")
+    for lang, m in mix.items():
+      print(f"  {lang:<4} records {m['records']:>7,}  tokens {m['tokens']:>9,} "
+            f"({m['share']:>5}%)  trained (answers) {m['trained']:>9,}")
   card = dataset_card(data_dir, args.tokenizer,
                       [prefix for prefix in args.only.split(",") if prefix])
   print(json.dumps(card, ensure_ascii=False, indent=1) if args.json else format_card(card))
