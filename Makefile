@@ -74,7 +74,7 @@ test-fast: setup
 BENCH_DIR ?= workdirs/bench
 bench: setup
 	@mkdir -p $(BENCH_DIR)
-	@set -e; for b in train_step reward_step ppo_iteration lora_ppo matmul_forms generate sample_draw input_pipeline hf_forward; do \
+	@set -e; for b in train_step reward_step ppo_iteration lora_ppo matmul_forms generate sample_draw token_rows input_pipeline hf_forward; do \
 	  echo "== $$b (load: $$(cut -d' ' -f1-3 /proc/loadavg))"; \
 	  XLA_FLAGS= $(PY) benchmarks/$$b.py --json_out $(BENCH_DIR)/$$b.json; done
 	@if test -x benchmarks/peers/.venv/bin/python; then \
