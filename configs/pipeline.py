@@ -48,10 +48,11 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   frozen embedding the LoRA SFT answers never stopped (experiments/real_recipe). Trained rows
   alone had not lifted it in 20 steps, so SFT starts <end_of_turn>'s row as a copy of <eos>'s
   (lora.tokens_start), a token the base model predicts where a text ends;
-- step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized so that Gemma 3 270M
-  runs every stage in about 90 minutes on a 2-core CPU (experiments/real_recipe: a training
-  step of 8 x 128 tokens costs ~30 s there, two thirds of it the 262k-word vocabulary); on an
-  accelerator raise them with --config.<stage>.<field>. Learning rates are a first guess.
+- step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized for a 2-core CPU:
+  Gemma 3 270M then runs every stage in 2 h 8 min there, over the 90-minute aim
+  (experiments/real_recipe: SFT 42 min at ~40 s a step of 8 x 128 tokens, comparisons 14, RM
+  16, PPO 40 at ~3 min an iteration, most of it the update); on an accelerator raise them with
+  --config.<stage>.<field>. Learning rates are a first guess.
 `lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA.
 """
 import os
@@ -65,8 +66,9 @@ from rlhf_jax.config import util as config_util
 # about 7 minutes, install included, on a quiet 2-core Zen 4 CPU (README, "Demo").
 STEPS = {"tiny": (600, 300, 300, 150, 150), "small": (300, 150, 20, 20, 20)}
 SMOKE_STEPS = (3, 3, 2, 2, 2)
-# From a pretrained model: (continued pretraining, sft, ppo, kto, dpo), not yet measured.
-PRETRAINED_STEPS = (100, 60, 24, 16, 16)
+# From a pretrained model: (continued pretraining, sft, ppo, kto, dpo), as measured in
+# experiments/real_recipe (the second run).
+PRETRAINED_STEPS = (100, 60, 12, 8, 8)
 LORA_STAGES = ("sft", "rm", "ppo", "kto", "dpo")
 
 
