@@ -136,7 +136,7 @@ def sft_mix(data_dir: str, tokenizer: str, seq_len: int, lang_repeat: str = "",
   (train/inputs.py), counts the answer tokens the loss reads (`trained`), and repeats each
   language as `data.lang_repeat` does. `share`: the language's percent of `tokens`."""
   from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
-  from rlhf_jax.train.inputs import tokenize_fn_for
+  from rlhf_jax.data.examples import tokenize_fn_for
   tokenize = tokenize_fn_for(load_any_tokenizer(tokenizer), seq_len)
   repeat = pipeline.parse_lang_repeat(lang_repeat)
   builder = builders.open_builder(name, data_dir)

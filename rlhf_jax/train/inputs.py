@@ -17,6 +17,8 @@ from rlhf_jax.data import sources
 from rlhf_jax.text import tokenizer as tok_lib
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 from rlhf_jax.data import builders, pipeline
+# Re-exported: callers read inputs.tokenize_fn_for and inputs.fit_conversation.
+from rlhf_jax.data.examples import fit_conversation, tokenize_fn_for  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -51,46 +53,6 @@ def load_tokenizer(config, workdir: str):
       multihost_utils.sync_global_devices("tokenizer trained")
   tokenizer = tok_lib.Tokenizer.load(path)
   return tokenizer, tokenizer.vocab_size
-
-
-def fit_conversation(tokenizer, messages, max_len: int):
-  """The longest run of whole turns, ending on an assistant turn, that renders in `max_len`.
-
-  Long chats are cut at a turn boundary rather than mid-answer, so SFT trains on complete
-  exchanges; a conversation whose first exchange alone is too long is returned whole (the
-  pipeline then truncates it, and counts it).
-  """
-  ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-  best = None
-  for end in ends:  # grow whole exchanges until the next one no longer fits
-    ids, mask = tokenizer.render_chat(messages[:end + 1])
-    if len(ids) > max_len:
-      break
-    best = (ids, mask)
-  return best if best is not None else tokenizer.render_chat(messages)
-
-
-def tokenize_fn_for(tokenizer, max_len: int | None = None, text_field: str = "text"):
-  """record -> (ids, loss_mask): chats through the chat template, plain text trained on fully.
-
-  Any TFDS dataset works: records with `messages` are chats, otherwise `text_field` is read.
-  """
-  import numpy as np
-
-  def tokenize(record):
-    if "messages" in record:
-      if max_len:
-        return fit_conversation(tokenizer, record["messages"], max_len)
-      return tokenizer.render_chat(record["messages"])
-    if text_field not in record:
-      raise KeyError(f"record {record.get('id', '')!r} has fields {sorted(record)}: expected "
-                     f"'messages' (a chat) or {text_field!r} (text); set data.text_field")
-    text = record[text_field]
-    text = text.decode("utf-8") if isinstance(text, bytes) else text
-    ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id], np.int32)
-    return ids, np.ones_like(ids)
-
-  return tokenize
 
 
 def make_lm_inputs(config, tokenizer, process_index: int, process_count: int):
