@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ppo_setup as S
@@ -316,3 +317,38 @@ def test_policy_and_value_losses_against_formulas():
   vc = v_old + np.clip(v - v_old, -0.2, 0.2)
   ref = 0.5 * np.maximum((v - ret) ** 2, (vc - ret) ** 2)[mask > 0].mean()
   np.testing.assert_allclose(float(vloss), ref, rtol=1e-5)
+
+
+def test_gradients_one_model_after_the_other_equal_the_whole_losses():
+  """ppo_grads (the policy's backward, a barrier, then the critic's) against jax.grad of the
+  whole minibatch loss, with the entropy bonus and the ptx term on: the same loss, stats and
+  gradients, since the two terms share no trained parameter."""
+  hyper = ppo.PPOHyper(temperature=0.7, ent_coef=0.01, ptx_coef=0.5, vf_coef=0.3)
+  params = {"policy": S.policy_params(0), "critic": S.scalar_params(1)}
+  tokens, mask = S.prompts(4, seed=3)
+  ro = rollout.make_rollout_fn(S.CFG, 6, (), S.PAD, SamplingParams(temperature=0.7))(
+      {"params": params["policy"]}, tokens, mask, jax.random.key(0))
+  n = ro.answer_mask.shape[1]
+  rng = np.random.default_rng(1)
+  normal = lambda: jnp.asarray(rng.normal(size=(4, n)), jnp.float32)  # noqa: E731
+  exp = ppo.Experience(rollout=ro, old_logprobs=ro.logprobs, old_values=normal(),
+                       advantages=normal(), returns=normal(), scores=jnp.zeros(4),
+                       kl=jnp.zeros(4))
+  ptx_tokens = rng.integers(0, S.V, (2, 9))
+  ptx = {"inputs": ptx_tokens[:, :-1], "targets": ptx_tokens[:, 1:],
+         "positions": np.broadcast_to(np.arange(8), (2, 8)),
+         "segment_ids": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32)}
+  (loss, stats), grads = jax.jit(functools.partial(
+      ppo.ppo_grads, models=S.MODELS, hyper=hyper))(params, exp, ptx)
+  (ref_loss, ref_stats), ref_grads = jax.jit(jax.value_and_grad(
+      lambda p: ppo.ppo_loss(p, exp, ptx, models=S.MODELS, hyper=hyper), has_aux=True))(params)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+  assert sorted(stats) == sorted(ref_stats)
+  for key in stats:
+    np.testing.assert_allclose(float(stats[key]), float(ref_stats[key]), rtol=1e-6, atol=1e-7)
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+    scale = float(np.max(np.abs(r))) + 1e-12
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  assert float(optax.global_norm(grads["critic"])) > 0
+  assert float(optax.global_norm(grads["policy"])) > 0

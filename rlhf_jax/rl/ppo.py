@@ -5,9 +5,9 @@ separate scalar model initialised from the reward model) are the state; the refe
 params) and the reward model are frozen. Dropout does not exist in these models, so the policy
 that sampled is exactly the policy that is scored and the first ratio is 1.
 
-One iteration is three jitted pure functions; the host loop (trainers/ppo.py) only calls them:
+One iteration is three jitted pure functions; the host loop (rl/iteration.py) only calls them:
 
-  1. rollout     rl/rollout.py: sample answers with the KV-cache sampler, truncated at the
+  1. rollout     infer/rollout.py: sample answers with the KV-cache sampler, truncated at the
                  first stop token; the sampler's log-probs are log π_old (no forward pass).
   2. experience  `make_experience`: one forward pass each of reference, critic and reward
                  model over [prompt | answer]; the reward per token is −β·KL_t, plus the RM
@@ -15,9 +15,10 @@ One iteration is three jitted pure functions; the host loop (trainers/ppo.py) on
                  scale-only reward whitening; GAE (γ, λ); advantages whitened over real tokens.
   3. update      `ppo_update`: epochs × minibatches of clipped-surrogate policy loss + clipped
                  value loss − entropy bonus (+ PPO-ptx), as two nested `lax.scan`s inside one
-                 jit; each minibatch is one fused forward/backward of policy and critic and
-                 one optimizer update (gradient clipping in the optimizer); then the optional
-                 EMA of the policy and the KL coefficient β for the next iteration.
+                 jit; each minibatch is the policy's forward/backward, then the critic's
+                 (`ppo_grads`), and one optimizer update (gradient clipping in the
+                 optimizer); then the optional EMA of the policy and the KL coefficient β
+                 for the next iteration.
 
 Cost: no vocabulary projection for the critic and the reward model (hidden states + scalar
 head), and the policy and reference project only the N answer positions, not the prompt.
@@ -27,9 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,9 +37,12 @@ import optax
 
 from rlhf_jax.models import chunked, lora, losses
 from rlhf_jax.infer import rm_scores as reward
-from rlhf_jax.models.heads import ScalarModel, trunk_of
+from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
+from rlhf_jax.rl.state import (  # noqa: F401  (the PPO step's names, re-exported)
+    Frozen, PPOModels, PPOState, full_critic, full_params, full_policy, reward_params,
+    shared_trunk)
 from rlhf_jax.infer.rollout import Rollout, answer_columns
 from rlhf_jax.train.state import apply_update_if
 
@@ -97,91 +100,6 @@ class PPOHyper:
     if batch_size % shards:
       raise ValueError(f"the batch of {batch_size} episodes does not split over the {shards} "
                        "batch shards of the mesh")
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOModels:
-  """Shapes of the models (static). The reference shares the policy's."""
-  policy: ModelConfig
-  critic: ModelConfig
-  reward: ModelConfig
-
-
-# ---------------------------------------------------------------------------------------------
-# State.
-
-
-@flax.struct.dataclass
-class PPOState:
-  step: Array  # [] int32: iterations done
-  params: Any  # {'policy': Transformer params, 'critic': ScalarModel params}: trained
-  opt_state: Any  # one optimizer over both, so one global-norm clip covers the whole update
-  ema: Any  # EMA of params['policy'], or None when off
-  kl_coef: Array  # [] float32: β
-  rng: Array  # [2] uint32 key data
-
-  def key(self) -> Array:
-    """This iteration's key: a resumed run draws the same answers and minibatches."""
-    return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
-
-  def checkpoint_params(self):
-    """A checkpoint's 'params' item is the policy alone: a later stage starts from it exactly
-    as from SFT."""
-    return self.params["policy"]
-
-  def train_items(self) -> dict:
-    """A checkpoint's 'train' item: the critic, optimizer state, EMA, β, step and rng."""
-    items = {"step": self.step, "critic": self.params["critic"], "opt_state": self.opt_state,
-             "kl_coef": self.kl_coef, "rng": self.rng}
-    if self.ema is not None:
-      items["ema"] = self.ema
-    return items
-
-  def restored(self, policy, items: dict) -> "PPOState":
-    return self.replace(step=items["step"], params={"policy": policy, "critic": items["critic"]},
-                        opt_state=items["opt_state"], kl_coef=items["kl_coef"], rng=items["rng"],
-                        ema=items.get("ema"))
-
-  def eval_params(self):
-    """What held-out evaluation answers with: the EMA of the policy when kept."""
-    return self.ema if self.ema is not None else self.params["policy"]
-
-
-class Frozen(NamedTuple):
-  reference: Any  # Transformer params (the SFT policy); with LoRA also the policy's base
-  # ScalarModel params; with LoRA its trunk is also the critic's base. With a shared base (the
-  # reward model's config has adapters: an RM trained as LoRA on this SFT policy) only its
-  # adapters and head: its trunk, and the critic's, is the reference's (`shared_trunk`).
-  reward: Any
-  reward_gain: Array  # [] float32: normalised score = gain · raw + bias
-  reward_bias: Array  # []
-
-
-def shared_trunk(frozen: Frozen) -> dict:
-  """The reference's trunk (all but its vocabulary projection) as a scalar model's base."""
-  return {"trunk": trunk_of(frozen.reference)}
-
-
-def reward_params(frozen: Frozen, reward_config: ModelConfig) -> dict:
-  """The reward model's whole params: frozen.reward, or with a shared base (its config has
-  adapters) its adapters and head on the reference's trunk."""
-  if not reward_config.lora_rank:
-    return frozen.reward
-  return lora.merge(frozen.reward, shared_trunk(frozen))
-
-
-def full_params(params, frozen: Frozen, models: PPOModels) -> dict:
-  """The state's {'policy', 'critic'} as whole param trees. Without LoRA they are whole already.
-  With LoRA (models/lora.py) the state holds adapters (and the critic's head), and the bases
-  are the frozen models: the policy's is the reference (the SFT params), the critic's trunk is
-  the reward model's (the critic starts from the RM), or the reference's when the RM is itself
-  adapters on it (a shared base: one set of base weights for all four models). No weight is
-  stored twice."""
-  if not models.policy.lora_rank:
-    return params
-  trunk = shared_trunk(frozen) if models.reward.lora_rank else {"trunk": frozen.reward["trunk"]}
-  return {"policy": lora.merge(params["policy"], frozen.reference),
-          "critic": lora.merge(params["critic"], trunk)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,47 +240,87 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
 # 3. Update.
 
 
-def ppo_loss(params, batch: Experience, ptx_batch: Optional[dict], *, models: PPOModels,
-             hyper: PPOHyper) -> tuple[Array, dict]:
-  """Loss of one minibatch: policy + vf_coef·value − ent_coef·entropy + ptx_coef·ptx."""
+def policy_terms(policy_params, batch: Experience, ptx_batch: Optional[dict], *,
+                 models: PPOModels, hyper: PPOHyper) -> tuple[Array, dict]:
+  """The policy's part of one minibatch's loss: clipped surrogate − ent_coef·entropy
+  (+ ptx_coef·ptx). policy_params: whole params (LoRA merged onto its base)."""
   rollout, mask = batch.rollout, batch.rollout.answer_mask
   # Without an entropy bonus the entropy is only logged: keep it out of the backward pass.
   logprobs, token_entropy = answer_token_stats(
-      params["policy"], rollout, model_config=models.policy, temperature=hyper.temperature,
+      policy_params, rollout, model_config=models.policy, temperature=hyper.temperature,
       with_entropy=True, entropy_grad=bool(hyper.ent_coef))  # [b, N] each
   entropy = gae.masked_mean(token_entropy, mask)
   policy_loss, policy_stats = losses.ppo_policy_loss(
       logprobs, batch.old_logprobs, batch.advantages, mask, hyper.clip_eps)
-
-  values = answer_values(params["critic"], rollout, model_config=models.critic)
-  value_loss, value_stats = losses.ppo_value_loss(values, batch.old_values, batch.returns, mask,
-                                                  hyper.value_clip)
-
-  loss = policy_loss + hyper.vf_coef * value_loss - hyper.ent_coef * entropy
+  loss = policy_loss - hyper.ent_coef * entropy
   ptx_loss = jnp.zeros((), jnp.float32)
   if ptx_batch is not None:
     hidden_ptx, _ = Transformer(models.policy).apply(
-        {"params": params["policy"]}, ptx_batch["inputs"], ptx_batch["positions"],
+        {"params": policy_params}, ptx_batch["inputs"], ptx_batch["positions"],
         ptx_batch["segment_ids"], method=Transformer.hidden_states)  # [b', T, D]
     nll_sum, count = chunked.model_next_token_loss(
-        params["policy"], hidden_ptx, ptx_batch["targets"], ptx_batch["loss_mask"],
+        policy_params, hidden_ptx, ptx_batch["targets"], ptx_batch["loss_mask"],
         model_config=models.policy)
     ptx_loss = nll_sum / jnp.maximum(count, 1.0)
     loss = loss + hyper.ptx_coef * ptx_loss
-
-  stats = {
-      "ppo/loss/total": loss,
+  return loss, {
       "ppo/loss/policy": policy_loss,
-      "ppo/loss/value": value_loss,
       "ppo/loss/ptx": ptx_loss,
       "ppo/policy/entropy": entropy,
       "ppo/policy/approxkl": policy_stats["approxkl"],
       "ppo/policy/clipfrac": policy_stats["clipfrac"],
       "ppo/policy/ratio": policy_stats["ratio"],
+  }
+
+
+def value_terms(critic_params, batch: Experience, *, models: PPOModels,
+                hyper: PPOHyper) -> tuple[Array, dict]:
+  """The critic's part of one minibatch's loss: vf_coef · clipped value loss."""
+  rollout, mask = batch.rollout, batch.rollout.answer_mask
+  values = answer_values(critic_params, rollout, model_config=models.critic)  # [b, N]
+  value_loss, value_stats = losses.ppo_value_loss(values, batch.old_values, batch.returns, mask,
+                                                  hyper.value_clip)
+  return hyper.vf_coef * value_loss, {
+      "ppo/loss/value": value_loss,
       "ppo/val/clipfrac": value_stats["clipfrac"],
       "ppo/val/error": gae.masked_mean(jnp.square(values - batch.returns), mask),
   }
-  return loss, stats
+
+
+def ppo_loss(params, batch: Experience, ptx_batch: Optional[dict], *, models: PPOModels,
+             hyper: PPOHyper) -> tuple[Array, dict]:
+  """Loss of one minibatch: policy + vf_coef·value − ent_coef·entropy + ptx_coef·ptx."""
+  policy_loss, policy_stats = policy_terms(params["policy"], batch, ptx_batch, models=models,
+                                           hyper=hyper)
+  value_loss, value_stats = value_terms(params["critic"], batch, models=models, hyper=hyper)
+  loss = policy_loss + value_loss
+  return loss, {"ppo/loss/total": loss, **policy_stats, **value_stats}
+
+
+def ppo_grads(params, batch: Experience, ptx_batch: Optional[dict], *, models: PPOModels,
+              hyper: PPOHyper, frozen: Optional[Frozen] = None) -> tuple[tuple, dict]:
+  """((loss, stats), grads) of `ppo_loss` over the state's params, one model after the other.
+
+  The policy's and the critic's terms share no trained parameter, so each model's gradient is
+  its own term's. Taken apart, with an optimization barrier between them, the critic's forward
+  pass starts only after the policy's backward pass has ended: the update holds one model's
+  activations at a time instead of both (benchmarks/lora_ppo.py's memory plans)."""
+  def policy_fn(p):
+    return policy_terms(full_policy(p, frozen, models), batch, ptx_batch, models=models,
+                        hyper=hyper)
+
+  (policy_loss, policy_stats), policy_grads = jax.value_and_grad(policy_fn, has_aux=True)(
+      params["policy"])
+  policy_grads, critic, frozen = jax.lax.optimization_barrier(
+      (policy_grads, params["critic"], frozen))
+
+  def critic_fn(c):
+    return value_terms(full_critic(c, frozen, models), batch, models=models, hyper=hyper)
+
+  (value_loss, value_stats), critic_grads = jax.value_and_grad(critic_fn, has_aux=True)(critic)
+  loss = policy_loss + value_loss
+  stats = {"ppo/loss/total": loss, **policy_stats, **value_stats}
+  return (loss, stats), {"policy": policy_grads, "critic": critic_grads}
 
 
 def _split_minibatches(tree, key: Array, minibatches: int):
@@ -385,9 +343,7 @@ def ppo_update(state: PPOState, experience: Experience, ptx_batches: Optional[di
   A minibatch whose loss or gradient is not finite is skipped and reported in `finite`.
   frozen: the frozen models, read only with LoRA (the bases the adapters sit on).
   """
-  grad_fn = jax.value_and_grad(
-      lambda p, b, x: ppo_loss(full_params(p, frozen, models), b, x, models=models,
-                               hyper=hyper), has_aux=True)
+  grad_fn = functools.partial(ppo_grads, models=models, hyper=hyper, frozen=frozen)
 
   def minibatch_step(carry, xs):
     params, opt_state, ema = carry
