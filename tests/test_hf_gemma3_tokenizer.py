@@ -96,6 +96,10 @@ def test_template_tokens_are_the_turn_markers():
   eos = tokenizer._tok.token_to_id("<eos>")
   assert config.sft.lora.tokens == "2,105,106" and config.sft.lora.tokens_start == f"106:{eos}"
   assert config.rm.lora.tokens_start == ""  # later stages start from SFT's rows
+  # Warm-ups within the short runs: at most half of KTO's and DPO's steps, 2 of the RM's.
+  for stage in ("kto", "dpo"):
+    assert 2 * config[stage].optim.warmup_steps <= config[stage].train.steps
+  assert config.rm.optim.warmup_steps == 2
 
 
 

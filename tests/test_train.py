@@ -310,3 +310,20 @@ def test_workdir_with_another_model_shape_is_a_clear_error(tmp_path):
   with pytest.raises(run_folder.RunFolderError,
                      match=r"model\.d_ff: recorded 128, this run 256\): use a fresh workdir"):
     lm.train(wider, str(tmp_path))
+
+
+def test_a_warm_up_over_half_the_run_is_reported(caplog):
+  """A preset's 10 warm-up steps under a 12-step run (the real recipe's RM once) keep the rate
+  below its peak for most of the run: make_optimizer says so, and keeps the config's value
+  (the schedule at step 5 is still half the peak: linear warm-up 0 -> lr over 10 steps)."""
+  config = tiny_lm_config()
+  config.optim.warmup_steps = 10
+  with caplog.at_level("WARNING", logger="rlhf_jax.core.optim"):
+    optim.make_optimizer(config.optim, 12)
+  assert "warmup_steps=10 is over half of this run's 12 steps" in caplog.text
+  lr = config.optim.learning_rate
+  np.testing.assert_allclose(float(optim.make_schedule(config.optim, 12)(5)), 0.5 * lr, rtol=1e-6)
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="rlhf_jax.core.optim"):
+    optim.make_optimizer(config.optim, 20)
+  assert "warmup" not in caplog.text
