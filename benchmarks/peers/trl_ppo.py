@@ -1,5 +1,10 @@
-"""The W1 PPO iteration in Hugging Face TRL (torch, CPU): the peer figure ppo_iteration.py is
-compared with.
+"""The W1 or W4 PPO iteration in Hugging Face TRL (torch, CPU): the peer figure
+ppo_iteration.py and lora_ppo.py are compared with.
+
+`--workload w4` runs the same loop at SmolLM2-135M's shape (30 layers, d 576, 9 / 3 heads, MLP
+1536, vocab 49,152, tied embeddings) on 16 prompts of 64 tokens, 64 sampled, 1 epoch x 2
+minibatches: W4, as benchmarks/lora_ppo.py's full-parameter setting. The result also records the
+process's peak RSS.
 
 Runs in its own virtual environment (benchmarks/peers/setup.sh makes it: torch 2.13.0 CPU,
 trl 1.9.0 and the transformers / accelerate / datasets versions pinned there), never in the
@@ -31,7 +36,7 @@ seconds. The first iteration is a warm-up and is reported apart.
 A square matmul in torch is timed before and after the iterations, for context (the faster of
 the two readings, as in ppo_iteration.py).
 
-  benchmarks/peers/.venv/bin/python benchmarks/peers/trl_ppo.py [--iterations 3]
+  benchmarks/peers/.venv/bin/python benchmarks/peers/trl_ppo.py [--workload w1|w4] [--iterations 3]
       [--dtypes float32[,bfloat16]] [--threads N] [--json_out FILE]
 
 Threads: torch's default is one intra-op thread per core. When other jobs keep the cores busy,
@@ -50,6 +55,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -63,11 +69,10 @@ import common  # noqa: E402  (benchmarks/common.py: framework-free helpers)
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--prompts", type=int, default=64)
-  p.add_argument("--prompt_len", type=int, default=32)
-  p.add_argument("--new_tokens", type=int, default=48)
-  p.add_argument("--epochs", type=int, default=4)
-  p.add_argument("--minibatches", type=int, default=4)
+  p.add_argument("--workload", default="w1", choices=sorted(WORKLOADS),
+                 help="w1: DESIGN.md's 8M-parameter workload; w4: the SmolLM2-135M shape")
+  for name in ("prompts", "prompt_len", "new_tokens", "epochs", "minibatches"):
+    p.add_argument(f"--{name}", type=int, default=None, help="default: the workload's")
   p.add_argument("--iterations", type=int, default=3, help="timed iterations (after 1 warm-up)")
   p.add_argument("--dtypes", default="float32",
                  help="float32 and/or bfloat16 (TRL's bf16 mixed precision: float32 params, "
@@ -77,13 +82,26 @@ def parse_args(argv=None):
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--matmul_repeats", type=int, default=10)
   p.add_argument("--json_out", default="")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  for name, value in WORKLOADS[args.workload]["sizes"].items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  return args
 
 
-# W1 (DESIGN.md): the same shape as rlhf_jax/models/sizes.py's "w1".
-W1 = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-          tie_word_embeddings=False)
+# W1 (DESIGN.md): the same shape as rlhf_jax/models/sizes.py's "w1". W4: SmolLM2-135M's
+# shape (sizes.py's "135m": 30 layers, d 576, 9 query / 3 key-value heads, MLP 1536, vocab
+# 49,152, tied), the batch of benchmarks/lora_ppo.py and `ppo_iteration.py --size 135m`.
+WORKLOADS = {
+    "w1": {"shape": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, tie_word_embeddings=False),
+           "sizes": dict(prompts=64, prompt_len=32, new_tokens=48, epochs=4, minibatches=4)},
+    "w4": {"shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=2048, tie_word_embeddings=True),
+           "sizes": dict(prompts=16, prompt_len=64, new_tokens=64, epochs=1, minibatches=2)},
+}
 
 
 def build_tokenizer(vocab_size: int):
@@ -101,17 +119,17 @@ def build_tokenizer(vocab_size: int):
   return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<pad>")
 
 
-def build_models(torch, seed: int):
+def build_models(torch, shape: dict, seed: int):
   """(policy, reference, critic, reward model): random init, float32, dropout 0, no EOS."""
   from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
   torch.manual_seed(seed)
-  lm_config = LlamaConfig(**W1, attention_dropout=0.0, bos_token_id=None, eos_token_id=None,
+  lm_config = LlamaConfig(**shape, attention_dropout=0.0, bos_token_id=None, eos_token_id=None,
                           pad_token_id=None)
   policy = LlamaForCausalLM(lm_config)
   reference = LlamaForCausalLM(lm_config)
   reference.load_state_dict(policy.state_dict())  # the SFT policy, frozen
-  cls_config = LlamaConfig(**W1, num_labels=1, attention_dropout=0.0, bos_token_id=None,
-                           eos_token_id=None, pad_token_id=W1["vocab_size"] - 1)
+  cls_config = LlamaConfig(**shape, num_labels=1, attention_dropout=0.0, bos_token_id=None,
+                           eos_token_id=None, pad_token_id=shape["vocab_size"] - 1)
   critic = LlamaForSequenceClassification(cls_config)
   reward = LlamaForSequenceClassification(cls_config)
   for model in (policy, reference):
@@ -184,11 +202,12 @@ def run_dtype(args, dtype: str, torch) -> dict:
   from trl.experimental.ppo import PPOConfig, PPOTrainer
   from trl.experimental.ppo import ppo_trainer as ppo_module
 
+  shape = WORKLOADS[args.workload]["shape"]
   rng = torch.Generator().manual_seed(2)
-  prompts = torch.randint(4, W1["vocab_size"], (args.prompts, args.prompt_len), generator=rng)
+  prompts = torch.randint(4, shape["vocab_size"], (args.prompts, args.prompt_len), generator=rng)
   dataset = Dataset.from_dict({"input_ids": prompts.tolist()})
-  tokenizer = build_tokenizer(W1["vocab_size"])
-  policy, reference, critic, reward = build_models(torch, 0)
+  tokenizer = build_tokenizer(shape["vocab_size"])
+  policy, reference, critic, reward = build_models(torch, shape, 0)
 
   clock = PhaseClock()
   callback = install_clock(ppo_module, clock)
@@ -237,6 +256,8 @@ def run_dtype(args, dtype: str, torch) -> dict:
       "all_cpu_seconds": {k: [s[k] for s in cpu_timed] for k in cpu_med},
       "matmul_peak_flops_per_s": max(peaks),
       "matmul_peak_readings": peaks,
+      # The process's peak so far (Linux: KiB): this dtype's alone when it runs first or alone.
+      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
   }
 
 
@@ -252,7 +273,7 @@ def main(argv=None):
   results = [run_dtype(args, d.strip(), torch) for d in args.dtypes.split(",") if d.strip()]
   out = {
       "benchmark": "trl_ppo",
-      "workload": {"size": "w1", "prompts": args.prompts, "prompt_len": args.prompt_len,
+      "workload": {"name": args.workload, "prompts": args.prompts, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "epochs": args.epochs,
                    "minibatches": args.minibatches, "early_stop": False},
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -270,12 +291,13 @@ def main(argv=None):
   print()
   print(common.markdown_table(
       ["framework", "dtype", "iteration s", "episodes/s", "generate s (%)", "score s (%)",
-       "update s (%)", "iteration CPU-s", "torch matmul peak GFLOP/s"],
+       "update s (%)", "iteration CPU-s", "peak RSS GiB", "torch matmul peak GFLOP/s"],
       [[f"TRL {trl.__version__} / torch {torch.__version__}", r["dtype"],
         f"{r['iteration_s']:.2f}", f"{r['episodes_per_s']:.1f}",
         *(f"{r['seconds'][k]:.2f} ({100 * r['fraction'][k]:.0f}%)"
           for k in ("generate", "score", "update")),
-        f"{r['cpu_iteration_s']:.1f}", f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}"] for r in results]))
+        f"{r['cpu_iteration_s']:.1f}", f"{r['peak_rss_gib']:.2f}",
+        f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}"] for r in results]))
 
 
 if __name__ == "__main__":
