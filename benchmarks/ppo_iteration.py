@@ -42,6 +42,7 @@ import datetime
 import functools
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -265,6 +266,8 @@ def run_dtype(args, dtype: str) -> dict:
   cpu_med = {k: statistics.median(v) for k, v in cpu_phases.items()}
   return {
       "dtype": dtype,
+      # The process's peak so far (Linux: KiB): this dtype's own when it runs first or alone.
+      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
       "old_logprobs": "recompute" if hyper.recompute_old_logprobs else "sampler",
       "iteration_s": iteration,
       "episodes_per_s": args.prompts / iteration,
@@ -285,10 +288,16 @@ def run_dtype(args, dtype: str) -> dict:
   }
 
 
-def peer_figures(path: str) -> dict:
+SIZES = ("prompts", "prompt_len", "new_tokens", "epochs", "minibatches")
+
+
+def peer_figures(path: str, args=None) -> dict:
   """{"iteration_s", "cpu_iteration_s", "source", "by_dtype"} of TRL: float32 (the W1 workload)
   from the peer script's JSON when given (a measurement of this session), else DESIGN.md's
   quiet-machine figure; `by_dtype` holds every dtype the JSON measured."""
+  if not path and args is not None and args.size != "w1":
+    return {"iteration_s": float("nan"), "cpu_iteration_s": None, "by_dtype": {},
+            "source": f"none for size {args.size}: pass --peer_json (trl_ppo.py --workload)"}
   if not path:
     return {"iteration_s": TRL_REFERENCE["iteration_s"], "cpu_iteration_s": None, "by_dtype": {},
             "source": "DESIGN.md (TRL 1.9.0 + torch 2.13, float32, same kind of 2-core CPU, "
@@ -298,6 +307,10 @@ def peer_figures(path: str) -> dict:
   by_dtype = {r["dtype"]: r for r in peer.get("results", [])}
   if peer.get("benchmark") != "trl_ppo" or "float32" not in by_dtype:
     raise ValueError(f"{path}: not a float32 result of benchmarks/peers/trl_ppo.py")
+  theirs = {k: peer["workload"].get(k) for k in SIZES}
+  ours = {k: getattr(args, k) for k in SIZES} if args is not None else theirs
+  if theirs != ours:
+    raise ValueError(f"{path}: TRL ran another workload {theirs}, this run is {ours}")
   v = peer["versions"]
   return {"iteration_s": by_dtype["float32"]["iteration_s"],
           "cpu_iteration_s": by_dtype["float32"]["cpu_iteration_s"],
@@ -309,8 +322,13 @@ def peer_figures(path: str) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   load_before = os.getloadavg()[0]
-  peer = peer_figures(args.peer_json)
-  results = [run_dtype(args, d.strip()) for d in args.dtypes.split(",") if d.strip()]
+  peer = peer_figures(args.peer_json, args)
+  results = []
+  for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+    results.append(run_dtype(args, dtype))
+    # What is measured is kept even if a later dtype fails or is killed.
+    common.write_json({"benchmark": "ppo_iteration", "partial": True, "results": results},
+                      args.json_out)
   for r in results:
     r["speedup_vs_trl"] = peer["iteration_s"] / r["iteration_s"]
     if peer["cpu_iteration_s"]:
@@ -336,6 +354,7 @@ def main(argv=None):
   print(common.markdown_table(
       ["dtype", "log pi_old", "iteration s", "episodes/s", "generate s (%)", "score s (%)",
        "update s (%)", "update MFU", "update GFLOP/s", "matmul peak GFLOP/s", "iteration CPU-s",
+       "peak RSS GiB",
        f"vs TRL float32 {peer['iteration_s']:.1f} s", "vs TRL same dtype",
        "matmuls alone s", "bound vs TRL float32"],
       [[r["dtype"], r["old_logprobs"], f"{r['iteration_s']:.2f}", f"{r['episodes_per_s']:.1f}",
@@ -343,7 +362,7 @@ def main(argv=None):
           for k in ("generate", "score", "update")),
         f"{100 * r['mfu']['update']:.0f}%", f"{r['update_model_flops_per_s'] / 1e9:.0f}",
         f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}", f"{r['cpu_iteration_s']:.1f}",
-        f"{r['speedup_vs_trl']:.2f}x",
+        f"{r['peak_rss_gib']:.2f}", f"{r['speedup_vs_trl']:.2f}x",
         f"{r['speedup_vs_trl_same_dtype']:.2f}x" if "speedup_vs_trl_same_dtype" in r else "-",
         f"{r['matmul_floor_iteration_s']:.2f}" if "matmul_floor_iteration_s" in r else "-",
         f"{r['floor_speedup_bound_vs_trl']:.2f}x" if "floor_speedup_bound_vs_trl" in r else "-"]

@@ -83,3 +83,21 @@ def test_lora_ppo_benchmark_reports_every_setting_at_a_tiny_size(tmp_path):
   trunk = memory["lora"]["frozen_bytes"] - shared["frozen_bytes"] + 4 * 2 * 1024 * 4
   assert 0 < trunk < memory["lora"]["frozen_bytes"] / 2
   assert shared["iteration_plan_bytes"] <= memory["lora"]["iteration_plan_bytes"]
+
+
+def test_a_peer_figure_of_another_workload_is_refused(tmp_path):
+  """--peer_json from `trl_ppo.py --workload w4` against a W1 run (64 x 32 prompts, 48 sampled,
+  4 x 4 minibatches) names both workloads instead of printing a meaningless ratio."""
+  import json
+  peer = {"benchmark": "trl_ppo", "date": "d", "machine": {"loadavg_1m_before_after": [0, 0]},
+          "versions": {"trl": "1.9.0", "torch": "2.13.0"},
+          "workload": {"name": "w4", "prompts": 16, "prompt_len": 64, "new_tokens": 64,
+                       "epochs": 1, "minibatches": 2},
+          "results": [{"dtype": "float32", "iteration_s": 45.0, "cpu_iteration_s": 88.0}]}
+  path = tmp_path / "trl.json"
+  path.write_text(json.dumps(peer))
+  with pytest.raises(ValueError, match="another workload"):
+    ppo_iteration.peer_figures(str(path), ppo_iteration.parse_args([]))
+  w4 = ppo_iteration.parse_args("--size 135m --prompts 16 --prompt_len 64 --new_tokens 64 "
+                                "--epochs 1 --minibatches 2".split())
+  assert ppo_iteration.peer_figures(str(path), w4)["iteration_s"] == 45.0
