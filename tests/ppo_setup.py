@@ -61,6 +61,25 @@ def prompts(batch, width=6, seed=0, min_len=1):
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
+def minibatch_with_ptx(policy, batch=4, new_tokens=6, temperature=0.7, seed=1):
+  """(Experience, ptx batch) for loss checks: answers sampled from `policy` to random prompts,
+  random old values, advantages and returns, and 2 x 8 random LM tokens for PPO-ptx."""
+  tokens, mask = prompts(batch, seed=3)
+  ro = rollout.make_rollout_fn(CFG, new_tokens, (), PAD, SamplingParams(temperature=temperature))(
+      {"params": policy}, tokens, mask, jax.random.key(0))
+  n = ro.answer_mask.shape[1]
+  rng = np.random.default_rng(seed)
+  normal = lambda: jnp.asarray(rng.normal(size=(batch, n)), jnp.float32)  # noqa: E731
+  exp = ppo.Experience(rollout=ro, old_logprobs=ro.logprobs, old_values=normal(),
+                       advantages=normal(), returns=normal(), scores=jnp.zeros(batch),
+                       kl=jnp.zeros(batch))
+  ptx_tokens = rng.integers(0, V, (2, 9))
+  ptx = {"inputs": ptx_tokens[:, :-1], "targets": ptx_tokens[:, 1:],
+         "positions": np.broadcast_to(np.arange(8), (2, 8)),
+         "segment_ids": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32)}
+  return exp, ptx
+
+
 def frozen(reference, reward=None, gain=1.0, bias=0.0):
   reward = scalar_params(1) if reward is None else reward
   return ppo.Frozen(reference=reference, reward=reward,

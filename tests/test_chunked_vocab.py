@@ -304,25 +304,10 @@ def test_ppo_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary():
   against 0 on one random minibatch."""
   import dataclasses
   import ppo_setup as S
-  from rlhf_jax.infer import rollout as rollout_lib
-  from rlhf_jax.infer.sampling import SamplingParams
   from rlhf_jax.rl import ppo
   hyper = ppo.PPOHyper(temperature=0.7, ent_coef=0.01, ptx_coef=0.5)
   params = {"policy": S.policy_params(0), "critic": S.scalar_params(1)}
-  tokens, mask = S.prompts(4, seed=3)
-  ro = rollout_lib.make_rollout_fn(S.CFG, 6, (), S.PAD, SamplingParams(temperature=0.7))(
-      {"params": params["policy"]}, tokens, mask, jax.random.key(0))
-  n = ro.answer_mask.shape[1]
-  rng = np.random.default_rng(1)
-  exp = ppo.Experience(rollout=ro, old_logprobs=jnp.asarray(ro.logprobs),
-                       old_values=jnp.zeros((4, n)), advantages=jnp.asarray(rng.normal(size=(4, n)),
-                                                                            jnp.float32),
-                       returns=jnp.asarray(rng.normal(size=(4, n)), jnp.float32),
-                       scores=jnp.zeros(4), kl=jnp.zeros(4))
-  ptx_tokens = rng.integers(0, S.V, (2, 9))
-  ptx = {"inputs": ptx_tokens[:, :-1], "targets": ptx_tokens[:, 1:],
-         "positions": np.broadcast_to(np.arange(8), (2, 8)),
-         "segment_ids": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32)}
+  exp, ptx = S.minibatch_with_ptx(params["policy"])
   out = {}
   for chunk in (0, 40):
     cfg = dataclasses.replace(S.CFG, vocab_chunk=chunk)

@@ -320,24 +320,12 @@ def test_policy_and_value_losses_against_formulas():
 
 
 def test_gradients_one_model_after_the_other_equal_the_whole_losses():
-  """ppo_grads (the policy's backward, a barrier, then the critic's) against jax.grad of the
+  """ppo_grads (the policy's backward, then the critic's) against jax.grad of the
   whole minibatch loss, with the entropy bonus and the ptx term on: the same loss, stats and
   gradients, since the two terms share no trained parameter."""
   hyper = ppo.PPOHyper(temperature=0.7, ent_coef=0.01, ptx_coef=0.5, vf_coef=0.3)
   params = {"policy": S.policy_params(0), "critic": S.scalar_params(1)}
-  tokens, mask = S.prompts(4, seed=3)
-  ro = rollout.make_rollout_fn(S.CFG, 6, (), S.PAD, SamplingParams(temperature=0.7))(
-      {"params": params["policy"]}, tokens, mask, jax.random.key(0))
-  n = ro.answer_mask.shape[1]
-  rng = np.random.default_rng(1)
-  normal = lambda: jnp.asarray(rng.normal(size=(4, n)), jnp.float32)  # noqa: E731
-  exp = ppo.Experience(rollout=ro, old_logprobs=ro.logprobs, old_values=normal(),
-                       advantages=normal(), returns=normal(), scores=jnp.zeros(4),
-                       kl=jnp.zeros(4))
-  ptx_tokens = rng.integers(0, S.V, (2, 9))
-  ptx = {"inputs": ptx_tokens[:, :-1], "targets": ptx_tokens[:, 1:],
-         "positions": np.broadcast_to(np.arange(8), (2, 8)),
-         "segment_ids": np.ones((2, 8), np.int32), "loss_mask": np.ones((2, 8), np.float32)}
+  exp, ptx = S.minibatch_with_ptx(params["policy"])
   (loss, stats), grads = jax.jit(functools.partial(
       ppo.ppo_grads, models=S.MODELS, hyper=hyper))(params, exp, ptx)
   (ref_loss, ref_stats), ref_grads = jax.jit(jax.value_and_grad(
