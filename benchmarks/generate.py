@@ -9,6 +9,10 @@ Prints one JSON object, then a short table. Timings are medians after warm-up; n
 asserted.
 
   python benchmarks/generate.py [--size small] [--batch 16] [--dtype both|float32|bfloat16]
+      [--layers unrolled,scanned]
+
+--size also takes a pretrained shape (gemma3_270m, smollm2_135m: random weights of that shape).
+--layers times each layout of the layers (models/layer_layout.py): unrolled, or under nn.scan.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax.models import Transformer, init_cache, model_config  # noqa: E402
+from rlhf_jax.models import ModelConfig, Transformer, init_cache, model_config, pretrained  # noqa: E402
 from rlhf_jax.infer.sampling import SamplingParams, decode_step, make_generate_fn, prefill  # noqa: E402
 
 
@@ -43,6 +47,8 @@ def parse_args():
   p.add_argument("--cache_len", type=int, default=640, help="slots for the step timing")
   p.add_argument("--positions", default="32,512", help="two cache indices to compare")
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--layers", default="unrolled",
+                 help="comma-separated layouts to time: unrolled, scanned")
   p.add_argument("--json_out", default="", help="also write the JSON object to this path")
   return p.parse_args()
 
@@ -107,10 +113,17 @@ def time_decode_steps(cfg, params, args, indices: tuple[int, ...]) -> list[float
   return [statistics.median(t) for t in times]
 
 
-def bench_dtype(args, dtype: str) -> dict:
-  cfg = model_config(args.size, vocab_size=args.vocab, dtype=dtype)
+def shape_config(args, **overrides):
+  """A size preset (vocab from --vocab) or a pretrained model's shape (its own vocab)."""
+  if args.size in pretrained.SHAPES:
+    return ModelConfig(**{**pretrained.SHAPES[args.size], **overrides})
+  return model_config(args.size, vocab_size=args.vocab, **overrides)
+
+
+def bench_dtype(args, dtype: str, layers: str = "unrolled") -> dict:
+  cfg = shape_config(args, dtype=dtype, scan_layers=layers == "scanned")
   params = init_params(cfg)
-  out = {"dtype": dtype, **time_generate(cfg, params, args)}
+  out = {"dtype": dtype, "layers": layers, **time_generate(cfg, params, args)}
   lo, hi = (int(p) for p in args.positions.split(","))
   step_lo, step_hi = time_decode_steps(cfg, params, args, (lo, hi))
   out.update({f"step_ms_at_{lo}": 1e3 * step_lo, f"step_ms_at_{hi}": 1e3 * step_hi,
@@ -122,26 +135,29 @@ def bench_dtype(args, dtype: str) -> dict:
 def main():
   args = parse_args()
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
-  cfg = model_config(args.size, vocab_size=args.vocab)
+  cfg = shape_config(args)
+  layouts = [x.strip() for x in args.layers.split(",") if x.strip()]
+  if not layouts or set(layouts) - {"unrolled", "scanned"}:
+    raise SystemExit(f"--layers {args.layers!r}: give unrolled, scanned or both")
   load_before = os.getloadavg()[0]
   results = {
-      "benchmark": "generate", "size": args.size, "vocab": args.vocab, "batch": args.batch,
+      "benchmark": "generate", "size": args.size, "vocab": cfg.vocab_size, "batch": args.batch,
       "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
       "cache_len": args.cache_len, "params": cfg.param_count(),
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "results": [bench_dtype(args, d) for d in dtypes],
+      "results": [bench_dtype(args, d, layers) for d in dtypes for layers in layouts],
   }
   results["machine"] = {**common.machine_info(), "jax": jax.__version__,
                         "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
   common.emit(results, args.json_out)
   lo, hi = args.positions.split(",")
-  print(f"\n{args.size} (vocab {args.vocab}), batch {args.batch}, "
+  print(f"\n{args.size} (vocab {cfg.vocab_size}), batch {args.batch}, "
         f"prompt {args.prompt_len} + {args.new_tokens} new tokens; step cache {args.cache_len}\n")
   print(common.markdown_table(
-      ["dtype", "generate tok/s", "decode tok/s", f"step ms @{lo}", f"step ms @{hi}",
+      ["dtype", "layers", "generate tok/s", "decode tok/s", f"step ms @{lo}", f"step ms @{hi}",
        f"ratio @{hi}/@{lo}"],
-      [[r["dtype"], f"{r['tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.0f}",
+      [[r["dtype"], r["layers"], f"{r['tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.0f}",
         f"{r[f'step_ms_at_{lo}']:.2f}", f"{r[f'step_ms_at_{hi}']:.2f}",
         f"{r['step_ratio']:.2f}"] for r in results["results"]]))
 

@@ -11,10 +11,12 @@ kto.py, dpo.py), so every field of a stage can be overridden as `--config.<stage
 paths between stages (tokenizer.path, init_from, sft_dir, rm_dir, the comparisons' data_dir)
 are filled in by the pipeline when it runs a stage; whatever a section holds there is ignored.
 The model's shape is the pretrain section's `model`: later stages take its shape fields from
-there (their own dtype and remat stay theirs). A field that repeats another follows it when it
-is overridden: evaluate.max_new_tokens and ppo.eval.max_new_tokens are ppo.sampling's,
-rm.eval.max_comparisons is 2 x comparisons.heldout_per_lang (every held-out comparison), each
-section's model.vocab_size its tokenizer.vocab_size; overriding the copy itself changes it alone.
+there (their own dtype, remat, vocab_chunk and scan_layers stay theirs; a run folder saved with
+scanned layers loads unrolled and back, models/layer_layout.py). A field that repeats another
+follows it when it is overridden: evaluate.max_new_tokens and ppo.eval.max_new_tokens are
+ppo.sampling's, rm.eval.max_comparisons is 2 x comparisons.heldout_per_lang (every held-out
+comparison), each section's model.vocab_size its tokenizer.vocab_size; overriding the copy
+itself changes it alone.
 
 Arguments: size (tiny | small | ...), smoke (a few steps per stage and a handful of prompts:
 tests and notebooks), and the step counts pretrain_steps, sft_steps, ppo_steps, kto_steps,

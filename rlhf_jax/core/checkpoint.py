@@ -231,6 +231,25 @@ def restore_params(directory: str, params_like, step: Optional[int] = None):
     ckpt.close()
 
 
+def saved_params_tree(directory: str, step: Optional[int] = None):
+  """The saved params' tree of a checkpoint directory (shapes and dtypes; nothing is read)."""
+  ckpt = Checkpointer(directory, max_to_keep=None, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    return ckpt.saved_tree(step, "params")
+  finally:
+    ckpt.close()
+
+
+def placed_like(params, params_like, what: str):
+  """`params` (checked against `params_like`'s shapes) on `params_like`'s shardings."""
+  check_shapes(params, params_like, what)
+  return jax.tree.map(lambda x, like: jax.device_put(x, getattr(like, "sharding", None)),
+                      params, params_like)
+
+
 def read_params(directory: str, step: Optional[int] = None, device=None):
   """Params of a checkpoint onto one device, whatever mesh or process count saved them.
 

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 
 from rlhf_jax.core import checkpoint as ckpt_lib
-from rlhf_jax.models import hf_import, lora, pretrained
+from rlhf_jax.models import hf_import, layer_layout, lora, pretrained
 from rlhf_jax.models.heads import trunk_of
 from rlhf_jax.models.transformer import NUMERICS_FIELDS, ModelConfig
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
@@ -150,9 +150,14 @@ def _model_fields(model_config: ModelConfig) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(model_config)))
 
 
+# The numerics a run may change when it resumes. Not scan_layers: a resumed run reads back its
+# optimizer state, saved in the run's own layer layout.
+_RESUMABLE_NUMERICS = tuple(f for f in NUMERICS_FIELDS if f != "scan_layers")
+
+
 def _shape(fields: dict) -> dict:
   """What a record's params are: every field but the numerics a run may change on resume."""
-  return {k: v for k, v in fields.items() if k not in NUMERICS_FIELDS}
+  return {k: v for k, v in fields.items() if k not in _RESUMABLE_NUMERICS}
 
 
 def write_record(run: str, *, model_config: ModelConfig, tokenizer, kind: str,
@@ -258,9 +263,13 @@ def _load(run: str, kind: str, step: Optional[int], numerics: dict):
   if record["kind"] != kind:
     raise RunFolderError(f"{root(run)} holds a {record['kind']} model, not a {kind} one")
   config = model_config(run, **numerics)
-  params = ckpt_lib.read_params(checkpoint_dir(run), step)
+  # Saved in the record's layout; built in config.scan_layers (a numerics field a caller may
+  # change): models/layer_layout.py restacks what differs.
+  params = layer_layout.to_layout(ckpt_lib.read_params(checkpoint_dir(run), step),
+                                  config.scan_layers)
   if config.lora_rank:  # adapters and heads only: put them on their base and fold them in
-    params = lora.fold(lora.merge(params, read_base(run)), config)
+    base = layer_layout.to_layout(read_base(run), config.scan_layers)
+    params = lora.fold(lora.merge(params, base), config)
     config = lora.base_config(config)
   return params, config
 
@@ -292,8 +301,12 @@ def is_trunk_of(run: str, policy_run: str) -> bool:
 
 def check_base(run: str, base_params) -> None:
   """RunFolderError unless `base_params` are the base a LoRA run's record names (fingerprint)."""
-  entry = read_record(run)["base"]
-  found = lora.fingerprint(base_params)
+  record = read_record(run)
+  entry = record["base"]
+  # The fingerprint is of the base in the LoRA run's own layer layout; `base_params` may be in
+  # the other (a later stage's choice): restacked first, it is the same base.
+  found = lora.fingerprint(layer_layout.to_layout(base_params,
+                                                  record["model"].get("scan_layers", False)))
   if found != entry["fingerprint"]:
     raise RunFolderError(f"LoRA run {root(run)} was trained on base {entry['source']} (step "
                          f"{entry.get('step')}, fingerprint {entry['fingerprint']}), but those "
@@ -348,6 +361,19 @@ def restore_params(source: str, params_like):
   if record["model"].get("lora_rank"):  # a LoRA run: its folded params, placed like the target
     params, _ = (load_policy if record["kind"] == "policy" else load_scalar_model)(source)
     target = nn.unbox(params_like)
-    ckpt_lib.check_shapes(params, target, f"LoRA run {root(source)} (folded)")
-    return jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), params, target)
-  return ckpt_lib.restore_params(checkpoint_dir(source), params_like)
+    return ckpt_lib.placed_like(layer_layout.like(params, target), target,
+                                f"LoRA run {root(source)} (folded)")
+  return restore_saved_params(source, params_like)
+
+
+def restore_saved_params(source: str, params_like):
+  """A run's params as saved (a LoRA run's adapters and heads, unfolded), shaped and sharded
+  like `params_like`: restacked first when the run saved its layers in the other layout
+  (models/layer_layout.py), a stage's own choice."""
+  directory = checkpoint_dir(source)
+  saved = ckpt_lib.saved_params_tree(directory)
+  if layer_layout.layout_of(saved) in (None, layer_layout.layout_of(params_like)):
+    return ckpt_lib.restore_params(directory, params_like)
+  log.info("initialised params from %s (layers restacked)", directory)
+  return ckpt_lib.placed_like(layer_layout.like(ckpt_lib.read_params(directory), params_like),
+                              params_like, f"run {root(source)}")

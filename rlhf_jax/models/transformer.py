@@ -42,7 +42,8 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # ModelConfig fields that change how a model computes, not which params it has: a later stage
 # (PPO, KTO, DPO, the RM from an SFT trunk) takes an earlier run's shape and sets these itself.
-NUMERICS_FIELDS = ("dtype", "remat", "vocab_chunk")
+# scan_layers stacks the same params differently; loading restacks them (models/layer_layout.py).
+NUMERICS_FIELDS = ("dtype", "remat", "vocab_chunk", "scan_layers")
 
 
 def _dense_init(fan_in: int):
@@ -170,12 +171,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, columns=None,
-               local=None):
+               local=None, cache_layer=None):
     """x [B, T, D]; mask [B, T, S]; layer_cache (k, v): [L, B, Hkv, S, Dh] stacked (with
-    layer_index) or [B, Hkv, S, Dh]; None without a cache. columns: None, or a static
-    (start, stop): only those columns ask queries (keys and values come from all T), and the
-    output is [B, stop - start, D]. local: None (no sliding-window layers in the model), or
-    whether this is one (see layer_choice): it picks the rope table."""
+    layer_index, or cache_layer: a traced one, scanned) or [B, Hkv, S, Dh]; None without a
+    cache. columns: None, or a static (start, stop): only those columns ask queries (keys and
+    values from all T); the output is [B, stop - start, D]. local: None (no sliding-window
+    layers), or whether this is one (see layer_choice): it picks the rope table."""
     cfg = self.config
     dt = cfg.compute_dtype
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
@@ -200,7 +201,8 @@ class Attention(nn.Module):
 
     new_cache = None
     if layer_cache is not None:
-      k, v, new_cache = write_cache(layer_cache, k, v, cache_index, self.layer_index)
+      k, v, new_cache = write_cache(layer_cache, k, v, cache_index,
+                                    self.layer_index if cache_layer is None else cache_layer)
 
     b, t = x_q.shape[:2]
     q = q.reshape(b, t, hkv, h // hkv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
@@ -222,10 +224,10 @@ class Attention(nn.Module):
     return out.reshape(b, t, cfg.d_model), new_cache
 
 
-def write_cache(layer_cache, k, v, cache_index, layer_index: Optional[int]):
+def write_cache(layer_cache, k, v, cache_index, layer_index):
   """(keys, values to attend to [B, Hkv, S, Dh], the new cache): this step's k, v [B, Hkv, T,
-  Dh] written at cache_index into one layer's cache, or into layer `layer_index` of the
-  stacked [L, B, Hkv, S, Dh] cache (scanned layers)."""
+  Dh] written at cache_index into one layer's cache, or into layer `layer_index` (an int, or a
+  traced one under nn.scan) of the stacked [L, B, Hkv, S, Dh] cache."""
   ck, cv = layer_cache
   if layer_index is None:
     k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
@@ -284,15 +286,17 @@ class Block(nn.Module):
   layer_index: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index, columns=None, local=None):
+  def __call__(self, x, positions, mask, layer_cache, cache_index, columns=None, local=None,
+               cache_layer=None):
     """columns: None, or a static (start, stop): the block's output only there (see Attention).
     local: None, or whether this is a sliding-window layer; mask is then the pair (global mask,
-    sliding-window mask)."""
+    sliding-window mask). cache_layer: as Attention's."""
     cfg = self.config
     if local is not None:
       mask = layer_choice(local, mask[1], mask[0])
     attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
-        norm(cfg, "attn_norm")(x), positions, mask, layer_cache, cache_index, columns, local)
+        norm(cfg, "attn_norm")(x), positions, mask, layer_cache, cache_index, columns, local,
+        cache_layer)
     if columns is not None:
       x = x[:, columns[0]:columns[1]]
     if cfg.sandwich_norms:
@@ -307,16 +311,17 @@ class Block(nn.Module):
 
 
 class _ScanBlock(nn.Module):
-  """Block with the (carry, xs) -> (carry, ys) signature nn.scan needs."""
+  """nn.scan's body: carry (x, cache, layer) -> (x, cache, layer + 1); xs: sliding-window or not
+  (or None). The stacked cache rides in the carry, each layer writing its slots in place: as xs
+  -> ys it was rebuilt whole every decode step (1.6x slower decoding; benchmarks/RESULTS.md)."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, cache_index):
-    if not self.config.local_layers:
-      return Block(self.config, name="block")(x, positions, mask, layer_cache, cache_index)
-    layer_cache, local = layer_cache  # xs: (this layer's cache, whether it is a local layer)
-    return Block(self.config, name="block")(x, positions, mask, layer_cache, cache_index,
-                                            local=local)
+  def __call__(self, carry, local, positions, mask, cache_index):
+    x, cache, layer = carry
+    x, cache = Block(self.config, name="block")(x, positions, mask, cache, cache_index,
+                                                local=local, cache_layer=layer)
+    return (x, cache, layer + 1), None
 
 
 class Transformer(nn.Module):
@@ -385,10 +390,10 @@ class Transformer(nn.Module):
 
     sliced = False
     if cfg.scan_layers:
-      xs = kv
-      if cfg.local_layers:
-        xs = (kv, jnp.asarray([i in cfg.local_layers for i in range(cfg.n_layers)]))
-      x, new_kv = self.layers(x, xs, positions, mask, index)
+      local = (jnp.asarray([i in cfg.local_layers for i in range(cfg.n_layers)])
+               if cfg.local_layers else None)
+      (x, new_kv, _), _ = self.layers((x, kv, jnp.zeros((), jnp.int32)), local, positions, mask,
+                                      index)
     else:
       for i, layer in enumerate(self.layers):  # each writes its slots of the stacked cache
         # The last layer runs on the read columns only; a rematerialised block takes no

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.core import checkpoint as ckpt_lib, optim, run_folder, sharding
+from rlhf_jax.core import optim, run_folder, sharding
 from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.eval import ppo_periodic as evaluation
 from rlhf_jax.infer.rollout import make_rollout_fn
@@ -236,8 +236,8 @@ def load_frozen(frozen: ppo.Frozen, sources: dict) -> ppo.Frozen:
                                                                frozen.reference))
   if sources["rm"] and sources.get("shared"):
     run_folder.check_base(sources["rm"], ppo.shared_trunk(frozen))
-    frozen = frozen._replace(reward=ckpt_lib.restore_params(
-        run_folder.checkpoint_dir(sources["rm"]), frozen.reward))
+    frozen = frozen._replace(reward=run_folder.restore_saved_params(sources["rm"],
+                                                                   frozen.reward))
   elif sources["rm"]:
     frozen = frozen._replace(reward=run_folder.restore_params(sources["rm"], frozen.reward))
   return frozen
