@@ -69,19 +69,32 @@ test-all: setup
 test-fast: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS) tests
 
-# Every benchmark in benchmarks/, each printing one JSON object and a Markdown table; the
-# peer comparison (TRL, torch) needs `make peers` first and is skipped without it.
+# Every benchmark in benchmarks/, each printing one JSON object and a Markdown table, then one
+# table of the workloads W1-W4 beside the figures recorded for both CPU kinds
+# (benchmarks/summary.py, benchmarks/recorded.json). TRL's side needs `make peers` first; without
+# it the TRL ratios are left out and said so.
 BENCH_DIR ?= workdirs/bench
 bench: setup
 	@mkdir -p $(BENCH_DIR)
-	@set -e; for b in train_step reward_step ppo_iteration lora_ppo matmul_forms generate sample_draw token_rows input_pipeline hf_forward; do \
-	  echo "== $$b (load: $$(cut -d' ' -f1-3 /proc/loadavg))"; \
-	  XLA_FLAGS= $(PY) benchmarks/$$b.py --json_out $(BENCH_DIR)/$$b.json; done
-	@if test -x benchmarks/peers/.venv/bin/python; then \
-	  echo "== peers/trl_ppo (load: $$(cut -d' ' -f1-3 /proc/loadavg))"; \
-	  benchmarks/peers/.venv/bin/python benchmarks/peers/trl_ppo.py \
-	    --json_out $(BENCH_DIR)/trl_ppo.json; \
-	else echo "== peers/trl_ppo skipped: run 'make peers' first"; fi
+	@set -e; peers=benchmarks/peers/.venv/bin/python; \
+	run() { echo "== $$* (load: $$(cut -d' ' -f1-3 /proc/loadavg))"; XLA_FLAGS= "$$@"; }; \
+	peer() { if test -f $(BENCH_DIR)/$$1; then echo --peer_json $(BENCH_DIR)/$$1; fi; }; \
+	if test -x $$peers; then \
+	  run $$peers benchmarks/peers/trl_ppo.py --json_out $(BENCH_DIR)/trl_ppo.json; \
+	  run $$peers benchmarks/peers/trl_ppo.py --workload w4 --iterations 2 \
+	    --json_out $(BENCH_DIR)/trl_ppo_w4.json; \
+	else echo "== peers/trl_ppo skipped: run 'make peers' first"; fi; \
+	run $(PY) benchmarks/ppo_iteration.py --dtypes float32,bfloat16 $$(peer trl_ppo.json) \
+	  --json_out $(BENCH_DIR)/ppo_iteration.json; \
+	run $(PY) benchmarks/ppo_iteration.py --size 135m --prompts 16 --prompt_len 64 \
+	  --new_tokens 64 --epochs 1 --minibatches 2 --dtypes float32 --floor 0 --iterations 2 \
+	  $$(peer trl_ppo_w4.json) --json_out $(BENCH_DIR)/ppo_iteration_w4.json; \
+	run $(PY) benchmarks/train_step.py --size w1 --seq_len 128 --batch 16 \
+	  --json_out $(BENCH_DIR)/train_step_w2.json; \
+	run $(PY) benchmarks/reward_step.py --size w1 --json_out $(BENCH_DIR)/reward_step_w3.json; \
+	for b in lora_ppo matmul_forms generate sample_draw token_rows input_pipeline hf_forward; do \
+	  run $(PY) benchmarks/$$b.py --json_out $(BENCH_DIR)/$$b.json; done
+	$(PY) benchmarks/summary.py --dir $(BENCH_DIR)
 
 # The peer frameworks the benchmarks compare with, in their own venv (benchmarks/peers/.venv).
 peers:

@@ -101,3 +101,40 @@ def test_a_peer_figure_of_another_workload_is_refused(tmp_path):
   w4 = ppo_iteration.parse_args("--size 135m --prompts 16 --prompt_len 64 --new_tokens 64 "
                                 "--epochs 1 --minibatches 2".split())
   assert ppo_iteration.peer_figures(str(path), w4)["iteration_s"] == 45.0
+
+
+def test_summary_puts_each_workloads_headline_beside_both_recorded_kinds(tmp_path):
+  import summary
+  recorded = json.load(open(os.path.join(os.path.dirname(summary.__file__), "recorded.json")))
+  assert summary.cpu_kind(" fpu sse avx2 fma ") == "avx2"
+  assert summary.cpu_kind(" avx2 avx512f avx512_bf16 ") == "avx512_bf16"
+  # W1 from both dtype rows, W3's pairwise row (not the k-wise one beside it), W2 missing.
+  (tmp_path / "ppo_iteration.json").write_text(json.dumps({"results": [
+      {"dtype": "float32", "speedup_vs_trl": 1.43, "mfu": {"update": 0.7}},
+      {"dtype": "bfloat16", "speedup_vs_trl": 2.004}]}))
+  (tmp_path / "reward_step_w3.json").write_text(json.dumps({"results": [
+      {"layout": "kwise", "dtype": "float32", "pairs_per_s": 17.4, "mfu": 0.5},
+      {"layout": "pairs", "dtype": "float32", "pairs_per_s": 11.9, "mfu": 0.43}]}))
+  (tmp_path / "ppo_iteration_w4.json").write_text(json.dumps({"results": [
+      {"dtype": "float32", "iteration_s": 118.4, "peak_rss_gib": 9.726}]}))  # no TRL figure
+  rows = {r["workload"]: r for r in summary.build(str(tmp_path), recorded, "avx2")}
+  assert rows["W1"]["this_run"]["text"] == "1.43x" and rows["W1"]["this_run"]["extra"] == ""
+  assert rows["W1 bf16"]["this_run"]["text"] == "2.00x"
+  assert rows["W3"]["this_run"]["value"] == 11.9 and rows["W3"]["this_run"]["extra"] == "MFU 43%"
+  assert rows["W2"]["this_run"]["value"] is None and "missing" in rows["W2"]["this_run"]["text"]
+  assert rows["W4"]["this_run"]["value"] is None and "speedup_vs_trl" in rows["W4"]["this_run"]["text"]
+  assert rows["W4"]["recorded"]["avx2"].startswith("1.02x")
+  table = summary.table(list(rows.values()), recorded, "avx2")
+  assert table.count("\n") == len(rows) + 1  # header, rule, one line per workload
+
+
+def test_recorded_figures_name_sections_that_exist_in_results_md():
+  import summary
+  here = os.path.dirname(summary.__file__)
+  recorded = json.load(open(os.path.join(here, "recorded.json")))
+  headings = {line[3:].strip() for line in open(os.path.join(here, "RESULTS.md"), encoding="utf-8")
+              if line.startswith("## ")}
+  for workload in recorded["workloads"]:
+    assert set(workload["recorded"]) == set(recorded["kinds"]), workload["name"]
+    for kind, entry in workload["recorded"].items():
+      assert not entry["section"] or entry["section"] in headings, (workload["name"], kind)
