@@ -83,15 +83,20 @@ bench: setup
 	  run $$peers benchmarks/peers/trl_ppo.py --json_out $(BENCH_DIR)/trl_ppo.json; \
 	  run $$peers benchmarks/peers/trl_ppo.py --workload w4 --iterations 2 \
 	    --json_out $(BENCH_DIR)/trl_ppo_w4.json; \
-	else echo "== peers/trl_ppo skipped: run 'make peers' first"; fi; \
+	  run $$peers benchmarks/peers/torch_steps.py --json_out $(BENCH_DIR)/torch_steps.json; \
+	else echo "== peers/trl_ppo and peers/torch_steps skipped: run 'make peers' first"; fi; \
 	run $(PY) benchmarks/ppo_iteration.py --dtypes float32,bfloat16 $$(peer trl_ppo.json) \
 	  --json_out $(BENCH_DIR)/ppo_iteration.json; \
 	run $(PY) benchmarks/ppo_iteration.py --size 135m --prompts 16 --prompt_len 64 \
 	  --new_tokens 64 --epochs 1 --minibatches 2 --dtypes float32 --floor 0 --iterations 2 \
 	  $$(peer trl_ppo_w4.json) --json_out $(BENCH_DIR)/ppo_iteration_w4.json; \
 	run $(PY) benchmarks/train_step.py --size w1 --seq_len 128 --batch 16 \
-	  --json_out $(BENCH_DIR)/train_step_w2.json; \
-	run $(PY) benchmarks/reward_step.py --size w1 --json_out $(BENCH_DIR)/reward_step_w3.json; \
+	  $$(peer torch_steps.json) --json_out $(BENCH_DIR)/train_step_w2.json; \
+	run $(PY) benchmarks/reward_step.py --size w1 $$(peer torch_steps.json) \
+	  --json_out $(BENCH_DIR)/reward_step_w3.json; \
+	run $(PY) benchmarks/generate.py --size smollm2_135m --batch 16 --prompt_len 64 \
+	  --new_tokens 64 --dtype float32 --repeats 6 --peer transformers \
+	  --json_out $(BENCH_DIR)/generate_smollm2.json; \
 	for b in lora_ppo matmul_forms generate sample_draw token_rows input_pipeline hf_forward; do \
 	  run $(PY) benchmarks/$$b.py --json_out $(BENCH_DIR)/$$b.json; done
 	$(PY) benchmarks/summary.py --dir $(BENCH_DIR)

@@ -75,6 +75,28 @@ def time_torch_matmul(torch, dtype: str, n: int = 2048, repeats: int = 10) -> fl
   return matmul_flops(n) / median_seconds(lambda: torch.mm(a, b), repeats)[0]
 
 
+def torch_step_figure(path: str, workload: str, rows: int, seq_len: int) -> dict:
+  """{"step_s", "cpu_step_s", "source"} of the plain torch loop (benchmarks/peers/torch_steps.py)
+  for `workload` ('w2' or 'w3'), read from its JSON; a file of another benchmark, or a row of
+  another shape, is refused so a ratio always compares the same work."""
+  import json
+  with open(path, encoding="utf-8") as f:
+    peer = json.load(f)
+  if peer.get("benchmark") != "torch_steps":
+    raise ValueError(f"{path}: not a result of benchmarks/peers/torch_steps.py")
+  found = [r for r in peer["results"] if r["workload"] == workload]
+  if not found:
+    raise ValueError(f"{path}: no {workload} result (it ran {[r['workload'] for r in peer['results']]})")
+  r = found[0]
+  if (r["rows"], r["seq_len"]) != (rows, seq_len):
+    raise ValueError(f"{path}: torch's {workload} ran {r['rows']} rows x {r['seq_len']} tokens, "
+                     f"this run {rows} x {seq_len}")
+  v = peer["versions"]
+  return {"step_s": r["step_s"], "cpu_step_s": r["cpu_step_s"],
+          "source": f"{path}: torch {v['torch']} / transformers {v['transformers']}, measured "
+                    f"{peer['date']} (load {peer['machine']['loadavg_1m_before_after']})"}
+
+
 def cpu_name() -> str:
   """The CPU model from /proc/cpuinfo (platform.processor() is empty on most Linux)."""
   try:

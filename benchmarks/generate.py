@@ -13,6 +13,13 @@ asserted.
 
 --size also takes a pretrained shape (gemma3_270m, smollm2_135m: random weights of that shape).
 --layers times each layout of the layers (models/layer_layout.py): unrolled, or under nn.scan.
+
+--peer transformers also times `transformers`' `model.generate` (torch, CPU) on the same weights
+(exported with rlhf_jax.export.hf_export and loaded back) at the same batch, prompt and length:
+sampling at temperature 1 with top-k and top-p off on both sides, no stop ids
+(min_new_tokens = max_new_tokens), float32, torch with one thread per core. The two are timed
+alternately, one call each per round after a warm-up (ours: the compile), so a change in load
+hits both alike; the result holds the medians and transformers' time over ours.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from rlhf_jax.models import ModelConfig, Transformer, init_cache, model_config, pretrained  # noqa: E402
-from rlhf_jax.infer.sampling import SamplingParams, decode_step, make_generate_fn, prefill  # noqa: E402
+from rlhf_jax.infer.sampling import (SamplingParams, decode_compiler_options, decode_step,  # noqa: E402
+                                    make_generate_fn, prefill)
 
 
 def parse_args():
@@ -49,6 +57,9 @@ def parse_args():
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--layers", default="unrolled",
                  help="comma-separated layouts to time: unrolled, scanned")
+  p.add_argument("--peer", default="", choices=["", "transformers"],
+                 help="also time transformers' generate on the same weights (float32)")
+  p.add_argument("--peer_rounds", type=int, default=3, help="alternating timed rounds")
   p.add_argument("--json_out", default="", help="also write the JSON object to this path")
   return p.parse_args()
 
@@ -93,7 +104,8 @@ def time_decode_steps(cfg, params, args, indices: tuple[int, ...]) -> list[float
 
   The positions are timed interleaved, so a change in machine load hits all of them alike.
   """
-  step = jax.jit(functools.partial(decode_step, model_config=cfg), donate_argnums=1)
+  step = jax.jit(functools.partial(decode_step, model_config=cfg), donate_argnums=1,
+                 compiler_options=decode_compiler_options())  # as the samplers compile it
   tokens = jnp.ones((args.batch,), jnp.int32)
   caches = []
   for i in indices:
@@ -132,6 +144,53 @@ def bench_dtype(args, dtype: str, layers: str = "unrolled") -> dict:
   return out
 
 
+def compare_with_transformers(args, layers: str) -> dict:
+  """Ours against `transformers.generate`, float32, same weights, shapes and sampling."""
+  import tempfile
+  import torch
+  import transformers
+  from rlhf_jax.export import hf_export
+  torch.set_num_threads(os.cpu_count() or 1)
+  cfg = shape_config(args, dtype="float32", scan_layers=layers == "scanned")
+  params = init_params(cfg)
+  hf_dir = hf_export.export_pretrained(
+      params["params"], shape_config(args, dtype="float32"), tempfile.mkdtemp())
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  prompt = np.random.RandomState(0).randint(1, cfg.vocab_size, (args.batch, args.prompt_len))
+  ours = make_generate_fn(cfg, args.new_tokens, (), 0, SamplingParams(temperature=1.0))
+  tokens = jnp.asarray(prompt, jnp.int32)
+  mask = jnp.ones_like(tokens)
+  ptoks = torch.tensor(prompt, dtype=torch.long)
+
+  def run_ours():
+    out = ours(params, tokens, mask, jax.random.key(1))
+    jax.block_until_ready(out)
+    return int(out["tokens"].shape[1])
+
+  def run_theirs():
+    with torch.inference_mode():
+      out = model.generate(ptoks, attention_mask=torch.ones_like(ptoks), do_sample=True,
+                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+    return int(out.shape[1]) - args.prompt_len
+
+  first = {"ours": common.timed(run_ours), "transformers": common.timed(run_theirs)}
+  times = {"ours": [], "transformers": []}
+  for _ in range(args.peer_rounds):
+    for side, fn in (("ours", run_ours), ("transformers", run_theirs)):
+      times[side].append(common.timed(fn))
+  lengths = {"ours": run_ours(), "transformers": run_theirs()}
+  if set(lengths.values()) != {args.new_tokens}:
+    raise RuntimeError(f"the sides generated {lengths} tokens per row, not {args.new_tokens}")
+  med = {side: statistics.median(t) for side, t in times.items()}
+  return {"layers": layers, "dtype": "float32", "seconds": med, "all_seconds": times,
+          "first_call_s": first,
+          "tokens_per_s": {side: args.batch * args.new_tokens / s for side, s in med.items()},
+          "speedup_vs_transformers": med["transformers"] / med["ours"],
+          "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "torch_threads": torch.get_num_threads()}}
+
+
 def main():
   args = parse_args()
   dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
@@ -148,6 +207,9 @@ def main():
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "results": [bench_dtype(args, d, layers) for d in dtypes for layers in layouts],
   }
+  if args.peer:
+    results["peer"] = [compare_with_transformers(args, layers) for layers in layouts]
+    common.write_json(results, args.json_out)
   results["machine"] = {**common.machine_info(), "jax": jax.__version__,
                         "loadavg_1m_before_after": [load_before, os.getloadavg()[0]]}
   common.emit(results, args.json_out)
@@ -160,6 +222,14 @@ def main():
       [[r["dtype"], r["layers"], f"{r['tokens_per_s']:,.0f}", f"{r['decode_tokens_per_s']:,.0f}",
         f"{r[f'step_ms_at_{lo}']:.2f}", f"{r[f'step_ms_at_{hi}']:.2f}",
         f"{r['step_ratio']:.2f}"] for r in results["results"]]))
+  if args.peer:
+    print()
+    print(common.markdown_table(
+        ["layers", "ours s", "transformers s", "ours tok/s", "transformers tok/s",
+         "transformers / ours"],
+        [[r["layers"], f"{r['seconds']['ours']:.2f}", f"{r['seconds']['transformers']:.2f}",
+          f"{r['tokens_per_s']['ours']:,.0f}", f"{r['tokens_per_s']['transformers']:,.0f}",
+          f"{r['speedup_vs_transformers']:.2f}x"] for r in results["peer"]]))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ projection (the RM has none); MFU divides their rate by the f32 (or bf16) matmul
 here, so it means the same on a loaded machine.
 
   XLA_FLAGS= .venv/bin/python benchmarks/reward_step.py [--size small] [--dtypes float32,bfloat16]
+      [--peer_json TORCH.json]
+
+With `--size w1 --peer_json` (benchmarks/peers/torch_steps.py's JSON, run just before) the
+float32 pairs:16x2 row, W3, also reports the plain torch loop's step time over ours.
 
 Prints one JSON object, then a Markdown table. Timings are never asserted.
 """
@@ -48,6 +52,9 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=8, help="timed steps per case (after compile)")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--matmul_repeats", type=int, default=10)
+  p.add_argument("--peer_json", default="",
+                 help="benchmarks/peers/torch_steps.py's JSON: the plain torch loop's W3 step, "
+                      "for torch's step time / ours on the float32 pairs:16x2 row (--size w1)")
   p.add_argument("--json_out", default="")
   return p.parse_args(argv)
 
@@ -114,12 +121,14 @@ def measure_step(size: str, dtype: str, layout: str, b: int, k: int, seq_len: in
 
 def markdown_table(result: dict) -> str:
   rows = ["| layout | dtype | elements x K x T | step (s) | comparisons/s | pairs/s | "
-          "model GFLOP/s | peak GFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in result["reward_step"]:
+          "model GFLOP/s | peak GFLOP/s | MFU | torch / ours |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in result["results"]:
+    ratio = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""
     rows.append(f"| {r['layout']} | {r['dtype']} | {r['elements']} x {r['k']} x {r['seq_len']} | "
                 f"{r['step_s']:.3f} | {r['comparisons_per_s']:.1f} | {r['pairs_per_s']:.1f} | "
                 f"{r['model_flops_per_s'] / 1e9:.1f} | {r['peak_flops_per_s'] / 1e9:.1f} | "
-                f"{100 * r['mfu']:.1f}% |")
+                f"{100 * r['mfu']:.1f}% | {ratio} |")
   return "\n".join(rows)
 
 
@@ -131,6 +140,12 @@ def main(argv=None):
     name, shape = item.split(":")
     b, k = (int(x) for x in shape.split("x"))
     layouts.append((name, b, k))
+  peer = None
+  if args.peer_json:
+    if (args.size, args.vocab) != ("w1", 8192):
+      raise ValueError(f"--peer_json: torch ran W3 on the w1 model (vocab 8192), this run is "
+                       f"{args.size} (vocab {args.vocab})")
+    peer = common.torch_step_figure(args.peer_json, "w3", 2 * 16, args.seq_len)
   load_before = os.getloadavg()[0]
   peaks = {d: common.jax_matmul_peak(d, args.matmul_n, args.matmul_repeats) for d in dtypes}
   runs = []
@@ -150,8 +165,13 @@ def main(argv=None):
       "model": {"size": args.size,
                 "flops_per_token_fwd_no_logits": cfg.flops_per_token(args.seq_len, False)},
       "matmul_peak": list(peaks.values()),
-      "reward_step": runs,
+      "results": runs,
   }
+  if peer:  # torch's W3 is 16 pairs, chosen and rejected rows in one batch: our pairs:16x2
+    result["peer"] = peer
+    for r in runs:
+      if (r["layout"], r["elements"], r["k"], r["dtype"]) == ("pairs", 16, 2, "float32"):
+        r["speedup_vs_torch"] = peer["step_s"] / r["step_s"]
   common.emit(result, args.json_out)
   print()
   print(markdown_table(result))

@@ -55,6 +55,8 @@ def headline(workload: dict, bench_dir: str) -> dict:
   value = float(row[workload["metric"]])
   text = f"{value:.2f}x" if workload["format"] == "ratio" else f"{value:,.0f}/s"
   extra = []
+  if workload.get("rate") in row:
+    extra.append(f"{row[workload['rate']]:,.1f} {workload['rate'].replace('_per_s', '/s')}")
   if "mfu" in row and isinstance(row["mfu"], (int, float)):
     extra.append(f"MFU {100 * row['mfu']:.0f}%")
   if "peak_rss_gib" in row:

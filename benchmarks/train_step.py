@@ -14,6 +14,10 @@ softmax, rotary and the optimizer are not counted, as usual for MFU.
 
   XLA_FLAGS= .venv/bin/python benchmarks/train_step.py [--size small] [--dtypes float32,bfloat16]
 
+W2 (DESIGN.md) is `--size w1 --seq_len 128 --batch 16`; with `--peer_json` from
+benchmarks/peers/torch_steps.py (the same step in a plain torch loop, run just before) the
+float32 row also reports torch's step time over ours.
+
 Prints one JSON object, then a Markdown table. Timings are never asserted.
 """
 from __future__ import annotations
@@ -50,6 +54,10 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=10,
                  help="timed steps per dtype (after compiling and one warm-up step)")
   p.add_argument("--matmul_n", type=int, default=2048, help="side of the square peak matmul")
+  p.add_argument("--peer_json", default="",
+                 help="benchmarks/peers/torch_steps.py's JSON: the plain torch loop's W2 step, "
+                      "for torch's step time / ours at float32 (--size w1 --seq_len 128 "
+                      "--batch 16 only)")
   p.add_argument("--json_out", default="", help="also write the JSON object to this path")
   return p.parse_args(argv)
 
@@ -120,12 +128,13 @@ def measure_train_step(size: str, dtype: str, batch: int, seq_len: int, vocab: i
 
 def markdown_table(result: dict) -> str:
   rows = ["| size | dtype | batch x seq | step (s) | tokens/s | model GFLOP/s | matmul peak "
-          "GFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|"]
-  for r in result["train_step"]:
+          "GFLOP/s | MFU | torch / ours |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in result["results"]:
+    ratio = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""
     rows.append(f"| {r['size']} | {r['dtype']} | {r['batch']} x {r['seq_len']} | "
                 f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                 f"{r['model_flops_per_s'] / 1e9:.1f} | {r['peak_flops_per_s'] / 1e9:.1f} | "
-                f"{100 * r['mfu']:.1f}% |")
+                f"{100 * r['mfu']:.1f}% | {ratio} |")
   return "\n".join(rows)
 
 
@@ -134,6 +143,12 @@ def main(argv=None):
   cfg = model_config(args.size, vocab_size=args.vocab)
   seq_len = args.seq_len or min(cfg.max_len, 256)
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  peer = None
+  if args.peer_json:
+    if (args.size, args.vocab) != ("w1", 8192):
+      raise ValueError(f"--peer_json: torch ran W2 on the w1 model (vocab 8192), this run is "
+                       f"{args.size} (vocab {args.vocab})")
+    peer = common.torch_step_figure(args.peer_json, "w2", args.batch, seq_len)
   load_before = os.getloadavg()
   runs = [measure_train_step(args.size, dtype, args.batch, seq_len, args.vocab, args.steps,
                              args.matmul_n) for dtype in dtypes]
@@ -149,8 +164,13 @@ def main(argv=None):
       "matmul_peak": [{"dtype": r["dtype"], "n": args.matmul_n,
                        "flops_per_s": r["peak_flops_per_s"], "by_form": r["peak_by_form"]}
                       for r in runs],
-      "train_step": runs,
+      "results": runs,
   }
+  if peer:
+    result["peer"] = peer
+    for r in runs:
+      if r["dtype"] == "float32":
+        r["speedup_vs_torch"] = peer["step_s"] / r["step_s"]
   common.emit(result, args.json_out)
   print()
   print(markdown_table(result))

@@ -114,13 +114,15 @@ def test_summary_puts_each_workloads_headline_beside_both_recorded_kinds(tmp_pat
       {"dtype": "bfloat16", "speedup_vs_trl": 2.004}]}))
   (tmp_path / "reward_step_w3.json").write_text(json.dumps({"results": [
       {"layout": "kwise", "dtype": "float32", "pairs_per_s": 17.4, "mfu": 0.5},
-      {"layout": "pairs", "dtype": "float32", "pairs_per_s": 11.9, "mfu": 0.43}]}))
+      {"layout": "pairs", "dtype": "float32", "pairs_per_s": 11.9, "mfu": 0.43,
+       "speedup_vs_torch": 0.93}]}))
   (tmp_path / "ppo_iteration_w4.json").write_text(json.dumps({"results": [
       {"dtype": "float32", "iteration_s": 118.4, "peak_rss_gib": 9.726}]}))  # no TRL figure
   rows = {r["workload"]: r for r in summary.build(str(tmp_path), recorded, "avx2")}
   assert rows["W1"]["this_run"]["text"] == "1.43x" and rows["W1"]["this_run"]["extra"] == ""
   assert rows["W1 bf16"]["this_run"]["text"] == "2.00x"
-  assert rows["W3"]["this_run"]["value"] == 11.9 and rows["W3"]["this_run"]["extra"] == "MFU 43%"
+  assert rows["W3"]["this_run"]["value"] == 0.93 and rows["W3"]["this_run"]["text"] == "0.93x"
+  assert rows["W3"]["this_run"]["extra"] == "11.9 pairs/s, MFU 43%"
   assert rows["W2"]["this_run"]["value"] is None and "missing" in rows["W2"]["this_run"]["text"]
   assert rows["W4"]["this_run"]["value"] is None and "speedup_vs_trl" in rows["W4"]["this_run"]["text"]
   assert rows["W4"]["recorded"]["avx2"].startswith("1.02x")
@@ -138,3 +140,33 @@ def test_recorded_figures_name_sections_that_exist_in_results_md():
     assert set(workload["recorded"]) == set(recorded["kinds"]), workload["name"]
     for kind, entry in workload["recorded"].items():
       assert not entry["section"] or entry["section"] in headings, (workload["name"], kind)
+
+
+def test_the_summary_reads_what_train_step_writes_and_torch_figures_are_checked(tmp_path):
+  """train_step.py's own JSON (a tiny run) is what summary.py reads its headline from, and a
+  plain torch loop's figure of another workload or shape is refused."""
+  import common
+  import summary
+  import train_step
+  out = tmp_path / "train_step_w2.json"
+  train_step.main(["--size", "tiny", "--seq_len", "16", "--batch", "2", "--dtypes", "float32",
+                   "--steps", "1", "--matmul_n", "64", "--json_out", str(out)])
+  spec = {"file": out.name, "dtype": "float32", "metric": "tokens_per_s", "format": "rate",
+          "rate": "tokens_per_s"}
+  row = json.load(open(out))["results"][0]
+  assert summary.headline(spec, str(tmp_path))["value"] == row["tokens_per_s"]
+
+  peer = {"benchmark": "torch_steps", "date": "d", "machine": {"loadavg_1m_before_after": [0, 0]},
+          "versions": {"torch": "2.13.0", "transformers": "5.24.0"},
+          "results": [{"workload": "w2", "rows": 16, "seq_len": 128, "step_s": 1.5,
+                       "cpu_step_s": 3.0}]}
+  path = tmp_path / "torch.json"
+  path.write_text(json.dumps(peer))
+  assert common.torch_step_figure(str(path), "w2", 16, 128)["step_s"] == 1.5
+  with pytest.raises(ValueError, match="no w3 result"):
+    common.torch_step_figure(str(path), "w3", 32, 128)
+  with pytest.raises(ValueError, match="16 rows x 128 tokens, this run 8 x 128"):
+    common.torch_step_figure(str(path), "w2", 8, 128)
+  path.write_text(json.dumps({**peer, "benchmark": "trl_ppo"}))
+  with pytest.raises(ValueError, match="not a result of"):
+    common.torch_step_figure(str(path), "w2", 16, 128)

@@ -281,3 +281,25 @@ def test_generate_compiles_once(params, monkeypatch):
   jax.block_until_ready((first, second))
   assert len(traces) == 1 and fn._cache_size() == 1  # traced by the first call only
   assert not np.array_equal(first["tokens"], second["tokens"])
+
+
+def test_a_scanned_model_samples_what_its_unrolled_twin_samples(params):
+  """A model trained with scanned layers decodes unrolled (`unrolled_for_decoding`): the same
+  params stacked give the same sampled tokens and log-probs as the unrolled model, and the
+  decode loop holds no scan (each layer attends to its own cache arrays)."""
+  import dataclasses
+  from rlhf_jax.models import layer_layout
+  scanned_cfg = dataclasses.replace(CFG, scan_layers=True)
+  stacked = layer_layout.to_layout(params, scan=True)
+  assert layer_layout.layout_of(stacked) is True
+  tokens, mask, _ = _prompts(7)
+  sp = SamplingParams(temperature=1.0)
+  plain = make_generate_fn(CFG, N, (), PAD, sp)(params, tokens, mask, jax.random.key(3))
+  fn = make_generate_fn(scanned_cfg, N, (), PAD, sp)
+  scanned = fn(stacked, tokens, mask, jax.random.key(3))
+  np.testing.assert_array_equal(scanned["tokens"], plain["tokens"])
+  np.testing.assert_allclose(scanned["logprobs"], plain["logprobs"], rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda *a: sampling.generate(
+      *a, model_config=scanned_cfg, max_new_tokens=N, stop_ids=(), pad_id=PAD, sampling=sp))(
+          stacked, tokens, mask, jax.random.key(3)))
+  assert "while" in jaxpr and " scan[" not in jaxpr

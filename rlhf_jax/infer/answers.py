@@ -126,7 +126,9 @@ def _stream_fns(model_config, max_new_tokens: int, params_tuple):
     token = sampling.sample_logits(logits, jax.random.fold_in(rng, index), params)  # [B]
     return token, cache
 
-  return jax.jit(first), jax.jit(step, donate_argnums=1)
+  options = sampling.decode_compiler_options()
+  return (jax.jit(first, compiler_options=options),
+          jax.jit(step, donate_argnums=1, compiler_options=options))
 
 
 def stream_answer(params, model_config: ModelConfig, tokenizer, conversation, *, rng,

@@ -100,4 +100,5 @@ def make_rollout_fn(model_config: ModelConfig, max_new_tokens: int, stop_ids, pa
   """
   return jax.jit(functools.partial(
       sample_rollout, model_config=model_config, max_new_tokens=max_new_tokens,
-      stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id, sampling_params=sampling_params))
+      stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id, sampling_params=sampling_params),
+      compiler_options=sampling.decode_compiler_options())

@@ -27,17 +27,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models import lora
+from rlhf_jax.models import kv_cache, lora
 from rlhf_jax.models.dot import dense
 # The configuration lives in model_config.py; other modules import ModelConfig from here too.
 from rlhf_jax.models.model_config import ModelConfig, local_rope_frequencies, rope_frequencies
 
-Array = jax.Array
-Cache = dict  # {'k': [L, B, Hkv, S, Dh], 'v': [L, B, Hkv, S, Dh], 'segment': [B, S], 'index': []}
+from rlhf_jax.models.kv_cache import Cache, init_cache  # noqa: F401  (the package's names)
 
-# A large finite negative, not -inf: a fully masked row (a pad query) then gives a harmless
-# uniform average instead of NaNs that would poison gradients.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+Array = jax.Array
+_MASK_VALUE = kv_cache.MASK_VALUE
 
 
 # ModelConfig fields that change how a model computes, not which params it has: a later stage
@@ -160,20 +158,15 @@ class HeadProjection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention. With a cache, the new keys/values are written in place.
-
-  The cache is heads-major ([.., Hkv, S, Dh]) so attention reads it without a transpose, and
-  the unscanned model passes the whole stacked cache with its `layer_index`, so a decode step
-  writes T new slots instead of copying every layer's cache.
-  """
+  """Grouped-query attention. With a cache (models/kv_cache.py), the new keys and values are
+  written in place and attended to from there."""
   config: ModelConfig
-  layer_index: Optional[int] = None  # None: layer_cache holds this layer's arrays only
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, columns=None,
                local=None, cache_layer=None):
-    """x [B, T, D]; mask [B, T, S]; layer_cache (k, v): [L, B, Hkv, S, Dh] stacked (with
-    layer_index, or cache_layer: a traced one, scanned) or [B, Hkv, S, Dh]; None without a
+    """x [B, T, D]; mask [B, T, S]; layer_cache: this layer's (keys, values) of
+    models/kv_cache.py, or the stacked ones with cache_layer (traced, scanned); None without a
     cache. columns: None, or a static (start, stop): only those columns ask queries (keys and
     values from all T); the output is [B, stop - start, D]. local: None (no sliding-window
     layers), or whether this is one (see layer_choice): it picks the rope table."""
@@ -199,20 +192,24 @@ class Attention(nn.Module):
     v = proj(x, "v", hkv, "kv_heads")
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
 
-    new_cache = None
-    if layer_cache is not None:
-      k, v, new_cache = write_cache(layer_cache, k, v, cache_index,
-                                    self.layer_index if cache_layer is None else cache_layer)
-
     b, t = x_q.shape[:2]
     q = q.reshape(b, t, hkv, h // hkv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
     scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else dh ** -0.5
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt)) * scale
-    if cfg.attn_softcap:
-      scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt)).reshape(b, t, h, dh)
+    new_cache, keys, out = None, "bksd", None
+    if layer_cache is not None:  # attend to the cache with this call's slots written
+      new_cache = kv_cache.write_cache(layer_cache, k, v, cache_index, cache_layer)
+      (k, v), keys = kv_cache.layer_of(new_cache, cache_layer), "bkds"  # keys cached transposed
+      if t == 1 and cache_layer is None:  # an unrolled decode step: see models/kv_cache.py
+        out = kv_cache.attend_one(q[:, :, :, 0], k, v, mask[:, 0], scale, cfg.attn_softcap, dt)
+    if out is None:
+      scores = jnp.einsum(f"bkgtd,{keys}->bkgts", q, k.astype(dt)) * scale
+      if cfg.attn_softcap:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+      scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))  # [B, Hkv, G, T, Dh]
+      out = out.transpose(0, 3, 1, 2, 4)
+    out = out.reshape(b, t, h, dh)
     kernel = self.param("o", nn.with_logical_partitioning(_dense_init(h * dh),
                                                           ("heads", "kv", "embed")),
                         (h, dh, cfg.d_model), jnp.float32)
@@ -222,21 +219,6 @@ class Attention(nn.Module):
                                ("embed",), cfg)
     out = out if delta is None else out + delta
     return out.reshape(b, t, cfg.d_model), new_cache
-
-
-def write_cache(layer_cache, k, v, cache_index, layer_index):
-  """(keys, values to attend to [B, Hkv, S, Dh], the new cache): this step's k, v [B, Hkv, T,
-  Dh] written at cache_index into one layer's cache, or into layer `layer_index` (an int, or a
-  traced one under nn.scan) of the stacked [L, B, Hkv, S, Dh] cache."""
-  ck, cv = layer_cache
-  if layer_index is None:
-    k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
-    v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
-    return k, v, (k, v)
-  where = (layer_index, 0, 0, cache_index, 0)
-  ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), where)
-  cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), where)
-  return ck[layer_index], cv[layer_index], (ck, cv)
 
 
 class Linear(nn.Module):
@@ -283,7 +265,6 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   config: ModelConfig
-  layer_index: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, positions, mask, layer_cache, cache_index, columns=None, local=None,
@@ -294,7 +275,7 @@ class Block(nn.Module):
     cfg = self.config
     if local is not None:
       mask = layer_choice(local, mask[1], mask[0])
-    attn_out, new_cache = Attention(cfg, self.layer_index, name="attn")(
+    attn_out, new_cache = Attention(cfg, name="attn")(
         norm(cfg, "attn_norm")(x), positions, mask, layer_cache, cache_index, columns, local,
         cache_layer)
     if columns is not None:
@@ -342,7 +323,7 @@ class Transformer(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
-      self.layers = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
+      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
     self.final_norm = norm(cfg, "final_norm")
     if cfg.lora_rank and cfg.lora_tokens:  # models/lora.py: E[ids] + rows, trained
       self.token_rows = self.param(
@@ -395,15 +376,7 @@ class Transformer(nn.Module):
       (x, new_kv, _), _ = self.layers((x, kv, jnp.zeros((), jnp.int32)), local, positions, mask,
                                       index)
     else:
-      for i, layer in enumerate(self.layers):  # each writes its slots of the stacked cache
-        # The last layer runs on the read columns only; a rematerialised block takes no
-        # static arguments, so it runs on all of them and is sliced below.
-        cols = columns if i == cfg.n_layers - 1 and not cfg.remat else None
-        local = (i in cfg.local_layers,) if cfg.local_layers else ()
-        x, new = layer(x, positions, mask, kv, index, cols, *local)
-        kv = new if kv is not None else None
-        sliced = cols is not None
-      new_kv = kv
+      x, new_kv, sliced = self._unrolled(x, positions, mask, kv, index, columns)
     if columns is not None and not sliced:
       x = x[:, columns[0]:columns[1]]
 
@@ -412,6 +385,22 @@ class Transformer(nn.Module):
       return x, None
     new_cache = {"k": new_kv[0], "v": new_kv[1], "segment": k_segment, "index": index + t}
     return x, new_cache
+
+  def _unrolled(self, x, positions, mask, kv, index, columns):
+    """(x, the new (keys, values) tuples or None, whether x is sliced to columns) of the layers
+    one after the other, each writing and reading its own cache arrays (models/kv_cache.py)."""
+    cfg = self.config
+    news, sliced = [], False
+    for i, layer in enumerate(self.layers):
+      # The last layer runs on the read columns only; a rematerialised block takes no static
+      # arguments, so it runs on all of them and hidden_states slices its output.
+      cols = columns if i == cfg.n_layers - 1 and not cfg.remat else None
+      local = (i in cfg.local_layers,) if cfg.local_layers else ()
+      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      x, new = layer(x, positions, mask, layer_kv, index, cols, *local)
+      news.append(new)
+      sliced = cols is not None
+    return x, (None if kv is None else tuple(map(tuple, zip(*news)))), sliced
 
   def project(self, hidden):
     """Logits [..., V] in float32 from hidden states [..., D]."""
@@ -431,18 +420,6 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions, segment_ids, cache: Optional[Cache] = None):
     hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
     return self.project(hidden), cache
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> Cache:
-  """An empty KV cache of `max_len` slots. Its dtype defaults to the compute dtype."""
-  dtype = dtype or config.compute_dtype
-  shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.dim_per_head)
-  return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
-      "segment": jnp.zeros((batch_size, max_len), jnp.int32),
-      "index": jnp.zeros((), jnp.int32),
-  }
 
 
 def positions_from_mask(mask: Array) -> Array:
