@@ -116,6 +116,22 @@ def machine_info() -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def memory_gib() -> dict:
+  """{"rss", "peak"}: this process's resident memory now and its high-water mark so far, GiB
+  (Linux /proc/self/status VmRSS / VmHWM; NaN elsewhere). Read after each phase of a step, the
+  high-water mark says which phase set the process's peak."""
+  out = {"rss": float("nan"), "peak": float("nan")}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+          out["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) / 2 ** 20  # kB
+  except OSError:
+    pass
+  return out
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
   """A Markdown table; cells are printed with str()."""
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

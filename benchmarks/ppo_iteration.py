@@ -236,16 +236,23 @@ def run_dtype(args, dtype: str) -> dict:
   phases = {"generate": [], "score": [], "update": []}
   cpu_phases = {k: [] for k in phases}
   first = {}
+  # Resident memory after each phase, first iteration (compiles included) and last: where the
+  # process's peak is set, beside what the state alone holds.
+  memory = {"state": common.memory_gib()}
   for it in range(args.iterations + 1):
     key = jax.random.fold_in(state.key(), 0)
     t0, c0 = time.perf_counter(), time.process_time()
     ro = jax.block_until_ready(rollout_fn({"params": state.params["policy"]}, prompts,
                                           prompt_mask, key))
     t1, c1 = time.perf_counter(), time.process_time()
+    at = "first" if it == 0 else "last"
+    memory[f"{at}_generate"] = common.memory_gib()
     exp, metrics = jax.block_until_ready(experience_fn(state.params, frozen, ro, state.kl_coef))
     t2, c2 = time.perf_counter(), time.process_time()
+    memory[f"{at}_score"] = common.memory_gib()
     state, stats = jax.block_until_ready(update_fn(state, exp, None))
     t3, c3 = time.perf_counter(), time.process_time()
+    memory[f"{at}_update"] = common.memory_gib()
     split = {"generate": t1 - t0, "score": t2 - t1, "update": t3 - t2}
     cpu_split = {"generate": c1 - c0, "score": c2 - c1, "update": c3 - c2}
     if it == 0:  # compiles included
@@ -268,6 +275,7 @@ def run_dtype(args, dtype: str) -> dict:
       "dtype": dtype,
       # The process's peak so far (Linux: KiB): this dtype's own when it runs first or alone.
       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+      "memory_gib_after_phase": memory,
       "old_logprobs": "recompute" if hyper.recompute_old_logprobs else "sampler",
       "iteration_s": iteration,
       "episodes_per_s": args.prompts / iteration,

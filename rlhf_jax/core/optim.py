@@ -13,6 +13,12 @@ checkpoints and resumes carry it); the reward trainer ends its run on that avera
 
 Gradient accumulation lives in the train step (a scan over micro-batches), not in optax, so one
 step is always one optimizer update and the step counter means the same thing everywhere.
+
+The clip, Adam and schedule pieces are optax's arithmetic and state trees, written so that XLA
+updates params and moments in place and a skipped step (`apply=False`) changes nothing: with
+optax's own pieces and a branch on the result, a PPO update at SmolLM2-135M's shape held the
+new params, moments and clipped gradients beside the old ones (XLA's plan 8.0 -> 6.4 GiB,
+benchmarks/RESULTS.md "W4 memory").
 """
 import logging
 from typing import Any, NamedTuple
@@ -47,7 +53,16 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+class Skippable(optax.GradientTransformationExtraArgs):
+  """An optax transformation whose `update` takes `apply` (a scalar bool, default True): False
+  leaves every piece of its state as it was (train/state.apply_update_if's skipped step, done
+  in place). `make_optimizer` and `with_param_ema` make them; any other transformation is
+  skipped by a branch that holds a second copy of the state."""
+
+
+def make_optimizer(optim_config, total_steps: int) -> Skippable:
+  """clip -> AdamW (decoupled decay on matrices) -> embedding multiplier, as one optax chain
+  (`Skippable`). The state is the tree `optax.adamw` keeps, so checkpoints read either way."""
   warmup = int(optim_config.warmup_steps)
   if total_steps > 0 and 2 * warmup > total_steps:
     # A short run under a preset's warm-up trains mostly below its peak rate (the real recipe's
@@ -57,14 +72,73 @@ def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformati
   schedule = make_schedule(optim_config, total_steps)
   parts = []
   if optim_config.grad_clip and optim_config.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
-  parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
-                           eps=optim_config.eps, weight_decay=optim_config.weight_decay,
-                           mask=_decay_mask))
+    parts.append(_clip_by_global_norm(optim_config.grad_clip))
+  parts.append(optax.chain(
+      _adam_in_place(optim_config.b1, optim_config.b2, optim_config.eps),
+      optax.add_decayed_weights(optim_config.weight_decay, _decay_mask),
+      _scale_by_schedule(schedule)))
   multiplier = optim_config.get("embed_lr_multiplier", 1.0)
   if multiplier != 1.0:
     parts.append(optax.masked(optax.scale(multiplier), _embedding_mask))
-  return optax.chain(*parts)
+  return Skippable(*optax.chain(*parts))
+
+
+def with_param_ema(tx: Skippable, decay: float) -> Skippable:
+  """`tx` then `param_ema(decay)`, still `Skippable`."""
+  if not isinstance(tx, Skippable):
+    raise TypeError(f"with_param_ema needs a Skippable optimizer (make_optimizer), got {tx!r}")
+  return Skippable(*optax.chain(tx, param_ema(decay)))
+
+
+def _clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm as one scalar factor times the gradients. Why: XLA does not
+  repeat a division inside each loop that reads its result, so optax's `g / norm * max_norm`
+  is stored once more, a whole gradient's size (1 GiB at PPO's 135M shape); a product is
+  recomputed where the moments read it."""
+  def update(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.clip_by_global_norm(max_norm).init, update)
+
+
+def _adam_in_place(b1: float, b2: float, eps: float) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_adam's arithmetic and state, written so XLA updates the moments in place.
+
+  Why not optax's own: it derives the update from the moment *expressions*, so XLA fuses the
+  moment arithmetic into the update's loop as well, and that loop reads the old moments after
+  the moments' own loop has overwritten them; XLA then copies both moments first, every step
+  (2 GiB at PPO's 135M shape, policy and critic). Here the new moments pass an optimization
+  barrier: the update reads what was stored, and nothing reads the old moments afterwards.
+  `apply=False` keeps moments and count (a skipped step)."""
+  def update(updates, state, params=None, *, apply=True, **unused):
+    del params, unused
+    mu = jax.tree.map(lambda g, m: jnp.where(apply, (1 - b1) * g + b1 * m, m), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: jnp.where(apply, (1 - b2) * (g * g) + b2 * v, v),
+                      updates, state.nu)
+    count = jnp.where(apply, optax.safe_increment(state.count), state.count)
+    mu, nu = jax.lax.optimization_barrier((mu, nu))
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(optax.scale_by_adam(b1, b2, eps).init, update)
+
+
+def _scale_by_schedule(schedule) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_learning_rate(schedule) whose step count stays put on a skipped step."""
+  def update(updates, state, params=None, *, apply=True, **unused):
+    del params, unused
+    lr = schedule(state.count)
+    out = jax.tree.map(lambda u: -lr * u, updates)
+    count = jnp.where(apply, optax.safe_increment(state.count), state.count)
+    return out, optax.ScaleByScheduleState(count=count)
+
+  return optax.GradientTransformationExtraArgs(
+      optax.scale_by_learning_rate(schedule).init, update)
 
 
 def _embedding_mask(params):
@@ -94,15 +168,18 @@ def param_ema(decay: float) -> optax.GradientTransformation:
     return ParamEmaState(weight=jnp.zeros((), jnp.float32),
                          ema=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, *, apply=True, **unused):
+    del unused
     if params is None:
       raise ValueError("param_ema needs the params: tx.update(grads, state, params)")
     new = optax.apply_updates(params, updates)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32),
-                       state.ema, new)
-    return updates, ParamEmaState(weight=decay * state.weight + (1.0 - decay), ema=ema)
+    ema = jax.tree.map(
+        lambda e, p: jnp.where(apply, decay * e + (1.0 - decay) * p.astype(jnp.float32), e),
+        state.ema, new)
+    weight = jnp.where(apply, decay * state.weight + (1.0 - decay), state.weight)
+    return updates, ParamEmaState(weight=weight, ema=ema)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def ema_params(opt_state, params):

@@ -12,7 +12,9 @@ between them comes in as values and functions:
   evaluations [Evaluation(evaluator, every)]: evaluator(step, params) -> metrics
 
 Only orchestration lives here. Device metrics come to the host only on logging steps, and the
-finite check runs one step late, so no step waits for the previous one.
+finite check runs one step late, so no step waits for the previous one; a step whose state is
+about to be saved or evaluated is checked first (a NaN learning rate leaves NaN params in the
+state, train/state.apply_update_if, and those must never be saved).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-  """A loss went NaN/inf. The update of that step was not applied and nothing was saved."""
+  """A loss or the updated params went NaN/inf. Nothing of that step was saved."""
 
 
 def is_time(step: int, every: int, total: int) -> bool:
@@ -164,6 +166,13 @@ def _host_metrics(metrics, done: int, window: _Log, loss_key: str, ckpt, summari
   return host, postfix
 
 
+def _reads_state(done: int, total: int, train, evaluations: Sequence[Evaluation],
+                 preemption: "Preemption") -> bool:
+  """Whether step `done`'s state is saved or evaluated (what save_or_stop and evaluate_due do)."""
+  return (is_time(done, train.checkpoint_every, total) or done == train.get("stop_after", 0)
+          or preemption.requested() or any(is_time(done, e.every, total) for e in evaluations))
+
+
 def save_or_stop(done: int, total: int, state, data, ckpt, config_json: dict, train,
                  preemption: Preemption, window: _Log) -> bool:
   """Saves a checkpoint when one is due; True (after a forced save) when the run stops here:
@@ -221,6 +230,9 @@ def run_train_loop(config, workdir: str, state, step_fn, data, ckpt,
         logged, postfix = _host_metrics(metrics, done, window, loss_key, ckpt, summarize)
         bar.set_postfix(**postfix)
         window.metrics = dict(logged)  # the last logged metrics, not a merge of all of them
+        pending = None
+      if pending is not None and _reads_state(done, total, train, evaluations, preemption):
+        _check(jax.device_get(pending[0]), pending[1], loss_key, ckpt)
         pending = None
       evaluated = evaluate_due(evaluations, done, total, state)
       window.metrics.update(evaluated)

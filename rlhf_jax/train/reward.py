@@ -306,7 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optim, total_steps)
   ema_decay = config.optim.get("ema_decay", 0.0)
   if ema_decay:
-    tx = optax.chain(tx, optim.param_ema(ema_decay))
+    tx = optim.with_param_ema(tx, ema_decay)
   state, state_shardings, ckpt = starting_state(config, workdir, model, tx, tokenizer, data_iter,
                                                 mesh, rules)
   start = int(state.step)
