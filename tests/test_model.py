@@ -103,6 +103,30 @@ def test_kv_cache_decoding_matches_full_forward(tiny_params):
     np.testing.assert_allclose(cached[real], np.asarray(full)[real], rtol=1e-5, atol=1e-5)
 
 
+def test_kv_cache_decoding_without_grouped_heads_matches_full_forward():
+  """As many KV heads as query heads (one query per KV head): the one-token attention takes
+  its own branch there (models/kv_cache.attend_one), so it is checked on its own."""
+  cfg = model_config("tiny", vocab_size=V, n_kv_heads=4)
+  assert cfg.n_heads == cfg.n_kv_heads
+  params = _init(cfg, seed=3)
+  width, split = 10, 4
+  tokens, mask = _left_padded(np.random.RandomState(4), [10, 7, 3], width)
+  positions = positions_from_mask(mask)
+  forward = _forward(cfg)
+  _, full, _ = forward(params, tokens, positions, mask)
+  cache = init_cache(cfg, tokens.shape[0], width)
+  _, logits, cache = forward(params, tokens[:, :split], positions[:, :split], mask[:, :split],
+                             cache)
+  pieces = [logits]
+  for t in range(split, width):
+    _, logits, cache = forward(params, tokens[:, t:t + 1], positions[:, t:t + 1],
+                               mask[:, t:t + 1], cache)
+    pieces.append(logits)
+  real = np.asarray(mask, bool)
+  cached = np.asarray(jnp.concatenate(pieces, axis=1))
+  np.testing.assert_allclose(cached[real], np.asarray(full)[real], rtol=1e-5, atol=1e-5)
+
+
 def test_left_padding_does_not_change_real_positions(tiny_params):
   forward = _forward(TINY)
   seq = list(np.random.RandomState(2).randint(1, V, size=9))

@@ -65,10 +65,20 @@ def attend_one(q, keys, values, mask, scale: float, softcap: float, dt):
   """Attention output [B, Hkv, G, Dh] of one query token per row: q [B, Hkv, G, Dh] over a
   layer's cache (keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]) with this token's slot written;
   mask [B, S]. The same arithmetic as the einsums of a longer query, summed in another order."""
-  s = (q[..., None] * keys[:, :, None].astype(dt)).sum(-2) * scale  # [B, Hkv, G, S]
+  # Without grouping (G = 1) the size-1 axis is dropped from the products: XLA's YNNPACK
+  # reductions (the samplers' choice, infer/sampling.decode_compiler_options) ran a
+  # [B, Hkv, 1, S, Dh] sum ~5x slower than the [B, Hkv, S, Dh] one (W1's 64-row decode step:
+  # 90 -> 19 ms, benchmarks/RESULTS.md).
+  ungrouped = q.shape[2] == 1
+  if ungrouped:
+    s = (q[:, :, 0, :, None] * keys.astype(dt)).sum(-2)[:, :, None] * scale  # [B, Hkv, 1, S]
+  else:
+    s = (q[..., None] * keys[:, :, None].astype(dt)).sum(-2) * scale  # [B, Hkv, G, S]
   if softcap:
     s = jnp.tanh(s / softcap) * softcap
   s = jnp.where(mask[:, None, None], s.astype(jnp.float32), MASK_VALUE)
   probs = jax.nn.softmax(s, axis=-1).astype(dt)
+  if ungrouped:
+    return (probs[:, :, 0, :, None] * values.astype(dt)).sum(-2)[:, :, None]  # [B, Hkv, 1, Dh]
   return (probs[..., None] * values[:, :, None].astype(dt)).sum(-2)  # [B, Hkv, G, Dh]
 
