@@ -91,6 +91,9 @@ def parse_args(argv=None):
   p.add_argument("--scan_layers", type=int, default=1,
                  help="1: the timed models scan their layers (30 unrolled layers take minutes to "
                       "compile on a shared 2-core CPU; the step's arithmetic is the same)")
+  p.add_argument("--remat", type=int, default=0,
+                 help="1: every model, and the one-model reference, rematerialises each layer "
+                      "in the backward (model.remat)")
   p.add_argument("--memory_after", type=int, default=2,
                  help="the memory part runs after this many timed settings (the first dtype's "
                       "full and largest-rank runs give the speed ratio first)")
@@ -126,7 +129,7 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
     config.ppo.epochs, config.ppo.minibatches = args.epochs, args.minibatches
     config.ppo.penalize_missing_eos = False  # no stop ids: every answer runs the full budget
     config.kl.adaptive = False
-  base = model_config(size, dtype=dtype, scan_layers=scan)
+  base = model_config(size, dtype=dtype, scan_layers=scan, remat=bool(args.remat))
   adapted = dataclasses.replace(base, lora_rank=rank, lora_alpha=args.alpha) if rank else base
   return Parts(models=ppo.PPOModels(policy=adapted, critic=adapted,
                                     reward=adapted if shared else base),
@@ -324,7 +327,7 @@ def run_memory(args, size: str, dtype: str) -> dict:
                                                  nbytes(state.opt_state))
     out[name] = {**mem, **sizes_of(params, frozen, state.opt_state),
                  "compile_s": time.perf_counter() - t0}
-  cfg = model_config(size, dtype=dtype, scan_layers=True)
+  cfg = model_config(size, dtype=dtype, scan_layers=True, remat=bool(args.remat))
   out["one_model"] = one_model_memory(cfg, args, parts.hyper.temperature)
   one = out["one_model"]["params_and_activations_bytes"]
   out["ratio_to_one_model"] = {k: out[k]["iteration_plan_bytes"] / one

@@ -83,6 +83,9 @@ def parse_args(argv=None):
   p.add_argument("--peer_json", default="",
                  help="the JSON of benchmarks/peers/trl_ppo.py from the same session: the "
                       "speed-up is then against that measurement, not DESIGN.md's figure")
+  p.add_argument("--remat", type=int, default=0,
+                 help="1: the four models rematerialise each layer in the update's backward "
+                      "(model.remat): less memory, one more forward")
   p.add_argument("--floor", type=int, default=1,
                  help="also time each phase's projection matmuls alone (phase_matmuls)")
   p.add_argument("--json_out", default="")
@@ -204,7 +207,7 @@ def run_dtype(args, dtype: str) -> dict:
     config.ppo.old_logprobs = args.old_logprobs
   hyper = ppo_trainer.hyper_from_config(config)
   controller = ppo_trainer.controller_from_config(config)
-  cfg = model_config(args.size, dtype=dtype)
+  cfg = model_config(args.size, dtype=dtype, remat=bool(args.remat))
   models = ppo.PPOModels(policy=cfg, critic=cfg, reward=cfg)
   tx = ppo_trainer.make_optimizer(tuple(sorted(config.optim.to_dict().items())), 1000)
 
