@@ -17,8 +17,8 @@ step is always one optimizer update and the step counter means the same thing ev
 The clip, Adam and schedule pieces are optax's arithmetic and state trees, written so that XLA
 updates params and moments in place and a skipped step (`apply=False`) changes nothing: with
 optax's own pieces and a branch on the result, a PPO update at SmolLM2-135M's shape held the
-new params, moments and clipped gradients beside the old ones (XLA's plan 8.0 -> 6.4 GiB,
-benchmarks/RESULTS.md "W4 memory").
+new params and moments beside the old ones (XLA's plan 8.0 -> 6.4 GiB, benchmarks/RESULTS.md
+"W4 memory").
 """
 import logging
 from typing import Any, NamedTuple
@@ -93,8 +93,8 @@ def with_param_ema(tx: Skippable, decay: float) -> Skippable:
 def _clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   """optax.clip_by_global_norm as one scalar factor times the gradients. Why: XLA does not
   repeat a division inside each loop that reads its result, so optax's `g / norm * max_norm`
-  is stored once more, a whole gradient's size (1 GiB at PPO's 135M shape); a product is
-  recomputed where the moments read it."""
+  is stored once more, a whole gradient's size (tests/test_optim.py's one-step plan); a product
+  is recomputed where the moments read it."""
   def update(updates, state, params=None):
     del params
     norm = optax.global_norm(updates)
