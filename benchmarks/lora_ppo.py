@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from rlhf_jax.config import util as config_util  # noqa: E402
-from rlhf_jax.core.compiled_memory import FIELDS, compiled_memory  # noqa: E402
+from rlhf_jax.core.compiled_memory import compiled_memory, executable_memory  # noqa: E402
 from rlhf_jax.infer.rollout import Rollout, make_rollout_fn  # noqa: E402
 from rlhf_jax.models import ScalarModel, Transformer, lora, model_config  # noqa: E402
 from rlhf_jax.rl import ppo  # noqa: E402
@@ -213,15 +213,6 @@ def sizes_of(params, frozen, opt_state) -> dict:
           "frozen_bytes": nbytes(frozen), "opt_state_bytes": nbytes(opt_state)}
 
 
-def plan(compiled) -> dict:
-  """`compiled_memory`'s dict, read from an executable already compiled."""
-  stats = compiled.memory_analysis()
-  out = {name: int(getattr(stats, attr)) for name, attr in FIELDS.items()}
-  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                       + out["temp_bytes"])
-  return out
-
-
 def iteration_plan(experience: dict, update: dict, opt_state_bytes: int) -> int:
   """The larger of the update's peak and the experience step's peak plus the optimizer state
   (resident through the score phase, but not one of its arguments)."""
@@ -245,12 +236,12 @@ def timed_iterations(args, parts: Parts, state, frozen, prompts, mask) -> tuple:
     exp_args = (state.params, frozen, ro, state.kl_coef)
     if it == 0:
       experience_fn = experience_fn.lower(*exp_args).compile()
-      memory["experience"] = plan(experience_fn)
+      memory["experience"] = executable_memory(experience_fn)
     exp, _ = jax.block_until_ready(experience_fn(*exp_args))
     t2 = time.perf_counter()
     if it == 0:
       update_fn = update_fn.lower(state, exp, frozen).compile()
-      memory["update"] = plan(update_fn)
+      memory["update"] = executable_memory(update_fn)
       opt_bytes = nbytes(state.opt_state)
     state, _ = jax.block_until_ready(update_fn(state, exp, frozen))
     t3 = time.perf_counter()

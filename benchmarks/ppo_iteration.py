@@ -56,6 +56,8 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from rlhf_jax.config import util as config_util  # noqa: E402
+from rlhf_jax.core import host_memory  # noqa: E402
+from rlhf_jax.core.compiled_memory import executable_memory  # noqa: E402
 from rlhf_jax.models import ScalarModel, Transformer, model_config  # noqa: E402
 from rlhf_jax.rl import ppo  # noqa: E402
 from rlhf_jax.infer.rollout import make_rollout_fn  # noqa: E402
@@ -86,6 +88,14 @@ def parse_args(argv=None):
   p.add_argument("--remat", type=int, default=0,
                  help="1: the four models rematerialise each layer in the update's backward "
                       "(model.remat): less memory, one more forward")
+  p.add_argument("--scan_layers", type=int, default=0,
+                 help="1: the four models run their layers as one lax.scan over stacked "
+                      "weights (model.scan_layers); with --remat 1 the update keeps one "
+                      "layer's activations, not thirty")
+  p.add_argument("--optimizer", default="joint", choices=["joint", "per_model"],
+                 help="configs/ppo.py's ppo.optimizer: one optimizer and clip over policy and "
+                      "critic (TRL's), or one per model, the policy's step before the critic's "
+                      "pass (one model's gradient held at a time)")
   p.add_argument("--floor", type=int, default=1,
                  help="also time each phase's projection matmuls alone (phase_matmuls)")
   p.add_argument("--json_out", default="")
@@ -205,9 +215,11 @@ def run_dtype(args, dtype: str) -> dict:
     config.ppo.penalize_missing_eos = False  # no stop ids: every answer runs the full budget
     config.kl.adaptive = False
     config.ppo.old_logprobs = args.old_logprobs
+    config.ppo.optimizer = args.optimizer
   hyper = ppo_trainer.hyper_from_config(config)
   controller = ppo_trainer.controller_from_config(config)
-  cfg = model_config(args.size, dtype=dtype, remat=bool(args.remat))
+  cfg = model_config(args.size, dtype=dtype, remat=bool(args.remat),
+                     scan_layers=bool(args.scan_layers))
   models = ppo.PPOModels(policy=cfg, critic=cfg, reward=cfg)
   tx = ppo_trainer.make_optimizer(tuple(sorted(config.optim.to_dict().items())), 1000)
 
@@ -216,7 +228,8 @@ def run_dtype(args, dtype: str) -> dict:
   frozen = ppo.Frozen(reference=jax.tree.map(jnp.copy, policy), reward=random_params(
       ScalarModel(cfg), 1), reward_gain=jnp.float32(1.0), reward_bias=jnp.float32(0.0))
   params = {"policy": policy, "critic": critic}
-  state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=ppo.init_opt_state(tx, params, hyper.optimizer),
                        ema=None, kl_coef=controller.initial(),
                        rng=jax.random.key_data(jax.random.key(0)))
   rng = np.random.default_rng(2)
@@ -249,10 +262,18 @@ def run_dtype(args, dtype: str) -> dict:
                                           prompt_mask, key))
     t1, c1 = time.perf_counter(), time.process_time()
     at = "first" if it == 0 else "last"
+    if it == 0:  # as the train loop does after a step's first call (core/host_memory.py)
+      host_memory.release_freed_memory()
     memory[f"{at}_generate"] = common.memory_gib()
     exp, metrics = jax.block_until_ready(experience_fn(state.params, frozen, ro, state.kl_coef))
     t2, c2 = time.perf_counter(), time.process_time()
+    if it == 0:
+      host_memory.release_freed_memory()
     memory[f"{at}_score"] = common.memory_gib()
+    if it == 0:  # compiled ahead of its first call, to read XLA's memory plan of the update
+      update_fn = update_fn.lower(state, exp, None).compile()
+      update_plan = executable_memory(update_fn)
+      host_memory.release_freed_memory()
     state, stats = jax.block_until_ready(update_fn(state, exp, None))
     t3, c3 = time.perf_counter(), time.process_time()
     memory[f"{at}_update"] = common.memory_gib()
@@ -279,6 +300,13 @@ def run_dtype(args, dtype: str) -> dict:
       # The process's peak so far (Linux: KiB): this dtype's own when it runs first or alone.
       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
       "memory_gib_after_phase": memory,
+      # XLA's plan of the update (core/compiled_memory.py): arguments + outputs - donated +
+      # temporaries; the frozen models and the other phases' buffers are not in it.
+      "update_plan": update_plan,
+      "update_plan_gib": update_plan["peak_bytes"] / 2 ** 30,
+      "optimizer": hyper.optimizer,
+      "scan_layers": bool(args.scan_layers),
+      "remat": bool(args.remat),
       "old_logprobs": "recompute" if hyper.recompute_old_logprobs else "sampler",
       "iteration_s": iteration,
       "episodes_per_s": args.prompts / iteration,
@@ -365,7 +393,7 @@ def main(argv=None):
   print(common.markdown_table(
       ["dtype", "log pi_old", "iteration s", "episodes/s", "generate s (%)", "score s (%)",
        "update s (%)", "update MFU", "update GFLOP/s", "matmul peak GFLOP/s", "iteration CPU-s",
-       "peak RSS GiB",
+       "peak RSS GiB", "update plan GiB",
        f"vs TRL float32 {peer['iteration_s']:.1f} s", "vs TRL same dtype",
        "matmuls alone s", "bound vs TRL float32"],
       [[r["dtype"], r["old_logprobs"], f"{r['iteration_s']:.2f}", f"{r['episodes_per_s']:.1f}",
@@ -373,7 +401,7 @@ def main(argv=None):
           for k in ("generate", "score", "update")),
         f"{100 * r['mfu']['update']:.0f}%", f"{r['update_model_flops_per_s'] / 1e9:.0f}",
         f"{r['matmul_peak_flops_per_s'] / 1e9:.0f}", f"{r['cpu_iteration_s']:.1f}",
-        f"{r['peak_rss_gib']:.2f}", f"{r['speedup_vs_trl']:.2f}x",
+        f"{r['peak_rss_gib']:.2f}", f"{r['update_plan_gib']:.2f}", f"{r['speedup_vs_trl']:.2f}x",
         f"{r['speedup_vs_trl_same_dtype']:.2f}x" if "speedup_vs_trl_same_dtype" in r else "-",
         f"{r['matmul_floor_iteration_s']:.2f}" if "matmul_floor_iteration_s" in r else "-",
         f"{r['floor_speedup_bound_vs_trl']:.2f}x" if "floor_speedup_bound_vs_trl" in r else "-"]

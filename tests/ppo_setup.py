@@ -87,9 +87,10 @@ def frozen(reference, reward=None, gain=1.0, bias=0.0):
                     reward_bias=jnp.asarray(bias, jnp.float32))
 
 
-def make_state(policy, critic, tx, kl_coef=0.0, ema=False, seed=0):
+def make_state(policy, critic, tx, kl_coef=0.0, ema=False, seed=0, optimizer="joint"):
   params = {"policy": policy, "critic": critic}
-  return ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  return ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=ppo.init_opt_state(tx, params, optimizer),
                       ema=policy if ema else None, kl_coef=jnp.asarray(kl_coef, jnp.float32),
                       rng=jax.random.key_data(jax.random.key(seed)))
 

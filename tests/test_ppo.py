@@ -4,6 +4,7 @@ planted reward (the count of one token in the answer) that the penalty acts and 
 
 The references are independent: numpy over the sampler's own outputs, hand-computed formulas,
 or a plain forward pass of the model; the step is never checked against itself."""
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 import ppo_setup as S
 from rlhf_jax.models import losses
 from rlhf_jax.models import Transformer
-from rlhf_jax.rl import kl, ppo
+from rlhf_jax.rl import iteration, kl, ppo
 from rlhf_jax.infer import rollout
 from rlhf_jax.infer.sampling import SamplingParams
 
@@ -162,7 +163,7 @@ def test_nonfinite_minibatches_are_skipped_and_counted(runner):
   new, stats = runner.update_fn(state, poisoned, None)
   finite = np.asarray(stats["finite"])  # [epochs, minibatches]
   assert (~finite).sum(axis=1).tolist() == [1] * HYPER.epochs  # its minibatch, every epoch
-  assert ppo.summarize_update(stats)["ppo/skipped_updates"] == HYPER.epochs
+  assert iteration.summarize_update(stats)["ppo/skipped_updates"] == HYPER.epochs
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(new.params))
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params),
                                                        jax.tree.leaves(state.params)))
@@ -340,3 +341,68 @@ def test_gradients_one_model_after_the_other_equal_the_whole_losses():
                                err_msg=jax.tree_util.keystr(path))
   assert float(optax.global_norm(grads["critic"])) > 0
   assert float(optax.global_norm(grads["policy"])) > 0
+
+
+def _relative_step_error(got, want, start) -> float:
+  """|(got − start) − (want − start)| / |want − start| over every leaf: how far one optimizer
+  step is from a reference step, relative to the step's size."""
+  diff = optax.global_norm(jax.tree.map(jnp.subtract, got, want))
+  return float(diff / optax.global_norm(jax.tree.map(jnp.subtract, want, start)))
+
+
+def test_optimizer_per_model_steps_each_model_on_its_own_clipped_gradient():
+  """optimizer="per_model" (the policy's update, then the critic's) against a reference built
+  from the whole minibatch loss: jax.grad of `ppo_loss`, each model's gradient given to its
+  own copy of the optimizer. One epoch of one minibatch (every row, shuffled: the losses are
+  row means). The clip is tight enough to act, so the joint update (one clip over both
+  gradients) lands elsewhere: the test fails if the two were confused."""
+  # vf_coef: a critic gradient as large as the policy's, so a joint clip scales both by much
+  # less than each model's own. SGD: Adam's first step (about lr·sign(g)) would hide the clip.
+  hyper = ppo.PPOHyper(temperature=0.7, minibatches=1, epochs=1, optimizer="per_model",
+                       vf_coef=5.0)
+  tx = optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(1.0))
+  params = {"policy": S.policy_params(0), "critic": S.scalar_params(1)}
+  exp, _ = S.minibatch_with_ptx(params["policy"])
+  keys = jax.random.split(jax.random.key(0), 1)
+  opt_state = ppo.init_opt_state(tx, params, "per_model")
+  assert set(opt_state) == {"policy", "critic"}
+  (new_params, new_opt, _), stats = jax.jit(functools.partial(
+      ppo.update_models_apart, models=S.MODELS, hyper=hyper, tx=tx))(
+          params, opt_state, None, exp, None, keys)
+
+  grads = jax.grad(lambda p: ppo.ppo_loss(p, exp, None, models=S.MODELS, hyper=hyper)[0])(params)
+  for name in ("policy", "critic"):
+    updates, _ = tx.update(grads[name], tx.init(params[name]), params[name])
+    want = optax.apply_updates(params[name], updates)
+    assert _relative_step_error(new_params[name], want, params[name]) < 1e-4, name
+  assert stats["finite"].shape == (1, 1) and bool(stats["finite"][0, 0])
+  np.testing.assert_allclose(float(stats["ppo/grad_norm"][0, 0]),
+                             float(optax.global_norm(grads)), rtol=1e-5)
+
+  (joint, _, _), _ = jax.jit(functools.partial(
+      ppo.update_jointly, models=S.MODELS, hyper=hyper, tx=tx))(
+          params, tx.init(params), None, exp, None, keys)
+  assert _relative_step_error(joint["policy"], new_params["policy"], params["policy"]) > 0.05
+
+
+def test_ppo_update_with_an_optimizer_per_model_keeps_a_state_per_model():
+  """ppo_update with optimizer="per_model" and the trainer's Adam, 2 epochs x 2 minibatches,
+  from a state built by init_opt_state: each model's Adam count advances once per minibatch,
+  every step is applied, and the stats have the joint update's keys and [epochs, minibatches]
+  shapes (the trainer's metrics read either)."""
+  hyper = ppo.PPOHyper(temperature=0.7, minibatches=2, epochs=2, optimizer="per_model")
+  runner = S.Runner(hyper)
+  params = {"policy": S.policy_params(0), "critic": S.scalar_params(1)}
+  state = S.make_state(params["policy"], params["critic"], runner.tx, optimizer="per_model")
+  exp, _ = S.minibatch_with_ptx(params["policy"])
+  new_state, stats = runner.update_fn(state, exp, None)
+  for name in ("policy", "critic"):
+    assert int(optax.tree_utils.tree_get(new_state.opt_state[name], "count")) == 4
+    moved = optax.global_norm(jax.tree.map(jnp.subtract, new_state.params[name], params[name]))
+    assert float(moved) > 0, name
+  assert bool(np.all(stats["finite"]))
+  joint_state = S.make_state(params["policy"], params["critic"], runner.tx)
+  _, joint_stats = S.Runner(dataclasses.replace(hyper, optimizer="joint")).update_fn(
+      joint_state, exp, None)
+  assert sorted(stats) == sorted(joint_stats)
+  assert all(v.shape[:2] == (2, 2) for v in stats.values())

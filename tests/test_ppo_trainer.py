@@ -72,6 +72,7 @@ def _config(data_dir, tokenizer, steps=2, **fields):
     ({"ppo.clip_eps": 1.2}, "clip_eps must be in"),
     ({"ppo.value_clip": 0.0}, "value_clip must be in"),
     ({"ppo.minibatches": 3}, "does not divide the batch of 8"),
+    ({"ppo.optimizer": "adam"}, "ppo.optimizer"),
     ({"data.lang": "fr"}, "data.lang"),
     ({"rm_dir": "rm64"}, "reward model checkpoint .* vocabulary of 64 tokens"),
     ({"sft_dir": "sft64"}, "SFT checkpoint .* vocabulary of 64 tokens"),
@@ -105,12 +106,14 @@ def _params_equal(a, b):
 
 @pytest.mark.heavy  # two PPO runs from configs/ppo.py (about a minute cold)
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["joint", "per_model"])
 def test_resume_mid_run_then_nan_reward_stops_and_keeps_the_checkpoint(
-    tmp_path, stage_dirs, bundled_data_dir, bundled_tokenizer):
+    optimizer, tmp_path, stage_dirs, bundled_data_dir, bundled_tokenizer):
   # Every run has the same schedule (3 iterations); stop_after ends the first ones early.
-  # PPO-ptx and the EMA are on, so their data position and state must resume too.
+  # PPO-ptx and the EMA are on, so their data position and state must resume too; per_model
+  # checkpoints one optimizer state per model.
   dirs = {"sft_dir": stage_dirs["sft"], "rm_dir": stage_dirs["rm"], "steps": 3,
-          "ptx.coef": 0.5, "ppo.ema_decay": 0.9}
+          "ptx.coef": 0.5, "ppo.ema_decay": 0.9, "ppo.optimizer": optimizer}
   whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
   launch.run(_config(bundled_data_dir, bundled_tokenizer, **{"train.stop_after": 2}, **dirs),
              whole)

@@ -35,7 +35,11 @@ def ppo_section(tiny: bool) -> ml_collections.ConfigDict:
       # Where log pi_old comes from: the sampler's log-probs ("sampler", no extra forward
       # pass), a policy forward pass ("recompute"), or "auto": sampler at float32 compute,
       # recompute otherwise (a bfloat16 KV-cache decode rounds differently from a full pass).
-      old_logprobs="auto"))
+      old_logprobs="auto",
+      # "joint": one optimizer and gradient clip over policy and critic (TRL's PPOTrainer);
+      # "per_model": one each, the policy's step before the critic's backward pass, so one
+      # model's gradient is held at a time (rl/ppo.py `step_models_apart`).
+      optimizer="joint"))
 
 
 def kl_section() -> ml_collections.ConfigDict:

@@ -27,6 +27,7 @@ RM_LOSSES = ("", "kwise", "grades", "pairwise", "binary")
 NORMALIZE_SOURCES = ("auto", "policy", "responses")
 KL_ESTIMATORS = ("k1", "k3")
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
+PPO_OPTIMIZERS = ("joint", "per_model")  # rl/ppo.py OPTIMIZERS
 COMPARISON_LABELS = ("ranking", "grades")
 # The pipeline's trained stages (sections of configs/pipeline.py); each takes its model's shape
 # from config.pretrain.model, so the model fields are checked there once.
@@ -250,6 +251,7 @@ def check_ppo(c: Checks, max_len) -> None:
     c.number(f"ppo.{name}", 0, 1)
   c.choice("ppo.kl_estimator", KL_ESTIMATORS)
   c.choice("ppo.old_logprobs", OLD_LOGPROBS)
+  c.choice("ppo.optimizer", PPO_OPTIMIZERS)
   c.number("ppo.missing_eos_penalty")
   c.number("ppo.ema_decay", 0, 1, hi_open=True)
   c.number("kl.coef", 0, alias="beta")

@@ -30,7 +30,13 @@ def compiled_memory(fn: Callable, *abstract_args: Any, **abstract_kwargs: Any) -
   by XLA's plan (code excluded). Raises RuntimeError where the backend gives no analysis.
   """
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-  stats = jitted.lower(*abstract_args, **abstract_kwargs).compile().memory_analysis()
+  return executable_memory(jitted.lower(*abstract_args, **abstract_kwargs).compile())
+
+
+def executable_memory(compiled) -> dict:
+  """`compiled_memory`'s dict, read from an executable already compiled (`.compile()`): a
+  benchmark that runs the executable it measured compiles it once."""
+  stats = compiled.memory_analysis()
   if stats is None:
     raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
   out = {name: int(getattr(stats, attr)) for name, attr in FIELDS.items()}

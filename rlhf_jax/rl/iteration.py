@@ -83,7 +83,7 @@ class Iteration:
     stats = jax.device_get(stats)
     t3 = time.perf_counter()
     metrics = {k: float(v) for k, v in exp_metrics.items()}
-    metrics.update(ppo.summarize_update(stats))
+    metrics.update(summarize_update(stats))
     if metrics["ppo/skipped_updates"]:
       log.warning("iteration %d: %d minibatch updates had a non-finite loss, gradient or params "
                   "and were skipped", int(state.step), int(metrics["ppo/skipped_updates"]))
@@ -113,3 +113,10 @@ def summarize(host: dict, steps: int, seconds: float):
   """The loop's summarize: PPO's metrics as they are, and the progress bar's postfix."""
   return host, {"score": f"{host['objective/scores']:.3f}", "kl": f"{host['objective/kl']:.2f}",
                 "ep_s": f"{host['train/episodes_per_s']:.1f}"}
+
+
+def summarize_update(stats: dict) -> dict:
+  """Per-iteration means of the update's [epochs, minibatches] stats (host side, numpy)."""
+  out = {k: float(np.mean(v)) for k, v in stats.items() if k != "finite"}
+  out["ppo/skipped_updates"] = float(np.size(stats["finite"]) - np.sum(stats["finite"]))
+  return out

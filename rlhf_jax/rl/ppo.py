@@ -17,8 +17,10 @@ One iteration is three jitted pure functions; the host loop (rl/iteration.py) on
                  value loss − entropy bonus (+ PPO-ptx), as two nested `lax.scan`s inside one
                  jit; each minibatch is the policy's forward/backward, then the critic's
                  (`ppo_grads`), and one optimizer update (gradient clipping in the
-                 optimizer); then the optional EMA of the policy and the KL coefficient β
-                 for the next iteration.
+                 optimizer) over both (`update_jointly`), or with an optimizer per model
+                 the policy's every step, then the critic's (`update_models_apart`); then
+                 the optional EMA of the policy and the KL coefficient β for the next
+                 iteration. Hyperparameters: rl/hyper.py.
 
 Cost: no vocabulary projection for the critic and the reward model (hidden states + scalar
 head), and the policy and reference project only the N answer positions, not the prompt.
@@ -26,13 +28,11 @@ head), and the policy and reference project only the N answer positions, not the
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rlhf_jax.models import chunked, lora, losses
@@ -40,66 +40,14 @@ from rlhf_jax.infer import rm_scores as reward
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
+from rlhf_jax.rl.hyper import OPTIMIZERS, PPOHyper  # noqa: F401 (re-exported)
 from rlhf_jax.rl.state import (  # noqa: F401  (the PPO step's names, re-exported)
-    Frozen, PPOModels, PPOState, full_critic, full_params, full_policy, reward_params,
-    shared_trunk)
+    Frozen, PPOModels, PPOState, full_critic, full_params, full_policy, init_opt_state,
+    reward_params, shared_trunk)
 from rlhf_jax.infer.rollout import Rollout, answer_columns
 from rlhf_jax.train.state import apply_update_if
 
 Array = jax.Array
-
-
-# ---------------------------------------------------------------------------------------------
-# Hyperparameters, checked before anything is compiled.
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOHyper:
-  """Everything static about the step. Frozen and hashable: bound with functools.partial."""
-  epochs: int = 4
-  minibatches: int = 4
-  clip_eps: float = 0.2  # policy ratio clip
-  value_clip: float = 0.2  # value clip, in reward units
-  vf_coef: float = 0.1
-  ent_coef: float = 0.0
-  gamma: float = 1.0
-  lam: float = 0.95
-  temperature: float = 1.0  # the sampler's: log-probs come from logits / temperature
-  kl_estimator: str = "k1"  # in the reward; k3 is available
-  whiten_rewards: bool = False  # scale only
-  missing_eos_penalty: Optional[float] = -1.0  # score of an answer with no stop token; None: off
-  ptx_coef: float = 0.0  # PPO-ptx: γ · pretraining NLL; 0 = off
-  ema_decay: float = 0.0  # EMA of the policy; 0 = off
-  recompute_old_logprobs: bool = False  # False: the sampler's log-probs are log π_old
-
-  def __post_init__(self):
-    for name in ("clip_eps", "value_clip"):
-      value = getattr(self, name)
-      if not 0.0 < value < 1.0:
-        raise ValueError(f"ppo.{name} must be in (0, 1), got {value}")
-    if self.epochs < 1 or self.minibatches < 1:
-      raise ValueError(f"ppo.epochs and ppo.minibatches must be >= 1, got {self.epochs}, "
-                       f"{self.minibatches}")
-    if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
-      raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
-    if not self.temperature > 0:
-      raise ValueError(f"sampling temperature must be > 0, got {self.temperature}")
-    if self.kl_estimator not in kl.ESTIMATORS:
-      raise ValueError(f"ppo.kl_estimator must be one of {kl.ESTIMATORS}, "
-                       f"got {self.kl_estimator!r}")
-    if self.vf_coef < 0 or self.ent_coef < 0 or self.ptx_coef < 0:
-      raise ValueError("ppo.vf_coef, ppo.ent_coef and ppo.ptx_coef must be >= 0")
-    if not 0.0 <= self.ema_decay < 1.0:
-      raise ValueError(f"ppo.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-
-  def check_batch(self, batch_size: int, shards: int = 1) -> None:
-    """The minibatches must split the batch evenly, and the batch the mesh's batch shards."""
-    if batch_size % self.minibatches:
-      raise ValueError(f"ppo.minibatches={self.minibatches} does not divide the batch of "
-                       f"{batch_size} episodes")
-    if batch_size % shards:
-      raise ValueError(f"the batch of {batch_size} episodes does not split over the {shards} "
-                       "batch shards of the mesh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +245,23 @@ def ppo_loss(params, batch: Experience, ptx_batch: Optional[dict], *, models: PP
   return loss, {"ppo/loss/total": loss, **policy_stats, **value_stats}
 
 
+def _policy_grads(policy, batch: Experience, ptx_batch: Optional[dict], *, models: PPOModels,
+                  hyper: PPOHyper, frozen: Optional[Frozen]) -> tuple[tuple, Any]:
+  """((policy loss, stats), gradient) of the policy's terms over the state's policy params."""
+  def policy_fn(p):
+    return policy_terms(full_policy(p, frozen, models), batch, ptx_batch, models=models,
+                        hyper=hyper)
+  return jax.value_and_grad(policy_fn, has_aux=True)(policy)
+
+
+def _critic_grads(critic, batch: Experience, *, models: PPOModels, hyper: PPOHyper,
+                  frozen: Optional[Frozen]) -> tuple[tuple, Any]:
+  """((value loss, stats), gradient) of the critic's terms over the state's critic params."""
+  def critic_fn(c):
+    return value_terms(full_critic(c, frozen, models), batch, models=models, hyper=hyper)
+  return jax.value_and_grad(critic_fn, has_aux=True)(critic)
+
+
 def ppo_grads(params, batch: Experience, ptx_batch: Optional[dict], *, models: PPOModels,
               hyper: PPOHyper, frozen: Optional[Frozen] = None) -> tuple[tuple, dict]:
   """((loss, stats), grads) of `ppo_loss` over the state's params, one model after the other.
@@ -306,31 +271,103 @@ def ppo_grads(params, batch: Experience, ptx_batch: Optional[dict], *, models: P
   policy's gradient (`_after`): XLA cannot start it before the policy's backward pass has
   ended, so the two models' activations are not held at once (XLA CPU's plan of one LoRA
   minibatch at the SmolLM2-135M shape: 5.0 -> 4.1 GiB of temporaries; benchmarks/RESULTS.md)."""
-  def policy_fn(p):
-    return policy_terms(full_policy(p, frozen, models), batch, ptx_batch, models=models,
-                        hyper=hyper)
-
-  (policy_loss, policy_stats), policy_grads = jax.value_and_grad(policy_fn, has_aux=True)(
-      params["policy"])
-  rollout = batch.rollout._replace(tokens=_after(batch.rollout.tokens, policy_grads))
-  critic_batch = batch._replace(rollout=rollout)
-
-  def critic_fn(c):
-    return value_terms(full_critic(c, frozen, models), critic_batch, models=models, hyper=hyper)
-
-  (value_loss, value_stats), critic_grads = jax.value_and_grad(critic_fn, has_aux=True)(
-      params["critic"])
+  kw = dict(models=models, hyper=hyper, frozen=frozen)
+  (policy_loss, policy_stats), policy_grads = _policy_grads(params["policy"], batch, ptx_batch,
+                                                            **kw)
+  (value_loss, value_stats), critic_grads = _critic_grads(
+      params["critic"], _tokens_after(batch, policy_grads), **kw)
   loss = policy_loss + value_loss
   stats = {"ppo/loss/total": loss, **policy_stats, **value_stats}
   return (loss, stats), {"policy": policy_grads, "critic": critic_grads}
 
 
-def _after(tokens: Array, grads) -> Array:
-  """`tokens`, unchanged, computed from `grads` too: a data dependence that orders XLA's
+def _after(tokens: Array, tree) -> Array:
+  """`tokens`, unchanged, computed from `tree` too: a data dependence that orders XLA's
   schedule. (lax.optimization_barrier did not: XLA CPU's plan kept both models' activations.)
-  Where the gradient is not finite the tokens change, but that minibatch is skipped anyway."""
-  shift = (0.0 * optax.global_norm(grads)) != 0.0  # [] False unless the gradient is NaN/inf
+  Where `tree` is not finite the tokens change, but that minibatch is skipped anyway."""
+  shift = (0.0 * optax.global_norm(tree)) != 0.0  # [] False unless `tree` holds a NaN/inf
   return tokens + shift.astype(tokens.dtype)
+
+
+def _tokens_after(batch: Experience, tree) -> Experience:
+  """`batch` whose tokens are read only once `tree` has been computed (`_after`)."""
+  return batch._replace(rollout=batch.rollout._replace(tokens=_after(batch.rollout.tokens, tree)))
+
+
+def _model_step(loss: Array, grads, params, opt_state, tx) -> tuple[Any, Any, Array, Array]:
+  """(params, opt_state, gradient norm, applied) of one model's optimizer step, skipped when
+  its loss or gradient is not finite (train/state.apply_update_if)."""
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state, applied = apply_update_if(ok, tx, grads, params, opt_state)
+  return params, opt_state, grad_norm, ok & applied
+
+
+def _scan_minibatches(step, carry, experience: Experience, ptx_batches: Optional[dict],
+                      keys: Array, minibatches: int):
+  """(carry, stats [epochs, minibatches, ...]) of `step(carry, batch, ptx)` over every
+  minibatch of every epoch (epoch e shuffles the rows by keys[e]), as two nested scans."""
+  def epoch_step(carry, key):
+    batches = _split_minibatches(experience, key, minibatches)
+    return jax.lax.scan(lambda c, xs: step(c, *xs), carry, (batches, ptx_batches))
+  return jax.lax.scan(epoch_step, carry, keys)
+
+
+def _ema_of(ema, policy, decay: float):
+  return None if ema is None else jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                               ema, policy)
+
+
+def update_jointly(params, opt_state, ema, experience: Experience, ptx_batches, keys: Array, *,
+                   models: PPOModels, hyper: PPOHyper, tx, frozen: Optional[Frozen] = None):
+  """optimizer="joint": each minibatch takes both gradients (`ppo_grads`), one global-norm clip
+  over them and one step. Returns ((params, opt_state, ema), stats)."""
+  def step(carry, batch, ptx):
+    params, opt_state, ema = carry
+    (loss, stats), grads = ppo_grads(params, batch, ptx, models=models, hyper=hyper,
+                                     frozen=frozen)
+    params, opt_state, grad_norm, finite = _model_step(loss, grads, params, opt_state, tx)
+    ema = _ema_of(ema, params["policy"], hyper.ema_decay)
+    return (params, opt_state, ema), {**stats, "ppo/grad_norm": grad_norm, "finite": finite}
+  return _scan_minibatches(step, (params, opt_state, ema), experience, ptx_batches, keys,
+                           hyper.minibatches)
+
+
+def update_models_apart(params, opt_state, ema, experience: Experience, ptx_batches,
+                        keys: Array, *, models: PPOModels, hyper: PPOHyper, tx,
+                        frozen: Optional[Frozen] = None):
+  """optimizer="per_model": an optimizer state and a gradient clip per model. The two models'
+  updates are then independent (neither loss reads the other model), so the policy runs every
+  minibatch of every epoch first, then the critic on the same minibatches: the same steps as
+  taking them in turn, but one model's gradient and activations are held at a time, and each
+  scan ends in its own step, which XLA writes in place. (Interleaved in one scan, XLA held the
+  policy's new params and moments as 1.6 GiB of temporaries through the critic's pass at the
+  SmolLM2-135M shape.) The critic reads tokens computed from the policy's final params, so
+  XLA cannot run the two scans at once. Returns ((params, opt_state, ema), stats)."""
+  kw = dict(models=models, hyper=hyper, frozen=frozen)
+
+  def policy_step(carry, batch, ptx):
+    policy, opt, ema = carry
+    (loss, stats), grads = _policy_grads(policy, batch, ptx, **kw)
+    policy, opt, norm, finite = _model_step(loss, grads, policy, opt, tx)
+    return (policy, opt, _ema_of(ema, policy, hyper.ema_decay)), (loss, norm, finite, stats)
+
+  def critic_step(carry, batch, _):
+    critic, opt = carry
+    (loss, stats), grads = _critic_grads(critic, batch, **kw)
+    critic, opt, norm, finite = _model_step(loss, grads, critic, opt, tx)
+    return (critic, opt), (loss, norm, finite, stats)
+
+  (policy, policy_opt, ema), p = _scan_minibatches(
+      policy_step, (params["policy"], opt_state["policy"], ema), experience, ptx_batches, keys,
+      hyper.minibatches)
+  (critic, critic_opt), c = _scan_minibatches(
+      critic_step, (params["critic"], opt_state["critic"]), _tokens_after(experience, policy),
+      None, keys, hyper.minibatches)
+  stats = {"ppo/loss/total": p[0] + c[0], **p[3], **c[3],
+           "ppo/grad_norm": jnp.sqrt(p[1] ** 2 + c[1] ** 2), "finite": p[2] & c[2]}
+  return ({"policy": policy, "critic": critic}, {"policy": policy_opt, "critic": critic_opt},
+          ema), stats
 
 
 def _split_minibatches(tree, key: Array, minibatches: int):
@@ -353,38 +390,14 @@ def ppo_update(state: PPOState, experience: Experience, ptx_batches: Optional[di
   A minibatch whose loss or gradient is not finite is skipped and reported in `finite`.
   frozen: the frozen models, read only with LoRA (the bases the adapters sit on).
   """
-  grad_fn = functools.partial(ppo_grads, models=models, hyper=hyper, frozen=frozen)
-
-  def minibatch_step(carry, xs):
-    params, opt_state, ema = carry
-    batch, ptx = xs
-    (loss, stats), grads = grad_fn(params, batch, ptx)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state, applied = apply_update_if(finite, tx, grads, params, opt_state)
-    finite = finite & applied
-    if ema is not None:
-      d = hyper.ema_decay
-      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params["policy"])
-    return (params, opt_state, ema), {**stats, "ppo/grad_norm": grad_norm, "finite": finite}
-
-  def epoch_step(carry, key):
-    batches = _split_minibatches(experience, key, hyper.minibatches)
-    return jax.lax.scan(minibatch_step, carry, (batches, ptx_batches))
-
+  update = update_models_apart if hyper.optimizer == "per_model" else update_jointly
   keys = jax.random.split(jax.random.fold_in(state.key(), 1), hyper.epochs)
-  (params, opt_state, ema), stats = jax.lax.scan(
-      epoch_step, (state.params, state.opt_state, state.ema), keys)
+  (params, opt_state, ema), stats = update(
+      state.params, state.opt_state, state.ema, experience, ptx_batches, keys, models=models,
+      hyper=hyper, tx=tx, frozen=frozen)
 
   episodes = experience.kl.shape[0]
   kl_coef = controller.update(state.kl_coef, jnp.mean(experience.kl), episodes)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                             kl_coef=jnp.asarray(kl_coef, jnp.float32))
   return new_state, stats
-
-
-def summarize_update(stats: dict) -> dict:
-  """Per-iteration means of the [epochs, minibatches] stats (host side, numpy)."""
-  out = {k: float(np.mean(v)) for k, v in stats.items() if k != "finite"}
-  out["ppo/skipped_updates"] = float(np.size(stats["finite"]) - np.sum(stats["finite"]))
-  return out

@@ -32,7 +32,7 @@ class PPOModels:
 class PPOState:
   step: Array  # [] int32: iterations done
   params: Any  # {'policy': Transformer params, 'critic': ScalarModel params}: trained
-  opt_state: Any  # one optimizer over both, so one global-norm clip covers the whole update
+  opt_state: Any  # over both (one global-norm clip), or {'policy', 'critic'}: `init_opt_state`
   ema: Any  # EMA of params['policy'], or None when off
   kl_coef: Array  # [] float32: β
   rng: Array  # [2] uint32 key data
@@ -109,3 +109,11 @@ def full_params(params, frozen: Optional[Frozen], models: PPOModels) -> dict:
   """The state's {'policy', 'critic'} as whole param trees (`full_policy`, `full_critic`)."""
   return {"policy": full_policy(params["policy"], frozen, models),
           "critic": full_critic(params["critic"], frozen, models)}
+
+
+def init_opt_state(tx, params, optimizer: str = "joint"):
+  """The optimizer state of the state's {'policy', 'critic'} params: one over both ("joint"),
+  or one per model ("per_model", PPOHyper.optimizer)."""
+  if optimizer == "per_model":
+    return {name: tx.init(model_params) for name, model_params in params.items()}
+  return tx.init(params)

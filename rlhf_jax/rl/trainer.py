@@ -62,7 +62,7 @@ def hyper_from_config(config) -> ppo.PPOHyper:
       epochs=p.epochs, minibatches=p.minibatches, clip_eps=p.clip_eps, value_clip=p.value_clip,
       vf_coef=p.vf_coef, ent_coef=p.ent_coef, gamma=p.gamma, lam=p.lam,
       temperature=config.sampling.temperature, kl_estimator=p.kl_estimator,
-      whiten_rewards=p.whiten_rewards,
+      whiten_rewards=p.whiten_rewards, optimizer=p.optimizer,
       missing_eos_penalty=p.missing_eos_penalty if p.penalize_missing_eos else None,
       ptx_coef=config.ptx.coef, ema_decay=p.ema_decay, recompute_old_logprobs=recompute)
 
@@ -168,7 +168,8 @@ def make_optimizer(optim_items: tuple, total_updates: int):
 
 
 @functools.lru_cache(maxsize=4)
-def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, rules, seed: int):
+def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, rules, seed: int,
+                 optimizer: str = "joint"):
   """(jitted init, shardings) of the random (PPOState, Frozen); see `create_models`."""
   k_policy, k_reward, k_state = jax.random.split(jax.random.key(seed), 3)
 
@@ -183,7 +184,8 @@ def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, r
       base = policy
     params = {"policy": policy, "critic": critic}
     state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
-                         opt_state=tx.init(params), ema=None, kl_coef=controller.initial(),
+                         opt_state=ppo.init_opt_state(tx, params, optimizer), ema=None,
+                         kl_coef=controller.initial(),
                          rng=jax.random.key_data(k_state))
     reward = ScalarModel(models.reward).init(k_reward, *inputs)["params"]
     if models.reward.lora_rank:  # a shared base: the RM's trunk is the reference's
@@ -200,14 +202,14 @@ def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, r
 
 
 def create_models(models: ppo.PPOModels, tx, controller, gain: float, bias: float, mesh,
-                  rules, seed: int):
+                  rules, seed: int, optimizer: str = "joint"):
   """((PPOState, Frozen), their shardings): random params laid out on the mesh, in one jit.
 
   The policy and the reference are drawn with one key, as are the critic and the reward
   model, so random ones start equal exactly as loaded ones do (and XLA draws each once).
   """
   init, (state_shardings, frozen_shardings) = _initializer(models, tx, controller, mesh, rules,
-                                                           seed)
+                                                           seed, optimizer)
   with jax.set_mesh(mesh):
     state, frozen = init(0)
   frozen = frozen._replace(
@@ -417,7 +419,8 @@ def train(config, workdir: str) -> dict:
   tx = make_optimizer(tuple(sorted(config.optim.to_dict().items())),
                       total * hyper.epochs * hyper.minibatches)
   (state, frozen), (state_shardings, _) = create_models(
-      models, tx, controller, sources["gain"], sources["bias"], mesh, rules, config.seed)
+      models, tx, controller, sources["gain"], sources["bias"], mesh, rules, config.seed,
+      hyper.optimizer)
   prompt_stream = make_prompt_stream(config, tokenizer, langs)
   data = Composite(prompts=prompt_stream, ptx=make_ptx_iterator(config, tokenizer))
   frozen = load_frozen(frozen, sources)

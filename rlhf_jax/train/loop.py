@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from rlhf_jax.core import host_memory
 from rlhf_jax.core.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ def run_train_loop(config, workdir: str, state, step_fn, data, ckpt,
         _check(jax.device_get(pending[0]), pending[1], loss_key, ckpt)
         pending = None
       evaluated = evaluate_due(evaluations, done, total, state)
+      if step == start or evaluated:  # compiles happened: hand their freed heap back
+        host_memory.release_freed_memory()
       window.metrics.update(evaluated)
       if logged or evaluated:
         writer.write(done, {**logged, **evaluated})
