@@ -94,6 +94,9 @@ def parse_args(argv=None):
   p.add_argument("--remat", type=int, default=0,
                  help="1: every model, and the one-model reference, rematerialises each layer "
                       "in the backward (model.remat)")
+  p.add_argument("--optimizer", default="joint", choices=["joint", "per_model"],
+                 help="ppo.optimizer: one optimizer over policy and critic, or one per model "
+                      "(the policy's update before the critic's)")
   p.add_argument("--memory_after", type=int, default=2,
                  help="the memory part runs after this many timed settings (the first dtype's "
                       "full and largest-rank runs give the speed ratio first)")
@@ -129,6 +132,7 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
     config.ppo.epochs, config.ppo.minibatches = args.epochs, args.minibatches
     config.ppo.penalize_missing_eos = False  # no stop ids: every answer runs the full budget
     config.kl.adaptive = False
+    config.ppo.optimizer = args.optimizer
   base = model_config(size, dtype=dtype, scan_layers=scan, remat=bool(args.remat))
   adapted = dataclasses.replace(base, lora_rank=rank, lora_alpha=args.alpha) if rank else base
   return Parts(models=ppo.PPOModels(policy=adapted, critic=adapted,
@@ -179,7 +183,8 @@ def draw(tree, seed: int):
 
 def make_state(params, parts: Parts) -> ppo.PPOState:
   return ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=parts.tx.init(params), ema=None,
+                      opt_state=ppo.init_opt_state(parts.tx, params, parts.hyper.optimizer),
+                      ema=None,
                       kl_coef=jnp.asarray(parts.controller.initial(), jnp.float32),
                       rng=jax.random.key_data(jax.random.key(0)))
 
