@@ -89,6 +89,7 @@ bench: setup
 	  --json_out $(BENCH_DIR)/ppo_iteration.json; \
 	run $(PY) benchmarks/ppo_iteration.py --size 135m --prompts 16 --prompt_len 64 \
 	  --new_tokens 64 --epochs 1 --minibatches 2 --dtypes float32 --floor 0 --iterations 2 \
+	  --optimizer per_model --scan_layers 1 --remat 1 \
 	  $$(peer trl_ppo_w4.json) --json_out $(BENCH_DIR)/ppo_iteration_w4.json; \
 	run $(PY) benchmarks/train_step.py --size w1 --seq_len 128 --batch 16 \
 	  $$(peer torch_steps.json) --json_out $(BENCH_DIR)/train_step_w2.json; \
