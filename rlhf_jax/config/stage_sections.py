@@ -37,8 +37,8 @@ def ppo_section(tiny: bool) -> ml_collections.ConfigDict:
       # recompute otherwise (a bfloat16 KV-cache decode rounds differently from a full pass).
       old_logprobs="auto",
       # "joint": one optimizer and gradient clip over policy and critic (TRL's PPOTrainer);
-      # "per_model": one each, the policy's step before the critic's backward pass, so one
-      # model's gradient is held at a time (rl/ppo.py `step_models_apart`).
+      # "per_model": one each, the policy's every step before the critic's, so one model's
+      # gradient is held at a time (rl/ppo.py `update_models_apart`).
       optimizer="joint"))
 
 
