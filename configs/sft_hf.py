@@ -39,6 +39,7 @@ def get_config(arg=None):
     batch, learning_rate, weight_decay = arg.batch, 2e-5, 0.0
   config.data = sections.text_data_section(arg.data, batch,
                                            min(arg.seq_len, config.model.max_len))
+  config.data.loss_capacity = 0.5  # the loss positions only, as configs/sft.py
   config.optim = sections.optim_section(learning_rate=learning_rate, weight_decay=weight_decay,
                                         warmup_steps=max(arg.steps // 20, 1))
   config.train = sections.train_section(arg.steps)

@@ -290,12 +290,66 @@ def test_sft_loss_and_gradients_with_vocab_chunks_equal_the_whole_vocabulary(tie
   out = {}
   for chunk in (0, 48):
     model = Transformer(dataclasses.replace(whole, vocab_chunk=chunk))
-    (loss, count), grads = jax.jit(jax.value_and_grad(lambda p: lm.lm_loss(p, batch, model),
+    (loss, (count, _)), grads = jax.jit(jax.value_and_grad(lambda p: lm.lm_loss(p, batch, model),
                                                       has_aux=True))(params)
     out[chunk] = (loss, count, grads)
   assert float(out[0][1]) == float(out[48][1])
   np.testing.assert_allclose(float(out[48][0]), float(out[0][0]), rtol=1e-6)
   _close_trees(out[48][2], out[0][2])
+
+
+def test_loss_columns_put_each_rows_loss_positions_first_in_order():
+  """chunked.loss_columns against a Python loop over the rows."""
+  mask = (np.random.default_rng(3).random((5, 23)) < 0.4).astype(np.float32)
+  got = np.asarray(chunked.loss_columns(jnp.asarray(mask), 16))
+  for row, cols in zip(mask, got):
+    inside = [t for t in range(len(row)) if row[t] > 0]
+    outside = [t for t in range(len(row)) if row[t] <= 0]
+    assert cols.tolist() == (inside + outside)[:16]
+
+
+def test_loss_capacity_rounds_the_share_up_to_eight_columns():
+  # 2 rows x 16 = 32 positions: a share of 0.3 is 9.6 -> 10 -> 16; 0.8 is 25.6 -> 26 -> 32,
+  # the whole group, so nothing is gathered (0); a share of 0 is off.
+  assert chunked.loss_capacity(2, 16, 0.3) == 16
+  assert chunked.loss_capacity(2, 16, 0.8) == 0
+  assert chunked.loss_capacity(2, 16, 0.0) == 0
+  assert chunked.loss_capacity(4, 128, 0.5) == 256
+
+
+@pytest.mark.parametrize("chunk", [0, 48])
+@pytest.mark.parametrize("share,groups", [(0.5, 1), (0.5, 2), (0.25, 1)])
+def test_sft_loss_on_gathered_loss_positions_equals_every_position(chunk, share, groups):
+  """lm_loss with data.loss_capacity (the output projection on the gathered loss positions)
+  against every position: summed loss, count and every gradient, and which route ran. 0.5 of
+  4 x 16 positions is 32 columns: the 25 loss positions fit, in one group, or in two groups of
+  2 rows (16 columns each for 14 and 11); at 0.25 (16 columns) they do not, and the step takes
+  the every-position route, equal too."""
+  import dataclasses
+  from rlhf_jax.train import lm
+  config = dataclasses.replace(model_config("tiny", vocab_size=128), vocab_chunk=chunk)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 128, (4, 17))
+  mask = np.zeros((4, 16), np.float32)
+  for row, (start, stop) in enumerate([(2, 9), (10, 16), (0, 7), (9, 14)]):
+    mask[row, start:stop] = 1.0  # an assistant turn per row: 7 + 6 + 7 + 5 = 25 positions
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "positions": np.broadcast_to(np.arange(16), (4, 16)),
+           "segment_ids": np.ones((4, 16), np.int32), "loss_mask": mask}
+  model = Transformer(config)
+  params = nn.unbox(jax.jit(model.init)(
+      jax.random.key(0), batch["inputs"], batch["positions"], batch["segment_ids"])["params"])
+  out = {}
+  for name, kwargs in (("every", {}), ("gathered", dict(loss_share=share, groups=groups))):
+    loss_fn = lambda p, kw=kwargs: lm.lm_loss(p, batch, model, **kw)  # noqa: E731
+    (loss, (count, gathered)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        params)
+    out[name] = (loss, count, grads, float(gathered))
+  assert out["every"][3] == 0.0
+  assert out["gathered"][3] == (1.0 if share == 0.5 else 0.0)
+  assert float(out["gathered"][1]) == float(out["every"][1]) == 25.0
+  np.testing.assert_allclose(float(out["gathered"][0]), float(out["every"][0]), rtol=1e-6)
+  _close_trees(out["gathered"][2], out["every"][2])
 
 
 @pytest.mark.heavy  # 27 s cold; the log-prob, entropy and loss equalities above stay in make test

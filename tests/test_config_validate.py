@@ -54,6 +54,7 @@ BAD = [
     ("sft", {"train.steps": 2.5}, r"train\.steps must be an integer \(got 2\.5\)"),
     ("sft", {"data.seq_len": 129}, r"data\.seq_len must be <= model\.max_len=128 \(got 129\)"),
     ("sft", {"model.n_kv_heads": 3}, r"model\.n_kv_heads must divide model\.n_heads=4"),
+    ("sft", {"data.loss_capacity": 1.5}, r"data\.loss_capacity must be in \[0, 1\] \(got 1\.5\)"),
     ("sft", {"optim.schedule": "cosin"}, r"optim\.schedule must be one of \['cosine', "),
     ("sft", {"tokenizer.path": "/no/such/tokenizer.model"}, r"tokenizer\.path does not exist"),
     ("ppo", {"ppo.minibatches": 3}, r"ppo\.minibatches does not divide the batch of 8 "),

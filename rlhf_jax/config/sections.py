@@ -194,7 +194,11 @@ def text_data_section(name: str, batch_size: int, seq_len: int) -> ml_collection
       # 'zh:100': every record whose `lang` is zh appears 100 times per epoch ('' = once each):
       # a language with few records gets a share of the steps (data/pipeline.py).
       lang_repeat="",
-      batch_size=batch_size, seq_len=seq_len, pack=True))
+      batch_size=batch_size, seq_len=seq_len, pack=True,
+      # > 0: the output projection runs on this share of each row's positions, the loss
+      # positions gathered first (a batch with a row of more takes every position; exact
+      # either way). SFT's loss is on the assistant's tokens only (train/lm.py).
+      loss_capacity=0.0))
 
 
 def sampling_section(max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,

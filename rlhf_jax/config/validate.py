@@ -191,6 +191,7 @@ def check_lm(c: Checks, max_len) -> None:
   check_seq_len(c, max_len)
   if c.get("data.name") == "":
     c.problem("data.name", "must name a dataset (a TFDS name, or 'synthetic')", "")
+  c.number("data.loss_capacity", 0, 1)  # a share of data.seq_len; 0 = off
 
 
 def check_reward(c: Checks, max_len) -> None:

@@ -34,17 +34,21 @@ log = logging.getLogger(__name__)
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def lm_loss(params, batch, model: Transformer):
-  """(summed next-token loss, number of trained tokens) of one batch; over vocabulary chunks
-  when model.config.vocab_chunk > 0 (models/chunked.py), else from the whole logits."""
+def lm_loss(params, batch, model: Transformer, loss_share: float = 0.0, groups: int = 1):
+  """(summed next-token loss, (number of trained tokens, 1.0 where the output projection ran
+  on the gathered loss positions only)) of one batch. Over vocabulary chunks when
+  model.config.vocab_chunk > 0 (models/chunked.py), else from the whole logits; on
+  `loss_share` of the positions, the loss positions first, when > 0 (data.loss_capacity)."""
   hidden, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
                           batch["segment_ids"], method=Transformer.hidden_states)  # [B, T, D]
-  return chunked.model_next_token_loss(params, hidden, batch["targets"], batch["loss_mask"],
-                                       model_config=model.config)
+  loss, count, gathered = chunked.gathered_next_token_loss(
+      params, hidden, batch["targets"], batch["loss_mask"], model_config=model.config,
+      loss_share=loss_share, groups=groups)
+  return loss, (count, gathered)
 
 
 def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.GradientTransformation,
-               schedule, grad_accum: int = 1):
+               schedule, grad_accum: int = 1, loss_share: float = 0.0, groups: int = 1):
   """One optimizer update on a global batch, accumulated over `grad_accum` micro-batches.
 
   The loss is normalised by the trained-token count of the whole batch, so any accumulation or
@@ -52,21 +56,22 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
   state as it was (the host loop then stops and reports the step).
   """
   # With LoRA, `state.params` are the adapters and the base comes in frozen: no gradient of it.
-  grad_fn = jax.value_and_grad(lambda p, b: lm_loss(state.full_params(p), b, model),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p, b: lm_loss(state.full_params(p), b, model, loss_share, groups), has_aux=True)
 
   if grad_accum == 1:
-    (loss_sum, count), grads = grad_fn(state.params, batch)
+    (loss_sum, (count, gathered)), grads = grad_fn(state.params, batch)
   else:
     def accumulate(carry, micro):
-      (loss_sum, count), grads = grad_fn(state.params, micro)
-      acc_loss, acc_count, acc_grads = carry
-      return (acc_loss + loss_sum, acc_count + count,
+      (loss_sum, (count, gathered)), grads = grad_fn(state.params, micro)
+      acc_loss, acc_count, acc_gathered, acc_grads = carry
+      return (acc_loss + loss_sum, acc_count + count, acc_gathered + gathered / grad_accum,
               jax.tree.map(jnp.add, acc_grads, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (loss_sum, count, grads), _ = jax.lax.scan(
-        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), split_microbatches(batch, grad_accum))
+    (loss_sum, count, gathered, grads), _ = jax.lax.scan(
+        accumulate, (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros),
+        split_microbatches(batch, grad_accum))
 
   denom = jnp.maximum(count, 1.0)
   loss = loss_sum / denom
@@ -78,6 +83,8 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/tokens": count,
              "train/lr": schedule(state.step), "train/finite": finite}
+  if loss_share:  # the share of (micro-)batches whose loss positions fit data.loss_capacity
+    metrics["train/loss_gathered"] = gathered
   return new_state, metrics
 
 
@@ -87,9 +94,10 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> Transform
                                     **lora.model_fields(config.get("lora"))}))
 
 
-def make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_sharding):
+def make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_sharding,
+                     loss_share: float = 0.0, groups: int = 1):
   step = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                           grad_accum=grad_accum)
+                           grad_accum=grad_accum, loss_share=loss_share, groups=groups)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
@@ -128,7 +136,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   batch_shard = sharding.batch_sharding(mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_shard)
+    step_fn = make_jitted_step(model, tx, schedule, grad_accum, state_shardings, batch_shard,
+                               config.data.get("loss_capacity", 0.0),
+                               sharding.batch_shards(mesh, rules))
     _, last = run_train_loop(config, workdir, state, step_fn, data_iter, ckpt,
                              functools.partial(make_batch, mesh=mesh, rules=rules),
                              total=total_steps, summarize=functools.partial(summarize,
