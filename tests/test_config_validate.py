@@ -65,6 +65,10 @@ BAD = [
      r"sampling\.max_new_tokens \+ data\.max_prompt_len=32 must be <= model\.max_len=128"),
     ("ppo", {"sft_dir": "/no/such/run"}, r"sft_dir does not exist"),
     ("reward", {"data.max_answers": 1}, r"data\.max_answers must be >= 2 \(got 1\)"),
+    ("reward", {"data.layout": "shared_prompt"}, r"data\.row_len must be >= 2 \(got 0\)"),
+    ("reward", {"data.layout": "rows"}, r"data\.layout must be one of \['answers', "),
+    ("reward", {"data.layout": "shared_prompt", "data.row_len": 200},
+     r"data\.row_len must be <= model\.max_len=128 \(got 200\)"),
     ("kto", {"optim.grad_accum": 2}, r"optim\.grad_accum must be 1 for KTO and DPO"),
     ("dpo", {"dpo.label_smoothing": 0.5}, r"dpo\.label_smoothing must be in \[0, 0\.5\)"),
 ]

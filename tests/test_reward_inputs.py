@@ -141,3 +141,117 @@ def test_one_epoch_then_empty_batches_and_exact_resume(tokenizer):
   resumed.set_state(state)
   np.testing.assert_array_equal(next(resumed)["tokens"], batches[1]["tokens"])
   assert resumed.stats["elements"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared_prompt layout: a comparison's prompt once, its answers after it.
+
+SHARED = {"id": "s", "prompt": "tell me about the weather today",
+          "responses": ["it is sunny and warm", "rain", "I do not know, sorry about that"],
+          "grades": [0, 2, 1]}
+
+
+def encode_shared(tokenizer, records, row_len, k=4, seq_len=64):
+  encoder = rm_inputs.Encoder(tokenizer, seq_len=seq_len, max_answers=k,
+                              layout="shared_prompt", row_len=row_len)
+  batch = encoder.encode_batch(records, [None] * len(records), len(records))
+  return batch, dict(zip(rm_inputs.STAT_KEYS, batch.pop("stats")))
+
+
+def test_shared_prompt_rows_hold_each_answers_own_row_once_its_prompt_is_shared(tokenizer):
+  """Prefix + answer i's own tokens, read through the segments, is the answers layout's row i
+  (token for token, position for position); score_at is that row's last token (<|end|>)."""
+  rows, row_stats = encode(tokenizer, [SHARED], seq_len=64)
+  shared, stats = encode_shared(tokenizer, [SHARED], row_len=96)
+  assert row_stats["truncated_answers"] == 0
+  tokens, seg, pos, prefix = (shared[k][0] for k in ("tokens", "segment_ids", "positions",
+                                                      "prefix_ids"))
+  n_prefix = int((seg == 1).sum())
+  assert n_prefix > 0 and (prefix[seg == 1] == 0).all()
+  for i in range(len(SHARED["responses"])):
+    own = seg == 2 + i
+    assert (prefix[own] == 1).all()
+    want = rows["tokens"][0, i][rows["segment_ids"][0, i] > 0]
+    np.testing.assert_array_equal(np.concatenate([tokens[seg == 1], tokens[own]]), want)
+    np.testing.assert_array_equal(pos[own], np.arange(n_prefix, len(want)))
+    assert shared["score_at"][0, i] == np.flatnonzero(own)[-1]
+    assert tokens[shared["score_at"][0, i]] == tokenizer.end_id
+  # fewer positions than K rows: the prompt's tokens are written once
+  used = int((seg > 0).sum())
+  assert used == n_prefix + sum(int(r.sum()) - n_prefix for r in rows["segment_ids"][0][:3])
+  assert used < int(rows["segment_ids"][0].sum())
+  assert stats["truncated_answers"] == 0 and shared["valid"][0].tolist() == [1, 1, 1, 0]
+
+
+def test_shared_prompt_row_too_short_cuts_the_prompt_then_refuses(tokenizer):
+  """A row_len the comparison does not fit: the shared prompt loses its oldest tokens after
+  the first (counted once per answer); one its answers alone do not fit is an error naming
+  the comparison and data.row_len."""
+  full, _ = encode_shared(tokenizer, [SHARED], row_len=96)
+  used = int((full["segment_ids"][0] > 0).sum())
+  n_prefix = int((full["segment_ids"][0] == 1).sum())
+  cut, stats = encode_shared(tokenizer, [SHARED], row_len=used - 3)
+  seg = cut["segment_ids"][0]
+  assert int((seg == 1).sum()) == n_prefix - 3 and stats["truncated_answers"] == 3
+  assert cut["tokens"][0, 0] == full["tokens"][0, 0]  # the first token stays
+  np.testing.assert_array_equal(cut["tokens"][0][seg == 1][1:],
+                                full["tokens"][0][full["segment_ids"][0] == 1][4:])
+  for i in range(3):  # each answer's own tokens whole, its score still at its end
+    np.testing.assert_array_equal(cut["tokens"][0][seg == 2 + i],
+                                  full["tokens"][0][full["segment_ids"][0] == 2 + i])
+    assert cut["tokens"][0, cut["score_at"][0, i]] == tokenizer.end_id
+  with pytest.raises(ValueError, match=r"comparison 's'.*data\.row_len=8 .*raise data\.row_len"):
+    encode_shared(tokenizer, [SHARED], row_len=8)
+
+
+def test_unknown_layout_and_missing_row_len_are_refused(tokenizer):
+  with pytest.raises(ValueError, match=r"unknown data\.layout 'shared'"):
+    rm_inputs.Encoder(tokenizer, seq_len=48, max_answers=4, layout="shared")
+  with pytest.raises(ValueError, match=r"needs data\.row_len >= 2 \(got 0\)"):
+    rm_inputs.Encoder(tokenizer, seq_len=48, max_answers=4, layout="shared_prompt")
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_shared_prompt_batch_gives_the_answers_layouts_loss_and_gradients(tokenizer, local):
+  """The RM's loss and every gradient from a batch of comparisons in the shared_prompt layout
+  equal the answers layout's (a tiny random ScalarModel; relative 1e-5: the same sums in
+  another order). `local`: with sliding-window layers too (window 128 over rows of 96)."""
+  import dataclasses
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.models.heads import ScalarModel
+  from rlhf_jax.models.sizes import model_config
+  from rlhf_jax.train import reward as rm_trainer
+  config = model_config("tiny", vocab_size=tokenizer.vocab_size)
+  if local:
+    config = dataclasses.replace(config, local_layers=(0,), sliding_window=128,
+                                 rope_local_theta=10000.0)
+  model = ScalarModel(config)
+  records = [SHARED, {"id": "t", "prompt": "what should I cook tonight", "lang": "en",
+                      "responses": ["pasta", "a soup with beans", "nothing", "eggs"],
+                      "ranking": [1, 0, 3, 2]}]
+  rows, _ = encode(tokenizer, records, seq_len=64)
+  shared, _ = encode_shared(tokenizer, records, row_len=96)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), *(jnp.asarray(rows[k][:, 0]) for k in
+                                                            ("tokens", "positions",
+                                                             "segment_ids")))["params"])
+  out = {}
+  for name, batch in (("answers", rows), ("shared", shared)):
+    fn = lambda p, b=batch: rm_trainer.rm_loss(p, b, model=model, kind="ranking",  # noqa: E731
+                                               reduction="prompt")
+    (loss, (count, scores)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+    out[name] = (float(loss), float(count), np.asarray(scores), grads)
+  assert out["shared"][1] == out["answers"][1] == 2.0
+  np.testing.assert_allclose(out["shared"][0], out["answers"][0], rtol=1e-5)
+  valid = rows["valid"] > 0
+  scale = np.max(np.abs(out["answers"][2][valid]))
+  np.testing.assert_allclose(out["shared"][2][valid], out["answers"][2][valid], rtol=1e-5,
+                             atol=1e-5 * scale)
+  # Relative to the largest gradient: the head's bias has none (a ranking loss only reads
+  # differences of scores), so its leaf is rounding noise in both.
+  leaves = [(np.asarray(a), np.asarray(b)) for a, b in
+            zip(jax.tree.leaves(out["shared"][3]), jax.tree.leaves(out["answers"][3]))]
+  largest = max(np.max(np.abs(b)) for _, b in leaves)
+  for a, b in leaves:
+    assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(b)), 0.1 * largest)

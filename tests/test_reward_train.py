@@ -83,6 +83,25 @@ def test_held_out_accuracy_rises_well_above_chance(planted_run):
   assert evals[-1]["eval/rm/gold_accuracy"] > evals[0]["eval/rm/gold_accuracy"] + 0.05
 
 
+def test_shared_prompt_layout_learns_the_planted_preference_too(planted_run, tmp_path):
+  """The run in the shared_prompt layout (each comparison's prompt once, its answers after it:
+  the batch keys, the mesh, the held-out evaluation and the normalisation all read it) learns
+  as the answers layout does. Its rows hold whole comparisons (up to 4 x 64 positions here),
+  so the model's max_len is raised for them; the equal loss and gradients of the two layouts
+  on one batch are test_reward_inputs.py's."""
+  base = planted_run["config"]
+  config = planted_config(base.data.data_dir, planted_run["tokenizer"], base.init_from,
+                          **{"data.layout": "shared_prompt", "data.row_len": 256,
+                             "model.max_len": 256})
+  metrics = launch.run(config, str(tmp_path / "rm"))
+  assert metrics["eval/rm/gold_accuracy"] > 0.8, metrics
+  tokens = {name: np.mean([r["train/tokens"] for r in read_metrics(d) if "train/tokens" in r])
+            for name, d in (("shared", str(tmp_path / "rm")), ("rows", planted_run["workdir"]))}
+  # 715 against 1,215 real positions a step when written: the answers layout's rows also
+  # lose 44 prompts' oldest tokens to their 64 positions, the shared rows none.
+  assert tokens["shared"] < 0.7 * tokens["rows"]
+
+
 def test_metrics_are_logged_per_language(planted_run):
   logged = read_metrics(planted_run["workdir"])
   keys = set().union(*logged)

@@ -82,6 +82,10 @@ def comparison_data_section(name: str, batch_size: int, seq_len: int,
       seq_len=seq_len,  # prompt + answer; prompts cut on the left
       max_answers=max_answers,  # K: batches are [B, K, T]; a record with more is an error
       epochs=1,  # used when train.steps = 0
+      # 'answers': a row of seq_len per answer. 'shared_prompt': a row of row_len per
+      # comparison, its prompt once and the K answers after it (data/rm_batches.py): the same
+      # scores from fewer positions. Comparisons and independent pairs both; thumbs too.
+      layout="answers", row_len=0,
   ))
 
 

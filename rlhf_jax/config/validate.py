@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = DTYPES + ("auto",)
 PPO_LANGS = ("both", "en", "zh")
 RM_LOSSES = ("", "kwise", "grades", "pairwise", "binary")
+RM_LAYOUTS = ("answers", "shared_prompt")  # data/rm_batches.py's LAYOUTS
 NORMALIZE_SOURCES = ("auto", "policy", "responses")
 KL_ESTIMATORS = ("k1", "k3")
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
@@ -194,11 +195,27 @@ def check_lm(c: Checks, max_len) -> None:
   c.number("data.loss_capacity", 0, 1)  # a share of data.seq_len; 0 = off
 
 
+def check_shared_rows(c: Checks, max_len) -> None:
+  """data.row_len of the shared_prompt layout: within the model's positions, and within a
+  sliding window where the model has one (its mask counts slots, and the answers between a
+  prompt and a later answer would count)."""
+  row_len = c.number("data.row_len", 2, integer=True)
+  if row_len and max_len and row_len > max_len:
+    c.problem("data.row_len", f"must be <= {c.model}.max_len={max_len}", row_len)
+  window, local = c.get("model.sliding_window"), c.get("model.local_layers")
+  if (row_len and isinstance(window, int) and 0 < window < row_len
+      and local is not _MISSING and local):
+    c.problem("data.row_len", f"must be <= {c.model}.sliding_window={window} with "
+              f"{c.name('data.layout')}='shared_prompt'", row_len)
+
+
 def check_reward(c: Checks, max_len) -> None:
   check_batch(c)
   check_seq_len(c, max_len)
   c.number("data.max_answers", 2, integer=True)
   c.number("data.epochs", 1, integer=True)
+  if c.choice("data.layout", RM_LAYOUTS) == "shared_prompt":
+    check_shared_rows(c, max_len)
   c.choice("loss.name", RM_LOSSES)
   c.number("loss.margin", 0)
   c.number("eval.every", 0, integer=True)

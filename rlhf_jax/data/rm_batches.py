@@ -3,12 +3,25 @@
 A batch element is one prompt with up to K = data.max_answers answers (fewer are padded and
 masked), each rendered as prompt + answer in the chat template and right-padded to seq_len:
 
-  tokens, positions, segment_ids  [B, K, T] int32   one row per answer
+  tokens, positions, segment_ids  [B, K, T] int32   one row per answer ("answers" layout)
   valid                           [B, K]    float   1 = a real answer
   prefer                          [B, K, K] float   1 where answer i was preferred to answer j
   margin                          [B, K, K] float   loss.margin times the pair's grade gap
   label, labeled                  [B, K]    float   thumbs (1 like / 0 dislike) for binary data
   lang                            [B]       int32   index in LANGS, -1 for other languages
+
+The "shared_prompt" layout writes each comparison as one row of data.row_len positions: the
+tokens its K rendered answers share (the prompt, in the chat template) once, then each answer's
+own tokens, which see the shared ones through `prefix_ids` (models/transformer.py's mask) and
+not each other. The scores are the answers layout's (the same token rows, the same attention),
+from fewer positions: a 48-token prompt with four 24-token answers is 144 positions, not 4 x 72.
+Here row_len is the budget, not seq_len: a comparison that does not fit loses its prompt's
+oldest tokens after the first, once for all its answers (counted as truncated answers), and
+one whose answers alone do not fit is an error naming it.
+
+  tokens, positions, segment_ids, prefix_ids  [B, R] int32   segment 1 the shared tokens,
+                                                             2 + i answer i; prefix 1 there
+  score_at                                    [B, K] int32   each answer's last slot
 
 Where pairs come from: a ranking gives all K(K-1)/2 pairs; grades (0 good, 1 average, 2 poor)
 a pair for every two answers of different grade. `unit="pair"` makes every (better, worse)
@@ -41,8 +54,13 @@ from rlhf_jax.data.pipeline import decode_record, load_source
 log = logging.getLogger(__name__)
 
 UNITS = ("comparison", "pair")
+LAYOUTS = ("answers", "shared_prompt")
+# What the model reads of a batch, per layout (rm_scores.comparison_scores).
+MODEL_KEYS = {"answers": ("tokens", "positions", "segment_ids"),
+              "shared_prompt": ("tokens", "positions", "segment_ids", "prefix_ids", "score_at")}
 STAT_KEYS = ("elements", "skipped_no_pairs", "identical_pairs", "truncated_answers")
 _WARN_SKIPS = 3  # skipped records named in the log, per process; the rest are only counted
+_WHOLE = 1 << 30  # no cut: the shared_prompt layout cuts the shared prompt itself
 
 
 class TooManyAnswersError(ValueError):
@@ -74,16 +92,31 @@ def preference_of(record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 class Encoder:
   """Turns records into numpy batch elements (see the module doc); picklable."""
 
-  def __init__(self, tokenizer, *, seq_len: int, max_answers: int, margin: float = 0.0):
+  def __init__(self, tokenizer, *, seq_len: int, max_answers: int, margin: float = 0.0,
+               layout: str = "answers", row_len: int = 0):
+    if layout not in LAYOUTS:
+      raise ValueError(f"unknown data.layout {layout!r}; choose from {list(LAYOUTS)}")
+    if layout == "shared_prompt" and row_len < 2:
+      raise ValueError(f"data.layout='shared_prompt' needs data.row_len >= 2 (got {row_len})")
     self.tokenizer, self.seq_len, self.max_answers = tokenizer, seq_len, max_answers
     self.margin = float(margin)
+    self.layout, self.row_len = layout, row_len
     self._named_skips = 0
 
   def empty(self, n: int) -> dict[str, np.ndarray]:
     k, t = self.max_answers, self.seq_len
-    return {"tokens": np.full((n, k, t), self.tokenizer.pad_id, np.int32),
-            "positions": np.zeros((n, k, t), np.int32),
-            "segment_ids": np.zeros((n, k, t), np.int32),
+    if self.layout == "shared_prompt":
+      r = self.row_len
+      rows = {"tokens": np.full((n, r), self.tokenizer.pad_id, np.int32),
+              "positions": np.zeros((n, r), np.int32),
+              "segment_ids": np.zeros((n, r), np.int32),
+              "prefix_ids": np.zeros((n, r), np.int32),
+              "score_at": np.zeros((n, k), np.int32)}
+    else:
+      rows = {"tokens": np.full((n, k, t), self.tokenizer.pad_id, np.int32),
+              "positions": np.zeros((n, k, t), np.int32),
+              "segment_ids": np.zeros((n, k, t), np.int32)}
+    return {**rows,
             "valid": np.zeros((n, k), np.float32),
             "prefer": np.zeros((n, k, k), np.float32),
             "margin": np.zeros((n, k, k), np.float32),
@@ -126,12 +159,19 @@ class Encoder:
           log.warning("comparison %r gives no pair (all tied or identical answers): skipped "
                       "and counted in data/skipped_no_pairs", record.get("id"))
         return
-    for i, response in enumerate(responses):
-      ids, truncated = encode_answer(self.tokenizer, record["prompt"], response, self.seq_len)
-      stats[STAT_KEYS.index("truncated_answers")] += int(truncated)
-      out["tokens"][row, i, :len(ids)] = ids
-      out["positions"][row, i, :len(ids)] = np.arange(len(ids))
-      out["segment_ids"][row, i, :len(ids)] = 1
+    if self.layout == "shared_prompt":  # whole rows; the prompt is cut once, to fit row_len
+      rendered = [encode_answer(self.tokenizer, record["prompt"], r, _WHOLE)[0]
+                  for r in responses]
+      cut = self._write_shared(out, row, rendered, record.get("id"))
+      stats[STAT_KEYS.index("truncated_answers")] += cut
+    else:
+      rendered = [encode_answer(self.tokenizer, record["prompt"], r, self.seq_len)
+                  for r in responses]
+      stats[STAT_KEYS.index("truncated_answers")] += sum(int(cut) for _, cut in rendered)
+      for i, (ids, _) in enumerate(rendered):
+        out["tokens"][row, i, :len(ids)] = ids
+        out["positions"][row, i, :len(ids)] = np.arange(len(ids))
+        out["segment_ids"][row, i, :len(ids)] = 1
     out["valid"][row, :k] = 1.0
     out["prefer"][row, :k, :k] = prefer
     out["margin"][row, :k, :k] = self.margin * gap
@@ -141,6 +181,37 @@ class Encoder:
     lang = record.get("lang", "")
     out["lang"][row] = LANGS.index(lang) if lang in LANGS else -1
 
+  def _write_shared(self, out, row: int, rows: list[np.ndarray], record_id) -> int:
+    """Writes the rendered answers `rows` as one shared_prompt row; returns how many answers'
+    prompts lost tokens to fit row_len (the oldest after the first, as `encode_answer` cuts)."""
+    shared = _common_prefix_len(rows)
+    suffixes = [ids[shared:] for ids in rows]
+    prefix = rows[0][:shared]
+    over = shared + sum(len(x) for x in suffixes) - self.row_len
+    cut = 0
+    if over > 0:
+      if shared - 1 < over:
+        raise ValueError(
+            f"comparison {record_id!r}: its {len(rows)} answers alone need "
+            f"{sum(len(x) for x in suffixes) + 1} positions with the first prompt token, more "
+            f"than data.row_len={self.row_len} of the shared_prompt layout; raise data.row_len")
+      prefix = np.concatenate([prefix[:1], prefix[1 + over:]])
+      cut = len(rows)
+    n = len(prefix)
+    out["tokens"][row, :n] = prefix
+    out["positions"][row, :n] = np.arange(n)
+    out["segment_ids"][row, :n] = 1
+    slot = n
+    for i, suffix in enumerate(suffixes):
+      end = slot + len(suffix)
+      out["tokens"][row, slot:end] = suffix
+      out["positions"][row, slot:end] = np.arange(n, n + len(suffix))
+      out["segment_ids"][row, slot:end] = 2 + i
+      out["prefix_ids"][row, slot:end] = 1
+      out["score_at"][row, i] = end - 1
+      slot = end
+    return cut
+
   def encode_batch(self, records, pairs, n_rows: int) -> dict[str, np.ndarray]:
     """A batch of n_rows elements (records beyond len(records) are empty), with `stats`."""
     out = self.empty(n_rows)
@@ -149,6 +220,24 @@ class Encoder:
       self.encode_into(out, row, record, pair, stats)
     out["stats"] = stats
     return out
+
+
+def encoder_for(data, tokenizer, *, max_answers: int | None = None,
+                margin: float = 0.0) -> Encoder:
+  """The Encoder of an RM config's `data` section (its layout and row_len where it has them)."""
+  return Encoder(tokenizer, seq_len=data.seq_len,
+                 max_answers=data.max_answers if max_answers is None else max_answers,
+                 margin=margin, layout=data.get("layout", "answers"),
+                 row_len=data.get("row_len", 0))
+
+
+def _common_prefix_len(rows: list[np.ndarray]) -> int:
+  """Tokens every row starts with, short of each row's last token (where its score is read)."""
+  limit = min(len(ids) for ids in rows) - 1
+  n = 0
+  while n < limit and all(ids[n] == rows[0][n] for ids in rows):
+    n += 1
+  return n
 
 
 def element_table(source, unit: str) -> np.ndarray:

@@ -83,7 +83,7 @@ class RewardModelHeldOut:
     self.records = rm_batches.read_records(data.name, config.eval.split, data.data_dir or None,
                                            config.eval.max_comparisons)
     batch_size = config.eval.batch_size or data.batch_size
-    encoder = rm_batches.Encoder(tokenizer, seq_len=data.seq_len, max_answers=data.max_answers)
+    encoder = rm_batches.encoder_for(data, tokenizer)
     n = len(self.records)
     self.arrays = encoder.encode_batch(self.records, [None] * n, padded_size(n, batch_size))
     self.stats = self.arrays.pop("stats")
@@ -91,7 +91,7 @@ class RewardModelHeldOut:
     self.gold = (evaluate_rm.gold_scores(self.records, data.max_answers, config.eval.scorer)
                  if config.eval.scorer else None)
     self.scores = BatchedApply(lambda params, batch: comparison_scores(params, batch, model),
-                               self.arrays, ("tokens", "positions", "segment_ids"), n=n,
+                               self.arrays, rm_batches.MODEL_KEYS[encoder.layout], n=n,
                                batch_size=batch_size, mesh=mesh, rules=rules,
                                param_shardings=param_shardings)
     log.info("held-out: %d comparisons of %s[%s]", n, data.name, config.eval.split)

@@ -103,7 +103,13 @@ def load_reward_model(workdir: str, *, require_normalization: bool = True, step=
 
 
 def comparison_scores(params, batch, model: ScalarModel):
-  """Raw scores [B, K]: the B*K answers of a batch in one forward pass, one row each."""
+  """Raw scores [B, K]: the B*K answers of a batch in one forward pass, one row each; or, in
+  the shared_prompt layout (a `score_at` [B, K] in the batch), one row per comparison, its
+  prompt once and each answer after it seeing the prompt (data/rm_batches.py)."""
+  if "score_at" in batch:
+    values = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                         batch["segment_ids"], prefix_ids=batch["prefix_ids"])  # [B, T]
+    return jnp.take_along_axis(values, batch["score_at"], axis=1)  # [B, K]
   b, k, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * k, t)  # noqa: E731
   values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),

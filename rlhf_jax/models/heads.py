@@ -37,9 +37,11 @@ class ScalarModel(nn.Module):
     self.trunk = Transformer(self.config)
     self.head = ScalarHead()
 
-  def __call__(self, tokens, positions, segment_ids, columns=None):
-    """columns: None, or a static (start, stop): values there only, [B, stop - start]."""
-    hidden, _ = self.trunk.hidden_states(tokens, positions, segment_ids, columns=columns)
+  def __call__(self, tokens, positions, segment_ids, columns=None, prefix_ids=None):
+    """columns: None, or a static (start, stop): values there only, [B, stop - start].
+    prefix_ids: as `Transformer.hidden_states`'s (answers that share their prompt)."""
+    hidden, _ = self.trunk.hidden_states(tokens, positions, segment_ids, columns=columns,
+                                         prefix_ids=prefix_ids)
     return self.head(hidden)
 
 

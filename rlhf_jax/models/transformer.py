@@ -9,7 +9,8 @@ one CPU or a TPU pod: the mesh and the axis rules in the config decide where eac
 
 The model is a pure function of its params. One attention mask rule covers training, packing,
 left-padded prompts and KV-cache decoding: a query at cache slot `q` of segment `sq` may look at
-a key at slot `k` of segment `sk` iff `sk == sq`, `sk != 0` (0 marks padding) and `k <= q`.
+a key at slot `k` of segment `sk` iff `sk == sq`, `sk != 0` (0 marks padding) and `k <= q`;
+with `prefix_ids`, also iff `sk` is the query's prefix segment (answers sharing one prompt).
 
 Calls:
   logits, cache = model.apply(params, tokens, positions, segment_ids, cache=None)
@@ -100,16 +101,23 @@ def _flat_tokens(x: Array, feature_dims: int = 1) -> Array:
   return x.reshape(-1, *x.shape[x.ndim - feature_dims:])
 
 
-def attention_mask(q_segment, q_slot, k_segment, window: int = 0):
+def attention_mask(q_segment, q_slot, k_segment, window: int = 0, q_prefix=None):
   """[B, T, S] bool. q_segment [B, T], q_slot [B, T] or [T], k_segment [B, S].
 
   window > 0: a sliding window besides, keys at slots q - window < k <= q only. Slots and
   positions advance together inside a segment (left padding, packing, the cache), so this is
   the window in positions that the model was trained with.
+
+  q_prefix [B, T] (or None): a query also sees the earlier keys of segment q_prefix (0: none).
+  Answers that share a prompt see it this way, the prompt written once before them
+  (data/rm_batches.py's shared_prompt layout); a window then counts slots across the answers
+  between, so that layout keeps rows within the window (config/validate.py).
   """
   k_slot = jnp.arange(k_segment.shape[1])
   q_slot = jnp.broadcast_to(q_slot, q_segment.shape)
   same = q_segment[:, :, None] == k_segment[:, None, :]
+  if q_prefix is not None:
+    same = same | (q_prefix[:, :, None] == k_segment[:, None, :])
   causal = k_slot[None, None, :] <= q_slot[:, :, None]
   mask = same & causal & (k_segment[:, None, :] != 0)
   if window:
@@ -334,12 +342,14 @@ class Transformer(nn.Module):
                             out_dtype=jnp.float32, name="lm_head")
 
   def hidden_states(self, tokens, positions, segment_ids, cache: Optional[Cache] = None,
-                    columns: Optional[tuple[int, int]] = None):
+                    columns: Optional[tuple[int, int]] = None, prefix_ids=None):
     """Final-normed hidden states [B, T, D] and the updated cache (None without one).
 
     tokens, positions, segment_ids: [B, T] int. segment_ids: 0 = padding, equal ids attend to
     each other (packing). With a cache, the T new tokens are written at slots
     [cache['index'], cache['index'] + T) and attend to every earlier filled slot.
+    prefix_ids: [B, T] int or None (no cache): a token also attends to the earlier tokens of
+    segment prefix_ids (0: none), e.g. the K answers of a comparison to their one prompt.
 
     columns: a static (start, stop) when only those columns' outputs are read (a policy's
     answer positions, a prompt's last token): the result is then [B, stop - start, D], and the
@@ -365,9 +375,12 @@ class Transformer(nn.Module):
           cache["segment"], segment_ids.astype(cache["segment"].dtype), index, axis=1)
       q_slot = index + jnp.arange(t)
       kv = (cache["k"], cache["v"])
-    mask = attention_mask(segment_ids, q_slot, k_segment)
+    if prefix_ids is not None and cache is not None:
+      raise ValueError("prefix_ids is for a whole row at once, not for decoding with a cache")
+    mask = attention_mask(segment_ids, q_slot, k_segment, q_prefix=prefix_ids)
     if cfg.local_layers:  # both masks; each layer takes its own (the cache keeps every slot)
-      mask = (mask, attention_mask(segment_ids, q_slot, k_segment, cfg.sliding_window))
+      mask = (mask, attention_mask(segment_ids, q_slot, k_segment, cfg.sliding_window,
+                                   q_prefix=prefix_ids))
 
     sliced = False
     if cfg.scan_layers:

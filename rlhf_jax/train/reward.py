@@ -57,7 +57,7 @@ LOSSES = {
     "binary": ("binary", None, "comparison"),
 }
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "valid", "prefer", "margin", "label",
-              "labeled", "lang")
+              "labeled", "lang", "prefix_ids", "score_at")  # the last two: shared_prompt only
 
 
 def resolve_loss(name: str, data_name: str) -> str:
@@ -370,8 +370,8 @@ def make_comparison_batches(config, tokenizer, unit: str, loss_name: str):
            unit, data.name, data.split, total_steps, data.batch_size)
   # Independent pairs are elements of two answers: no padded slots to pay for.
   max_answers = 2 if unit == "pair" else data.max_answers
-  encoder = rm_inputs.Encoder(tokenizer, seq_len=data.seq_len, max_answers=max_answers,
-                              margin=config.loss.margin)
+  encoder = rm_inputs.encoder_for(data, tokenizer, max_answers=max_answers,
+                                 margin=config.loss.margin)
   batches = rm_inputs.ComparisonBatches(
       source, table, encoder, batch_size=data.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -400,7 +400,8 @@ def held_out_evaluations(config, tokenizer, model, mesh, rules, param_shardings)
 
 def make_batch(local, *, mesh, rules):
   """The local rows of a batch -> global arrays split over the mesh's batch axes."""
-  return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS}, mesh, rules)
+  return sharding.make_global_batch({k: local[k] for k in BATCH_KEYS if k in local}, mesh,
+                                    rules)
 
 
 def summarize(host, steps, seconds, *, data):
