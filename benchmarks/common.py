@@ -15,6 +15,33 @@ import statistics
 import time
 
 
+def lm_config(size: str, batch: int, seq_len: int, vocab: int, dtype: str, model: str = "",
+              lora_rank: int = 0):
+  """A next-token trainer's own config for `size` (or a pretrained preset's shape, `model`),
+  so a benchmarked step has the real optimizer and defaults; LoRA as the pipeline sets it."""
+  from rlhf_jax.config import sections
+  from rlhf_jax.config import util as config_util
+  arg = config_util.parse_arg("", size=size, steps=1000, batch=batch, seq_len=seq_len, data="")
+  config = config_util.base_lm_config(arg)
+  if model:
+    config.model = sections.pretrained_model_section(model)[0]
+  config.model.vocab_size = vocab
+  config.model.dtype = dtype
+  config.lora = sections.lora_section(lora_rank)
+  config.lora.alpha = 2.0 * max(lora_rank, 1)
+  config.data.batch_size = batch
+  config.data.seq_len = seq_len
+  return config
+
+
+def model_vocab(model: str, vocab: int) -> int:
+  """A pretrained preset's vocabulary size, or `vocab` without one."""
+  if not model:
+    return vocab
+  from rlhf_jax.config import sections
+  return sections.pretrained_model_section(model)[0].vocab_size
+
+
 def matmul_flops(n: int) -> float:
   """FLOPs of one [n, n] @ [n, n]: n^3 multiply-adds, 2 FLOPs each."""
   return 2.0 * n ** 3

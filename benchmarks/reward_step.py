@@ -6,6 +6,11 @@ AdamW, the trainer's optimizer defaults), each on full-length rows:
          from those K scores (K = 4: 6 pairs for 4 passes);
   pairs  B pairs as K = 2 elements: workload W3 of DESIGN.md (16 pairs x 128 tokens), the
          layout TRL's RewardTrainer uses (20.4 pairs/s plain torch, 19.6 TRL, same CPU).
+  shared B prompts x K answers in data.layout='shared_prompt': one row per prompt, its first
+         --prompt_len tokens once and then K answers of seq_len - prompt_len tokens each, so the
+         same K rows of seq_len as kwise (and pairs, K = 2) from fewer positions.
+`--model smollm2_135m --lora_rank 16` times a pretrained preset's shape (random weights) with
+the pipeline's LoRA.
 Model FLOPs per step are 3x the forward matmul FLOPs of every answer row with no vocabulary
 projection (the RM has none); MFU divides their rate by the f32 (or bf16) matmul rate measured
 here, so it means the same on a loaded machine.
@@ -34,9 +39,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax.config import util as config_util  # noqa: E402
 from rlhf_jax.core import optim, sharding
-from rlhf_jax.models import ScalarModel, model_config  # noqa: E402
+from rlhf_jax.models import ScalarModel  # noqa: E402
 from rlhf_jax.train import reward as rm  # noqa: E402
 from rlhf_jax.train.state import init_params_fn, create_train_state, param_count  # noqa: E402
 
@@ -52,6 +56,11 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=8, help="timed steps per case (after compile)")
   p.add_argument("--matmul_n", type=int, default=2048)
   p.add_argument("--matmul_repeats", type=int, default=10)
+  p.add_argument("--model", default="",
+                 help="a pretrained preset's shape (rlhf_jax/models/pretrained.py), random weights")
+  p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0: every parameter)")
+  p.add_argument("--prompt_len", type=int, default=64,
+                 help="the shared layout's prompt tokens of each seq_len row")
   p.add_argument("--peer_json", default="",
                  help="benchmarks/peers/torch_steps.py's JSON: the plain torch loop's W3 step, "
                       "for torch's step time / ours on the float32 pairs:16x2 row (--size w1)")
@@ -59,13 +68,32 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def random_batch(b: int, k: int, t: int, vocab: int, seed: int) -> dict:
-  """Full-length rows; answer i of an element preferred to every later one (a full ranking)."""
+def shared_rows(b: int, k: int, t: int, prompt_len: int, vocab: int, rng) -> dict:
+  """The shared_prompt layout of K full-length rows of t tokens whose first prompt_len are one
+  prompt: [B, prompt_len + K (t - prompt_len)] (data/rm_batches.py)."""
+  answer = t - prompt_len
+  row = prompt_len + k * answer
+  segment = np.concatenate([np.ones(prompt_len, np.int32)] +
+                           [np.full(answer, 2 + i, np.int32) for i in range(k)])
+  positions = np.concatenate([np.arange(prompt_len)] + [np.arange(prompt_len, t)] * k)
+  return {"tokens": rng.integers(1, vocab, (b, row)).astype(np.int32),
+          "positions": np.broadcast_to(positions.astype(np.int32), (b, row)).copy(),
+          "segment_ids": np.broadcast_to(segment, (b, row)).copy(),
+          "prefix_ids": np.broadcast_to((segment > 1).astype(np.int32), (b, row)).copy(),
+          "score_at": np.broadcast_to(prompt_len + answer * np.arange(1, k + 1) - 1,
+                                      (b, k)).astype(np.int32).copy()}
+
+
+def random_batch(b: int, k: int, t: int, vocab: int, seed: int, prompt_len: int = 0) -> dict:
+  """Full-length rows; answer i of an element preferred to every later one (a full ranking).
+  prompt_len > 0: the shared_prompt layout of the same rows."""
   rng = np.random.default_rng(seed)
   prefer = np.triu(np.ones((k, k), np.float32), 1)
-  return {"tokens": rng.integers(1, vocab, (b, k, t)).astype(np.int32),
-          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, k, t)).copy(),
-          "segment_ids": np.ones((b, k, t), np.int32),
+  rows = (shared_rows(b, k, t, prompt_len, vocab, rng) if prompt_len else
+          {"tokens": rng.integers(1, vocab, (b, k, t)).astype(np.int32),
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, k, t)).copy(),
+           "segment_ids": np.ones((b, k, t), np.int32)})
+  return {**rows,
           "valid": np.ones((b, k), np.float32),
           "prefer": np.broadcast_to(prefer, (b, k, k)).copy(),
           "margin": np.zeros((b, k, k), np.float32),
@@ -74,26 +102,25 @@ def random_batch(b: int, k: int, t: int, vocab: int, seed: int) -> dict:
 
 
 def measure_step(size: str, dtype: str, layout: str, b: int, k: int, seq_len: int, vocab: int,
-                 steps: int) -> dict:
-  arg = config_util.parse_arg("", size=size, steps=1000, batch=b, seq_len=seq_len, data="")
-  config = config_util.base_lm_config(arg)
-  config.model.vocab_size = vocab
-  config.model.dtype = dtype
+                 steps: int, model: str = "", lora_rank: int = 0, prompt_len: int = 0) -> dict:
+  config = common.lm_config(size, b, seq_len, vocab, dtype, model, lora_rank)
   config.optim.weight_decay = 0.0
   cfg = rm.build_model_config(config, vocab)
-  model = ScalarModel(cfg)
+  scalar_model = ScalarModel(cfg)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   rules = sharding.axis_rules(None)
   schedule = optim.make_schedule(config.optim, 1000)
   tx = optim.make_optimizer(config.optim, 1000)
-  state, shardings = create_train_state(init_params_fn(model, seq_len), tx, mesh, rules, 0)
-  batches = [sharding.make_global_batch(random_batch(b, k, seq_len, vocab, s), mesh, rules)
-             for s in range(2)]
+  state, shardings = create_train_state(init_params_fn(scalar_model, seq_len), tx, mesh, rules, 0,
+                                        split_lora=bool(lora_rank))
+  shared = prompt_len if layout == "shared" else 0
+  batches = [sharding.make_global_batch(random_batch(b, k, seq_len, vocab, s, shared), mesh,
+                                        rules) for s in range(2)]
   batch_shardings = {key: sharding.batch_sharding(mesh, rules, v.ndim)
                      for key, v in batches[0].items()}
-  reduction = "prompt" if layout == "kwise" else "pair"
+  reduction = "pair" if layout == "pairs" else "prompt"
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = rm.make_jitted_step(model, tx, schedule, "ranking", reduction, 1, shardings,
+    step = rm.make_jitted_step(scalar_model, tx, schedule, "ranking", reduction, 1, shardings,
                                batch_shardings)
     start = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -108,10 +135,15 @@ def measure_step(size: str, dtype: str, layout: str, b: int, k: int, seq_len: in
 
     seconds, times = common.median_seconds(one_step, steps)
   rows = b * k
-  flops = 3.0 * cfg.flops_per_token(seq_len, with_logits=False) * rows * seq_len
+  # The K rows' model FLOPs (3x forward; 2x with LoRA: no weight gradient of the base), in
+  # either layout: the shared one does the same work from fewer positions.
+  passes = 2.0 if lora_rank else 3.0
+  flops = passes * cfg.flops_per_token(seq_len, with_logits=False) * rows * seq_len
   pairs = b * math.comb(k, 2)
-  return {"layout": layout, "size": size, "dtype": dtype, "elements": b, "k": k,
-          "seq_len": seq_len, "params": param_count(state.params), "compile_s": compile_s,
+  return {"layout": layout, "size": model or size, "dtype": dtype, "elements": b, "k": k,
+          "seq_len": seq_len, "prompt_len": shared, "lora_rank": lora_rank,
+          "positions": int(batches[0]["segment_ids"].size),
+          "params": param_count(state.params), "compile_s": compile_s,
           "step_s": seconds, "step_s_min": min(times), "step_s_max": max(times),
           "comparisons_per_s": b / seconds, "pairs_per_s": pairs / seconds,
           "answers_per_s": rows / seconds, "tokens_per_s": rows * seq_len / seconds,
@@ -120,12 +152,13 @@ def measure_step(size: str, dtype: str, layout: str, b: int, k: int, seq_len: in
 
 
 def markdown_table(result: dict) -> str:
-  rows = ["| layout | dtype | elements x K x T | step (s) | comparisons/s | pairs/s | "
+  rows = ["| layout | dtype | elements x K x T | positions | step (s) | comparisons/s | pairs/s | "
           "model GFLOP/s | peak GFLOP/s | MFU | torch / ours |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["results"]:
     ratio = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else ""
     rows.append(f"| {r['layout']} | {r['dtype']} | {r['elements']} x {r['k']} x {r['seq_len']} | "
+                f"{r.get('positions', '')} | "
                 f"{r['step_s']:.3f} | {r['comparisons_per_s']:.1f} | {r['pairs_per_s']:.1f} | "
                 f"{r['model_flops_per_s'] / 1e9:.1f} | {r['peak_flops_per_s'] / 1e9:.1f} | "
                 f"{100 * r['mfu']:.1f}% | {ratio} |")
@@ -135,6 +168,7 @@ def markdown_table(result: dict) -> str:
 def main(argv=None):
   args = parse_args(argv)
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  args.vocab = common.model_vocab(args.model, args.vocab)
   layouts = []
   for item in filter(None, args.layouts.split(",")):
     name, shape = item.split(":")
@@ -151,18 +185,20 @@ def main(argv=None):
   runs = []
   for name, b, k in layouts:
     for dtype in dtypes:
-      r = measure_step(args.size, dtype, name, b, k, args.seq_len, args.vocab, args.steps)
+      r = measure_step(args.size, dtype, name, b, k, args.seq_len, args.vocab, args.steps,
+                       args.model, args.lora_rank, args.prompt_len)
       r["peak_flops_per_s"] = peaks[dtype]["flops_per_s"]
       r["mfu"] = r["model_flops_per_s"] / r["peak_flops_per_s"]
       runs.append(r)
-  cfg = model_config(args.size, vocab_size=args.vocab)
+  cfg = rm.build_model_config(common.lm_config(args.size, 1, args.seq_len, args.vocab, "float32",
+                                               args.model, args.lora_rank), args.vocab)
   result = {
       "benchmark": "reward_step",
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": {**common.machine_info(), "device": str(jax.devices()[0]),
                   "jax": jax.__version__, "loadavg_1m_before_after": [load_before,
                                                                       os.getloadavg()[0]]},
-      "model": {"size": args.size,
+      "model": {"size": args.model or args.size,
                 "flops_per_token_fwd_no_logits": cfg.flops_per_token(args.seq_len, False)},
       "matmul_peak": list(peaks.values()),
       "results": runs,
@@ -170,7 +206,9 @@ def main(argv=None):
   if peer:  # torch's W3 is 16 pairs, chosen and rejected rows in one batch: our pairs:16x2
     result["peer"] = peer
     for r in runs:
-      if (r["layout"], r["elements"], r["k"], r["dtype"]) == ("pairs", 16, 2, "float32"):
+      # shared:16x2 is the same 16 pairs with their prompt computed once
+      if (r["layout"] in ("pairs", "shared"), r["elements"], r["k"], r["dtype"]) == (
+          True, 16, 2, "float32"):
         r["speedup_vs_torch"] = peer["step_s"] / r["step_s"]
   common.emit(result, args.json_out)
   print()

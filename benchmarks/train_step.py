@@ -43,8 +43,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax.config import sections  # noqa: E402
-from rlhf_jax.config import util as config_util  # noqa: E402
 from rlhf_jax.core import optim, sharding
 from rlhf_jax.data.synthetic import SyntheticLMIterator  # noqa: E402
 from rlhf_jax.models import model_config  # noqa: E402
@@ -78,23 +76,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _lm_config(size: str, batch: int, seq_len: int, vocab: int, dtype: str, model: str = "",
-               lora_rank: int = 0):
-  """The trainer's own config for `size` (or a pretrained preset's shape), so the step has its
-  real optimizer and defaults."""
-  arg = config_util.parse_arg("", size=size, steps=1000, batch=batch, seq_len=seq_len, data="")
-  config = config_util.base_lm_config(arg)
-  if model:
-    config.model = sections.pretrained_model_section(model)[0]
-  config.model.vocab_size = vocab
-  config.model.dtype = dtype
-  config.lora = sections.lora_section(lora_rank)
-  config.lora.alpha = 2.0 * max(lora_rank, 1)
-  config.data.batch_size = batch
-  config.data.seq_len = seq_len
-  return config
-
-
 def loss_spans(batch: int, seq_len: int, share: float, seed: int = 2):
   """loss_mask [B, T]: one span per row of length uniform in [0.5, 1.5] x share x T, at a
   random offset (an assistant turn; 0 share: every position)."""
@@ -112,7 +93,7 @@ def loss_spans(batch: int, seq_len: int, share: float, seed: int = 2):
 def build_step(size: str, dtype: str, batch: int, seq_len: int, vocab: int, model: str = "",
                lora_rank: int = 0, loss_share: float = 0.0, loss_capacity: float = 0.0):
   """(compiled step, initial state, a batch, model config, compile seconds) on one device."""
-  config = _lm_config(size, batch, seq_len, vocab, dtype, model, lora_rank)
+  config = common.lm_config(size, batch, seq_len, vocab, dtype, model, lora_rank)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   rules = sharding.axis_rules(None)
   transformer = lm.build_model(config, vocab)
@@ -191,10 +172,9 @@ def markdown_table(result: dict) -> str:
 def main(argv=None):
   args = parse_args(argv)
   if args.model:
-    shape = sections.pretrained_model_section(args.model)[0]
-    args.vocab = shape.vocab_size
-    cfg = lm.build_model(_lm_config(args.size, args.batch, args.seq_len or 128, args.vocab,
-                                    "float32", args.model), args.vocab).config
+    args.vocab = common.model_vocab(args.model, args.vocab)
+    cfg = lm.build_model(common.lm_config(args.size, args.batch, args.seq_len or 128, args.vocab,
+                                          "float32", args.model), args.vocab).config
   else:
     cfg = model_config(args.size, vocab_size=args.vocab)
   seq_len = args.seq_len or min(cfg.max_len, 256)

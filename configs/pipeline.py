@@ -59,8 +59,10 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   ~50 s a step; on an accelerator raise them with
   --config.<stage>.<field>. Learning rates are a first guess. Since that run SFT's output
   projection runs on the gathered loss positions only (data.loss_capacity 0.5, configs/sft.py):
-  a LoRA SFT step at Gemma 3's shape is 1.5x faster in benchmarks/train_step.py, so the SFT
-  stage should take about two thirds of its 42 minutes (not yet timed in a whole run).
+  a LoRA SFT step at Gemma 3's shape is 1.3-1.5x faster in benchmarks/train_step.py, so the
+  SFT stage should take about two thirds of its 42 minutes; and the RM writes each comparison's
+  prompt once (rm.data.layout 'shared_prompt'), 16 x 176 positions a step instead of
+  16 x 4 x 80 (neither yet timed in a whole run).
 `lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA.
 """
 import os
@@ -180,6 +182,10 @@ def _use_model(config, arg) -> None:
   config.rm.data.epochs = 3
   config.rm.data.batch_size = 16
   config.rm.data.seq_len = 80  # prompt (<= 48) + answer (<= 24), padded
+  # Each comparison's prompt once, its 4 answers after it (data/rm_batches.py): rows of 176
+  # positions instead of 4 x 80; SmolLM2's comparisons need 96 at the median, 165 at most.
+  config.rm.data.layout = "shared_prompt"
+  config.rm.data.row_len = 176
   for name, value in dict(prompts_per_lang=96, heldout_per_lang=32, max_new_tokens=24,
                           max_prompt_tokens=48, batch_size=32).items():
     config.comparisons[name] = value
