@@ -50,7 +50,7 @@ def parse_args(argv=None):
   p.add_argument("--size", default="small", help="a size from rlhf_jax/models/sizes.py")
   p.add_argument("--vocab", type=int, default=8192)
   p.add_argument("--seq_len", type=int, default=128)
-  p.add_argument("--layouts", default="kwise:8x4,pairs:16x2",
+  p.add_argument("--layouts", default="kwise:8x4,pairs:16x2,shared:16x2",
                  help="name:BxK, comma-separated (B elements of K answers)")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--steps", type=int, default=8, help="timed steps per case (after compile)")
