@@ -215,7 +215,8 @@ def test_unknown_layout_and_missing_row_len_are_refused(tokenizer):
 def test_shared_prompt_batch_gives_the_answers_layouts_loss_and_gradients(tokenizer, local):
   """The RM's loss and every gradient from a batch of comparisons in the shared_prompt layout
   equal the answers layout's (a tiny random ScalarModel; relative 1e-5: the same sums in
-  another order). `local`: with sliding-window layers too (window 128 over rows of 96)."""
+  another order). `local`: with a sliding-window layer too, its window (12) shorter than the
+  prompt and answers, so it binds, counted in positions across the shared prompt."""
   import dataclasses
   import flax.linen as nn
   import jax
@@ -225,7 +226,7 @@ def test_shared_prompt_batch_gives_the_answers_layouts_loss_and_gradients(tokeni
   from rlhf_jax.train import reward as rm_trainer
   config = model_config("tiny", vocab_size=tokenizer.vocab_size)
   if local:
-    config = dataclasses.replace(config, local_layers=(0,), sliding_window=128,
+    config = dataclasses.replace(config, local_layers=(0,), sliding_window=12,
                                  rope_local_theta=10000.0)
   model = ScalarModel(config)
   records = [SHARED, {"id": "t", "prompt": "what should I cook tonight", "lang": "en",

@@ -196,17 +196,10 @@ def check_lm(c: Checks, max_len) -> None:
 
 
 def check_shared_rows(c: Checks, max_len) -> None:
-  """data.row_len of the shared_prompt layout: within the model's positions, and within a
-  sliding window where the model has one (its mask counts slots, and the answers between a
-  prompt and a later answer would count)."""
+  """data.row_len of the shared_prompt layout: within the model's positions."""
   row_len = c.number("data.row_len", 2, integer=True)
   if row_len and max_len and row_len > max_len:
     c.problem("data.row_len", f"must be <= {c.model}.max_len={max_len}", row_len)
-  window, local = c.get("model.sliding_window"), c.get("model.local_layers")
-  if (row_len and isinstance(window, int) and 0 < window < row_len
-      and local is not _MISSING and local):
-    c.problem("data.row_len", f"must be <= {c.model}.sliding_window={window} with "
-              f"{c.name('data.layout')}='shared_prompt'", row_len)
 
 
 def check_reward(c: Checks, max_len) -> None:

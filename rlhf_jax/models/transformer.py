@@ -101,17 +101,20 @@ def _flat_tokens(x: Array, feature_dims: int = 1) -> Array:
   return x.reshape(-1, *x.shape[x.ndim - feature_dims:])
 
 
-def attention_mask(q_segment, q_slot, k_segment, window: int = 0, q_prefix=None):
+def attention_mask(q_segment, q_slot, k_segment, window: int = 0, q_prefix=None,
+                   positions=None):
   """[B, T, S] bool. q_segment [B, T], q_slot [B, T] or [T], k_segment [B, S].
 
   window > 0: a sliding window besides, keys at slots q - window < k <= q only. Slots and
   positions advance together inside a segment (left padding, packing, the cache), so this is
-  the window in positions that the model was trained with.
+  the window in positions that the model was trained with. positions [B, T] (a whole row, no
+  cache, S = T): the window is counted in them instead, which is the same inside a segment
+  and also right across a shared prefix (below).
 
   q_prefix [B, T] (or None): a query also sees the earlier keys of segment q_prefix (0: none).
   Answers that share a prompt see it this way, the prompt written once before them
-  (data/rm_batches.py's shared_prompt layout); a window then counts slots across the answers
-  between, so that layout keeps rows within the window (config/validate.py).
+  (data/rm_batches.py's shared_prompt layout): their positions continue the prompt's while
+  their slots come after the answers before them.
   """
   k_slot = jnp.arange(k_segment.shape[1])
   q_slot = jnp.broadcast_to(q_slot, q_segment.shape)
@@ -120,7 +123,9 @@ def attention_mask(q_segment, q_slot, k_segment, window: int = 0, q_prefix=None)
     same = same | (q_prefix[:, :, None] == k_segment[:, None, :])
   causal = k_slot[None, None, :] <= q_slot[:, :, None]
   mask = same & causal & (k_segment[:, None, :] != 0)
-  if window:
+  if window and positions is not None:
+    mask = mask & (positions[:, None, :] > positions[:, :, None] - window)
+  elif window:
     mask = mask & (k_slot[None, None, :] > q_slot[:, :, None] - window)
   return mask
 
@@ -380,7 +385,8 @@ class Transformer(nn.Module):
     mask = attention_mask(segment_ids, q_slot, k_segment, q_prefix=prefix_ids)
     if cfg.local_layers:  # both masks; each layer takes its own (the cache keeps every slot)
       mask = (mask, attention_mask(segment_ids, q_slot, k_segment, cfg.sliding_window,
-                                   q_prefix=prefix_ids))
+                                   q_prefix=prefix_ids,
+                                   positions=positions if cache is None else None))
 
     sliced = False
     if cfg.scan_layers:
