@@ -207,8 +207,8 @@ def main(argv=None):
     result["peer"] = peer
     for r in runs:
       # shared:16x2 is the same 16 pairs with their prompt computed once
-      if (r["layout"] in ("pairs", "shared"), r["elements"], r["k"], r["dtype"]) == (
-          True, 16, 2, "float32"):
+      if (r["layout"] in ("pairs", "shared") and (r["elements"], r["k"], r["dtype"]) ==
+          (16, 2, "float32")):
         r["speedup_vs_torch"] = peer["step_s"] / r["step_s"]
   common.emit(result, args.json_out)
   print()

@@ -195,9 +195,10 @@ def text_data_section(name: str, batch_size: int, seq_len: int) -> ml_collection
       # a language with few records gets a share of the steps (data/pipeline.py).
       lang_repeat="",
       batch_size=batch_size, seq_len=seq_len, pack=True,
-      # > 0: the output projection runs on this share of each row's positions, the loss
-      # positions gathered first (a batch with a row of more takes every position; exact
-      # either way). SFT's loss is on the assistant's tokens only (train/lm.py).
+      # > 0: the output projection runs on this share of the batch's positions (per shard of
+      # the batch axis), the loss positions gathered first; a batch with more loss positions
+      # takes every position, exact either way (models/chunked.py). SFT's loss is on the
+      # assistant's tokens only.
       loss_capacity=0.0))
 
 
