@@ -26,6 +26,9 @@ its gradients (an output) left out. A PPO iteration's plan is the larger of the 
 and the experience step's peak plus the optimizer state (resident, not an argument there); the
 rollout (params plus a KV cache) is smaller than both and not compiled here.
 
+With `--base_quant int8` the LoRA settings and plans hold their frozen bases in int8
+(models/quant.py; the RM's too, as the trainer does): the full setting is unchanged.
+
 A third plan, `lora_shared`, is LoRA PPO with an RM that was itself trained as LoRA on the
 SFT policy: the RM and the critic are adapters and heads on the reference's trunk, one base in
 memory for all four models (rl/trainer.py).
@@ -64,7 +67,7 @@ import common  # noqa: E402
 from rlhf_jax.config import util as config_util  # noqa: E402
 from rlhf_jax.core.compiled_memory import compiled_memory, executable_memory  # noqa: E402
 from rlhf_jax.infer.rollout import Rollout, make_rollout_fn  # noqa: E402
-from rlhf_jax.models import ScalarModel, Transformer, lora, model_config  # noqa: E402
+from rlhf_jax.models import ScalarModel, Transformer, lora, model_config, quant  # noqa: E402
 from rlhf_jax.rl import ppo  # noqa: E402
 from rlhf_jax.rl import trainer as ppo_trainer  # noqa: E402
 
@@ -100,6 +103,8 @@ def parse_args(argv=None):
   p.add_argument("--memory_after", type=int, default=2,
                  help="the memory part runs after this many timed settings (the first dtype's "
                       "full and largest-rank runs give the speed ratio first)")
+  p.add_argument("--base_quant", default="", choices=["", "int8"],
+                 help="the LoRA settings' frozen bases in int8 (models/quant.py)")
   p.add_argument("--setting_timeout", type=int, default=1800)
   p.add_argument("--subprocess", type=int, default=1,
                  help="0: every setting in this process (tests; RSS is then cumulative)")
@@ -134,9 +139,12 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
     config.kl.adaptive = False
     config.ppo.optimizer = args.optimizer
   base = model_config(size, dtype=dtype, scan_layers=scan, remat=bool(args.remat))
-  adapted = dataclasses.replace(base, lora_rank=rank, lora_alpha=args.alpha) if rank else base
-  return Parts(models=ppo.PPOModels(policy=adapted, critic=adapted,
-                                    reward=adapted if shared else base),
+  quant_base = args.base_quant if rank else ""
+  adapted = (dataclasses.replace(base, lora_rank=rank, lora_alpha=args.alpha,
+                                 lora_base_quant=quant_base) if rank else base)
+  # As rl/trainer.py: the critic's trunk is the frozen RM's, so an int8 base makes both int8.
+  reward = adapted if shared else dataclasses.replace(base, lora_base_quant=quant_base)
+  return Parts(models=ppo.PPOModels(policy=adapted, critic=adapted, reward=reward),
                hyper=ppo_trainer.hyper_from_config(config),
                controller=ppo_trainer.controller_from_config(config),
                tx=ppo_trainer.make_optimizer(tuple(sorted(config.optim.to_dict().items())), 1000),
@@ -179,6 +187,13 @@ def draw(tree, seed: int):
     fan_in = 1 if "embedding" in name else leaf.shape[0]
     return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in), leaf.dtype)
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def draw_base(tree, seed: int, config):
+  """`draw`, for a frozen base that may be int8: drawn in float32, then quantised."""
+  if not quant.is_quantized(tree):
+    return draw(tree, seed)
+  return quant.quantize_tree(draw(quant.float_like(tree), seed), config)
 
 
 def make_state(params, parts: Parts) -> ppo.PPOState:
@@ -267,7 +282,8 @@ def run_timing(args, rank: int, dtype: str) -> dict:
   params_abs, frozen_abs = abstract_models(parts.models)
   params = {"policy": draw(params_abs["policy"], 0), "critic": draw(params_abs["critic"], 1)}
   # The full policy's buffers are donated, so its reference is a separate draw (equal values).
-  frozen = ppo.Frozen(reference=draw(frozen_abs.reference, 0), reward=draw(frozen_abs.reward, 1),
+  frozen = ppo.Frozen(reference=draw_base(frozen_abs.reference, 0, parts.models.policy),
+                      reward=draw_base(frozen_abs.reward, 1, parts.models.reward),
                       reward_gain=jnp.float32(1.0), reward_bias=jnp.float32(0.0))
   state = make_state(params, parts)
   info = sizes_of(params, frozen, state.opt_state)
@@ -429,7 +445,7 @@ def main(argv=None):
          "workload": {k: getattr(args, k) for k in ("size", "prompts", "prompt_len",
                                                     "new_tokens", "epochs", "minibatches",
                                                     "iterations", "alpha", "mem_rank",
-                                                    "scan_layers")},
+                                                    "scan_layers", "base_quant")},
          "date": datetime.datetime.now().isoformat(timespec="seconds"),
          "machine": {**common.machine_info(), "jax": jax.__version__,
                      "loadavg_before": load_before},

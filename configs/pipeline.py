@@ -64,7 +64,9 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   positions a step instead of 16 x 4 x 80. Measured stage by stage: Gemma 3's SFT 2,509 -> 609 s with the same losses,
   SmolLM2's RM 2,061 -> 724 s at the same held-out accuracy (experiments/real_recipe); a whole
   Gemma run with both is not yet timed.
-`lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA.
+`lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA;
+`base_quant=int8` holds their frozen base projections in int8 (models/quant.py: a quarter of
+the base's float32 bytes, the adapters trained on the quantised base); off by default.
 """
 import os
 
@@ -94,7 +96,7 @@ def _stage(name: str, arg: str) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   arg = config_util.parse_arg(arg, size="", smoke=False, pretrain_steps=0, sft_steps=0,
                               ppo_steps=0, kto_steps=0, dpo_steps=0, model="", pretrain=False,
-                              lora_rank=16)
+                              lora_rank=16, base_quant="")
   # The stage files' presets: tiny from scratch; a pretrained model starts from small's.
   arg.size = arg.size or ("small" if arg.model else "tiny")
   tiny = arg.size == "tiny"
@@ -152,6 +154,7 @@ def _use_model(config, arg) -> None:
     config[stage].lora.alpha = 2.0 * max(arg.lora_rank, 1)
     if stage != "pretrain":
       config[stage].lora.tokens = tokens
+      config[stage].lora.base_quant = arg.base_quant  # 'int8': models/quant.py
   config.sft.lora.tokens_start = start  # later stages start from SFT's rows
   config.pretrain.init_from = source
   # Adapters learn at about ten times a full fine-tune's rate; the RM's 3e-4 was measured

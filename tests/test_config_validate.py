@@ -69,6 +69,9 @@ BAD = [
     ("reward", {"data.layout": "rows"}, r"data\.layout must be one of \['answers', "),
     ("reward", {"data.layout": "shared_prompt", "data.row_len": 200},
      r"data\.row_len must be <= model\.max_len=128 \(got 200\)"),
+    ("sft", {"lora.rank": 4, "lora.base_quant": "int4"},
+     r"lora\.base_quant must be one of \['', 'int8'\] \(got 'int4'\)"),
+    ("dpo", {"lora.base_quant": "int8"}, r"lora\.base_quant needs lora\.rank > 0"),
     ("kto", {"optim.grad_accum": 2}, r"optim\.grad_accum must be 1 for KTO and DPO"),
     ("dpo", {"dpo.label_smoothing": 0.5}, r"dpo\.label_smoothing must be in \[0, 0\.5\)"),
 ]

@@ -20,7 +20,7 @@ from test_ppo import CONTROLLER, HYPER, N, planted_reward
 
 from rlhf_jax.infer import rollout
 from rlhf_jax.infer.sampling import SamplingParams
-from rlhf_jax.models import ScalarModel, Transformer, lora
+from rlhf_jax.models import ScalarModel, Transformer, lora, quant
 from rlhf_jax.rl import ppo
 
 LORA = dataclasses.replace(S.CFG, lora_rank=8, lora_alpha=16.0)
@@ -102,9 +102,10 @@ def test_lora_ppo_starts_at_the_reference_trains_adapters_only_and_raises_the_re
 # One base for all four models: an RM trained as LoRA on the SFT run stays adapters on its trunk.
 
 
-def _shared_base_runs(root, tokenizer_vocab):
+def _shared_base_runs(root, tokenizer_vocab, base_quant=""):
   """An SFT run (random tiny params) and a LoRA RM run on its trunk (random adapters, B not 0,
-  and head), written as the stages write them: the RM's record names the SFT run as its base."""
+  and head), written as the stages write them: the RM's record names the SFT run as its base
+  (held as `base_quant`: its fingerprint is of the int8 trunk then)."""
   from helpers import write_run
   from rlhf_jax.core import run_folder
   from rlhf_jax.models import heads
@@ -112,11 +113,12 @@ def _shared_base_runs(root, tokenizer_vocab):
   sft_params = S.random_params(Transformer(cfg), 0)
   sft = str(root / "sft")
   write_run(sft, sft_params, cfg, "", kind="policy")
-  rm_cfg = dataclasses.replace(cfg, lora_rank=4, lora_alpha=8.0)
+  rm_cfg = dataclasses.replace(cfg, lora_rank=4, lora_alpha=8.0, lora_base_quant=base_quant)
   rm_all = S.random_params(ScalarModel(rm_cfg), 1)  # adapters drawn non-zero: they matter
   adapters, _ = lora.split(rm_all)
   rm = str(root / "rm")
   base = {"trunk": heads.trunk_of(sft_params)}
+  base = quant.quantize_tree(base, rm_cfg) if base_quant else base
   run_folder.write_record(rm, model_config=rm_cfg, tokenizer=None, kind="scalar",
                           extra={"base": run_folder.base_identity(sft, base, "trunk")})
   ckpt = run_folder.checkpointer(rm, max_to_keep=None, async_save=False)
@@ -127,7 +129,7 @@ def _shared_base_runs(root, tokenizer_vocab):
   return sft, rm
 
 
-def _ppo_models(sft, rm, vocab):
+def _ppo_models(sft, rm, vocab, base_quant=""):
   """resolve_models, create_models and the loads of the PPO trainer, with LoRA rank 8."""
   from rlhf_jax.config import util as config_util
   from rlhf_jax.core import sharding
@@ -136,21 +138,24 @@ def _ppo_models(sft, rm, vocab):
   with config.unlocked():
     config.sft_dir, config.rm_dir = sft, rm
     config.lora.rank, config.lora.alpha = 8, 16.0
+    config.lora.base_quant = base_quant
   models, sources = trainer.resolve_models(config, SimpleNamespace(vocab_size=vocab, path="-"))
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(None)
   tx = optax.adam(1e-3)
   (state, frozen), (shardings, _) = trainer.create_models(
       models, tx, CONTROLLER, sources["gain"], sources["bias"], mesh, rules, 0)
-  frozen = trainer.load_frozen(frozen, sources)
+  frozen = trainer.load_frozen(frozen, sources, models)
   state = trainer.load_trainable(state, frozen, shardings, sources, HYPER)
   return models, sources, state, frozen
 
 
-def test_a_lora_rm_on_the_sft_run_shares_its_base_and_scores_as_the_folded_rm(tmp_path):
+@pytest.mark.parametrize("base_quant", ["", "int8"])
+def test_a_lora_rm_on_the_sft_run_shares_its_base_and_scores_as_the_folded_rm(tmp_path,
+                                                                            base_quant):
   from rlhf_jax.core import run_folder
   from rlhf_jax.infer import rm_scores
-  sft, rm = _shared_base_runs(tmp_path, S.V)
-  models, sources, state, frozen = _ppo_models(sft, rm, S.V)
+  sft, rm = _shared_base_runs(tmp_path, S.V, base_quant)
+  models, sources, state, frozen = _ppo_models(sft, rm, S.V, base_quant)
   assert sources["shared"] and models.reward.lora_rank == 4 and models.critic == models.reward
   assert models.policy.lora_rank == 8
   # In memory: one base (the reference), the RM as its 28 adapter arrays (7 projections x 2 x
@@ -158,6 +163,7 @@ def test_a_lora_rm_on_the_sft_run_shares_its_base_and_scores_as_the_folded_rm(tm
   assert lora.count_adapters(frozen.reward) == 28
   assert len(jax.tree.leaves(frozen.reward)) == 30
   assert "trunk" not in lora.strip(frozen.reward)
+  assert quant.is_quantized(frozen.reference) == bool(base_quant)
   # The same scores as the RM folded into its base (how chat and evaluation open the run).
   folded, folded_cfg = run_folder.load_scalar_model(rm)
   tokens, mask = S.prompts(4, seed=2)
@@ -197,3 +203,23 @@ def test_a_changed_sft_run_under_a_shared_rm_is_an_error_and_another_base_is_not
   other = str(tmp_path / "other_sft")
   write_run(other, S.random_params(Transformer(S.CFG), 6), S.CFG, "", kind="policy")
   assert not run_folder.is_trunk_of(rm, other)
+
+
+def test_an_int8_ppo_quantises_a_float_rm_instead_of_sharing_its_base(tmp_path):
+  """A LoRA RM trained on a float base is not PPO's int8 trunk: PPO folds it and holds it in
+  int8, as the critic's trunk; the reference is the SFT run's params quantised."""
+  from rlhf_jax.core import run_folder
+  sft, rm = _shared_base_runs(tmp_path, S.V)  # the RM's base is float
+  models, sources, state, frozen = _ppo_models(sft, rm, S.V, "int8")
+  assert not sources["shared"] and not run_folder.is_trunk_of(rm, sft, "int8")
+  assert run_folder.is_trunk_of(rm, sft, "")
+  assert (models.policy.lora_base_quant, models.reward.lora_base_quant) == ("int8", "int8")
+  sft_params, _ = run_folder.load_policy(sft)
+  folded, _ = run_folder.load_scalar_model(rm)
+  for held, want in ((frozen.reference, quant.quantize_tree(sft_params, models.policy)),
+                     (frozen.reward, quant.quantize_tree(folded, models.reward))):
+    held, want = flat_params(held), flat_params(want)
+    assert sorted(held) == sorted(want)
+    assert sum(v.dtype == np.int8 for v in held.values()) == 7 * S.CFG.n_layers
+    for name in want:
+      np.testing.assert_array_equal(held[name], want[name], err_msg=name)

@@ -41,8 +41,14 @@ PROMPT_FORMAT = {
 }
 
 
-def pipeline_config(model_dir: str, data_dir: str, **fields):
-  config = config_util.load_config(f"configs/pipeline.py:model={model_dir},smoke=1")
+# Llama's run holds every LoRA stage's base in int8 (configs/pipeline.py base_quant): the
+# quantised base through every trainer, the run folders and the evaluation.
+BASE_QUANT = {"gemma3": "", "llama": "int8"}
+
+
+def pipeline_config(model_dir: str, data_dir: str, base_quant: str = "", **fields):
+  config = config_util.load_config(
+      f"configs/pipeline.py:model={model_dir},smoke=1,base_quant={base_quant}")
   with config.unlocked():
     config.data_dir = data_dir
     # The stand-ins spell English nearly letter by letter (a 2k-piece vocabulary shared with
@@ -71,9 +77,11 @@ def runs(tmp_path_factory, bundled_data_dir, bundled_tokenizer):
       model = H.write_tiny_chat_model(family, str(root / f"tiny_{family}"),
                                       pieces=H.sentencepiece_pieces(bundled_tokenizer))
       workdir = str(root / "run")
+      quant = BASE_QUANT[family]
       stopped = pipeline.run_pipeline(
-          pipeline_config(model, bundled_data_dir, **{"sft.train.stop_after": 2}), workdir)
-      config = pipeline_config(model, bundled_data_dir)
+          pipeline_config(model, bundled_data_dir, quant, **{"sft.train.stop_after": 2}),
+          workdir)
+      config = pipeline_config(model, bundled_data_dir, quant)
       finished = pipeline.run_pipeline(config, workdir)
       again = pipeline.run_pipeline(config, workdir)
       _RUNS[family] = (model, workdir, stopped, finished, again)
@@ -98,6 +106,7 @@ def test_every_stage_runs_on_the_model_with_lora(runs, family):
   for stage in LORA_STAGES:
     record = run_folder.read_record(os.path.join(workdir, stage))
     assert record["model"]["lora_rank"] == 16, stage
+    assert record["model"].get("lora_base_quant", "") == BASE_QUANT[family], stage
     assert record["tokenizer"]["kind"] == "pretrained", stage
     assert record["tokenizer"]["source"] == os.path.abspath(model), stage
   # SFT's base is the model itself; the later stages sit on SFT.

@@ -17,6 +17,7 @@ from rlhf_jax.train import launch
 from rlhf_jax.core.checkpoint import Checkpointer, read_params
 from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import ScalarModel, Transformer, model_config
+from rlhf_jax.rl import state as ppo_state
 from rlhf_jax.rl import trainer as ppo_trainer
 
 
@@ -94,7 +95,7 @@ def test_critic_starts_as_the_normalised_reward_model():
   tokens, mask = S.prompts(4, seed=1)
   apply = jax.jit(lambda p: ScalarModel(cfg).apply({"params": p}, tokens,
                                                    jnp.cumsum(mask, -1), mask))
-  folded = ppo_trainer.fold_normalization(params, jnp.float32(2.0), jnp.float32(-0.5))
+  folded = ppo_state.fold_normalization(params, jnp.float32(2.0), jnp.float32(-0.5))
   np.testing.assert_allclose(np.asarray(apply(folded)), 2.0 * np.asarray(apply(params)) - 0.5,
                              rtol=1e-5, atol=1e-5)
 

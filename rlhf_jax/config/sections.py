@@ -126,10 +126,11 @@ def lora_section(rank: int = 0) -> ml_collections.ConfigDict:
   embedding rows train beside the adapters ('' none; the pipeline sets a pretrained model's
   chat-template tokens). tokens_start: 'id:source,...', rows of `tokens` that start as copies
   of another token's base row (the pipeline starts Gemma 3 base's untrained <end_of_turn> from
-  <eos>); a fresh run only, not PPO."""
+  <eos>); a fresh run only, not PPO. base_quant: '' or 'int8', the targeted projections' frozen
+  kernels stored as int8 with a scale per output column (models/quant.py; QLoRA's idea)."""
   return ml_collections.ConfigDict(dict(rank=rank, alpha=16.0, dropout=0.0,
                                         targets=r"(attn/(q|k|v|o)|mlp/(gate|up|down))$",
-                                        tokens="", tokens_start=""))
+                                        tokens="", tokens_start="", base_quant=""))
 
 
 def mesh_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:

@@ -30,6 +30,7 @@ KL_ESTIMATORS = ("k1", "k3")
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
 PPO_OPTIMIZERS = ("joint", "per_model")  # rl/ppo.py OPTIMIZERS
 COMPARISON_LABELS = ("ranking", "grades")
+BASE_QUANTS = ("", "int8")  # models/quant.py MODES
 # The pipeline's trained stages (sections of configs/pipeline.py); each takes its model's shape
 # from config.pretrain.model, so the model fields are checked there once.
 PIPELINE_TRAINED = ("pretrain", "sft", "rm", "ppo", "kto", "dpo")
@@ -163,6 +164,10 @@ def check_common(c: Checks) -> None:
   c.number("train.checkpoint_every", 0, integer=True)
   c.number("train.max_to_keep", 1, integer=True)
   c.number("train.stop_after", 0, integer=True)
+  rank = c.number("lora.rank", 0, integer=True)
+  if c.choice("lora.base_quant", BASE_QUANTS) and rank == 0:
+    c.problem("lora.base_quant", "needs lora.rank > 0 (the int8 base is LoRA's frozen one)",
+              c.get("lora.base_quant"))
 
 
 def check_seq_len(c: Checks, max_len) -> None:

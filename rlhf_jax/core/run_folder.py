@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 
 from rlhf_jax.core import checkpoint as ckpt_lib
-from rlhf_jax.models import hf_import, layer_layout, lora, pretrained
+from rlhf_jax.models import hf_import, layer_layout, lora, pretrained, quant
 from rlhf_jax.models.heads import trunk_of
 from rlhf_jax.models.transformer import NUMERICS_FIELDS, ModelConfig
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
@@ -270,7 +270,7 @@ def _load(run: str, kind: str, step: Optional[int], numerics: dict):
   if config.lora_rank:  # adapters and heads only: put them on their base and fold them in
     base = layer_layout.to_layout(read_base(run), config.scan_layers)
     params = lora.fold(lora.merge(params, base), config)
-    config = lora.base_config(config)
+    config = lora.folded_config(config)
   return params, config
 
 
@@ -290,13 +290,15 @@ def base_identity(source: str, base_params, placed_as: str = "") -> dict:
           "fingerprint": lora.fingerprint(base_params)}
 
 
-def is_trunk_of(run: str, policy_run: str) -> bool:
+def is_trunk_of(run: str, policy_run: str, base_quant: str = "") -> bool:
   """Whether a run is LoRA adapters on the trunk of `policy_run` at its latest step (an RM
-  trained on that SFT run): PPO then keeps one base for the RM, critic, policy and reference."""
+  trained on that SFT run), held as `base_quant` ('' float, 'int8'): PPO then keeps one base
+  for the RM, critic, policy and reference."""
   record = read_record(run)
   base = record.get("base") or {}
   return bool(record["model"].get("lora_rank")) and base.get("as") == "trunk" and (
-      base.get("source") == root(policy_run) and base.get("step") == latest_step(policy_run))
+      base.get("source") == root(policy_run) and base.get("step") == latest_step(policy_run)
+      and record["model"].get("lora_base_quant", "") == base_quant)
 
 
 def check_base(run: str, base_params) -> None:
@@ -320,14 +322,14 @@ def read_base(run: str):
   if not entry:
     raise RunFolderError(f"{os.path.join(root(run), RECORD_FILE)}: a LoRA run without a 'base'")
   source = entry["source"]
+  config = model_config(run)
   try:
     resolved = pretrained.resolve(source)
     if hf_import.is_pretrained_path(resolved):
-      config = lora.base_config(model_config(run))
       if entry.get("as"):
         raise RunFolderError(f"a pretrained base placed as {entry['as']!r} is not supported")
-      params = hf_import.load_params(hf_import.open_checkpoint(resolved)[1], config,
-                                     where=resolved)
+      params = hf_import.load_params(hf_import.open_checkpoint(resolved)[1],
+                                     lora.folded_config(config), where=resolved)
     else:
       params, _ = load_policy(source, entry.get("step"))
   except (FileNotFoundError, RunFolderError, ValueError) as e:
@@ -335,6 +337,8 @@ def read_base(run: str):
                          f"cannot be read: {e}") from None
   if entry.get("as") == "trunk":  # a scalar model's trunk: the policy without its lm_head
     params = {"trunk": trunk_of(params)}
+  if config.lora_base_quant:  # the base as the run held it (the fingerprint is of that)
+    params = quant.quantize_tree(params, config)
   check_base(run, params)
   return params
 
@@ -364,6 +368,17 @@ def restore_params(source: str, params_like):
     return ckpt_lib.placed_like(layer_layout.like(params, target), target,
                                 f"LoRA run {root(source)} (folded)")
   return restore_saved_params(source, params_like)
+
+
+def restore_base(source: str, params_like, config, read=None):
+  """`read(source, like)` (default restore_params) into a LoRA base laid out like
+  `params_like`; where that base is int8 (models/quant.py, under `config`, a ModelConfig),
+  read in float32 first and quantised onto params_like's shardings."""
+  read = read or restore_params
+  if not quant.is_quantized(params_like):
+    return read(source, params_like)
+  params = quant.quantize_tree(read(source, quant.float_like(params_like)), config)
+  return ckpt_lib.placed_like(params, nn.unbox(params_like), f"{source} (int8 base)")
 
 
 def restore_saved_params(source: str, params_like):

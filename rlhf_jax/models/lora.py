@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.models import quant
 from rlhf_jax.models.dot import dense
 
 ADAPTER_SUFFIXES = ("lora_a", "lora_b")
@@ -83,12 +84,19 @@ def model_fields(section) -> dict:
   tokens = str(section.get("tokens", "") or "")
   return {"lora_rank": int(section.rank), "lora_alpha": float(section.alpha),
           "lora_targets": str(section.targets), "lora_dropout": float(section.dropout),
-          "lora_tokens": tuple(int(t) for t in tokens.split(",") if t.strip())}
+          "lora_tokens": tuple(int(t) for t in tokens.split(",") if t.strip()),
+          "lora_base_quant": str(section.get("base_quant", "") or "")}
 
 
 def base_config(config):
-  """The same model with its adapters off: the frozen base's config (the RL reference's)."""
+  """The same model with its adapters off: the frozen base's config (the RL reference's). An
+  int8 base (lora_base_quant) stays int8: the reference reads the same params."""
   return dataclasses.replace(config, lora_rank=0)
+
+
+def folded_config(config):
+  """The config of `fold`'s output: no adapters and a float base."""
+  return dataclasses.replace(config, lora_rank=0, lora_base_quant="")
 
 
 # ------------------------------------------------------------------------------ param trees
@@ -162,8 +170,10 @@ def count_adapters(params) -> int:
 
 def fold(params, config) -> dict:
   """Base-shaped params with each adapter folded into its kernel: W + (alpha / r) A @ B, in
-  float32. `config`: the ModelConfig the adapters were trained under."""
+  float32 (an int8 base dequantised first: the function the adapters trained on).
+  `config`: the ModelConfig the adapters were trained under."""
   scale = config.lora_alpha / max(config.lora_rank, 1)
+  params = quant.dequantize_tree(params)
 
   def go(tree, scanned):
     if not isinstance(tree, dict):

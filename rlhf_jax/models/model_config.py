@@ -72,6 +72,9 @@ class ModelConfig:
   # template's special tokens, untrained rows in a base model that a frozen embedding cannot
   # tell from their near-copies (experiments/real_recipe).
   lora_tokens: tuple = ()
+  # '' or 'int8': the base kernels of the targeted projections stored as int8 with a float32
+  # scale per output column (models/quant.py), a quarter of their float32 bytes.
+  lora_base_quant: str = ""
   dtype: str = "float32"  # compute dtype; params are always float32
   # > 0: the trainers' log-probs, entropy and next-token loss walk the vocabulary in chunks of
   # this many columns (models/chunked.py), never holding [B, T, V] float32 logits; 0: whole.
@@ -108,6 +111,9 @@ class ModelConfig:
     if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
       raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 and lora_dropout="
                        f"{self.lora_dropout} in [0, 1)")
+    if self.lora_base_quant not in ("", "int8"):
+      raise ValueError(f"lora_base_quant={self.lora_base_quant!r} is not supported; supported: "
+                       "'' (a float base), 'int8'")
     if self.local_layers and self.sliding_window <= 0:
       raise ValueError(f"local_layers={list(self.local_layers)} need a sliding_window > 0")
 

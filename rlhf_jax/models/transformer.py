@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models import kv_cache, lora
+from rlhf_jax.models import kv_cache, lora, quant
 from rlhf_jax.models.dot import dense
 # The configuration lives in model_config.py; other modules import ModelConfig from here too.
 from rlhf_jax.models.model_config import ModelConfig, local_rope_frequencies, rope_frequencies
@@ -154,8 +154,8 @@ class HeadProjection(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(d), self.axes),
-                        (d, self.heads, self.head_dim), jnp.float32)
+    kernel = quant.kernel(self, "kernel", _dense_init(d), (d, self.heads, self.head_dim),
+                          self.axes, 1, self.config)
     tokens = _flat_tokens(x)  # [B*T, D]
     y = dense(tokens, kernel.reshape(d, -1), self.dtype)  # [B*T, heads*head_dim]
     if self.config is not None:
@@ -223,9 +223,8 @@ class Attention(nn.Module):
       out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))  # [B, Hkv, G, T, Dh]
       out = out.transpose(0, 3, 1, 2, 4)
     out = out.reshape(b, t, h, dh)
-    kernel = self.param("o", nn.with_logical_partitioning(_dense_init(h * dh),
-                                                          ("heads", "kv", "embed")),
-                        (h, dh, cfg.d_model), jnp.float32)
+    kernel = quant.kernel(self, "o", _dense_init(h * dh), (h, dh, cfg.d_model),
+                          ("heads", "kv", "embed"), 2, cfg)
     flat = out.reshape(b * t, h * dh)
     out = dense(flat, kernel.reshape(h * dh, -1), dt)  # [B*T, D]
     delta = lora.adapter_delta(self, "o", flat, (h, dh), ("heads", "kv"), (cfg.d_model,),
@@ -248,8 +247,8 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(_dense_init(x.shape[-1]), self.axes),
-                        (x.shape[-1], self.features), jnp.float32)
+    kernel = quant.kernel(self, "kernel", _dense_init(x.shape[-1]),
+                          (x.shape[-1], self.features), self.axes, 1, self.config)
     y = dense(x, kernel, self.dtype, self.out_dtype)
     if self.config is not None:
       delta = lora.adapter_delta(self, "kernel", x, x.shape[-1:], self.axes[:1],

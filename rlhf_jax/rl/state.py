@@ -117,3 +117,11 @@ def init_opt_state(tx, params, optimizer: str = "joint"):
   if optimizer == "per_model":
     return {name: tx.init(model_params) for name, model_params in params.items()}
   return tx.init(params)
+
+
+def fold_normalization(critic, gain, bias):
+  """A scalar model whose output is gain · output + bias: the head's kernel and bias scaled
+  (the critic starts as the RM with PPO's reward normalisation folded in)."""
+  head = critic["head"]["dense"]
+  dense = {"kernel": head["kernel"] * gain, "bias": head["bias"] * gain + bias}
+  return {**critic, "head": {**critic["head"], "dense": dense}}

@@ -39,6 +39,7 @@ from rlhf_jax.infer.sampling import SamplingParams
 from rlhf_jax.models import ModelConfig, ScalarModel, Transformer, lora
 from rlhf_jax.models.transformer import NUMERICS_FIELDS
 from rlhf_jax.rl import iteration, kl, ppo
+from rlhf_jax.rl import state as state_lib
 from rlhf_jax.rl.iteration import Iteration, NonFiniteRewardError  # noqa: F401 (re-exported)
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 from rlhf_jax.train import inputs as inputs_lib
@@ -90,8 +91,8 @@ def read_run_model(run: str, kind: str, numerics) -> ModelConfig:
     raise ValueError(f"{run_folder.root(run)} does not hold a {kind} checkpoint (its record "
                      f"says {found})")
   # A LoRA run opens folded (run_folder.restore_params): its model is the base's shape.
-  return lora.base_config(run_folder.model_config(run, **{k: numerics[k]
-                                                          for k in NUMERICS_FIELDS}))
+  return lora.folded_config(run_folder.model_config(run, **{k: numerics[k]
+                                                            for k in NUMERICS_FIELDS}))
 
 
 def check_vocab(what: str, where: str, vocab: int, tokenizer) -> None:
@@ -142,7 +143,8 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
   if adapters.get("lora_rank") and not sft_ckpt:
     raise ValueError("lora.rank > 0 needs sft_dir: the frozen policy the adapters train on")
   sources = {"sft": sft_ckpt, "rm": rm_ckpt, "gain": gain, "bias": bias, "shared": False}
-  if adapters.get("lora_rank") and rm_ckpt and run_folder.is_trunk_of(rm_ckpt, sft_ckpt):
+  quant = adapters.get("lora_base_quant", "")
+  if adapters.get("lora_rank") and rm_ckpt and run_folder.is_trunk_of(rm_ckpt, sft_ckpt, quant):
     # One base for all four models: the RM stays its adapters and head on the SFT trunk, and
     # the critic starts as the RM (its adapters copied, in the RM's own LoRA settings).
     rm_adapters = run_folder.model_config(rm_ckpt, **{k: config.model[k]
@@ -150,8 +152,10 @@ def resolve_models(config, tokenizer) -> tuple[ppo.PPOModels, dict]:
     models = ppo.PPOModels(policy=dataclasses.replace(policy, **adapters), critic=rm_adapters,
                            reward=rm_adapters)
     return models, {**sources, "shared": True}
+  # The critic's trunk is the frozen RM's (load_trainable): an int8 base makes both int8.
   models = ppo.PPOModels(policy=dataclasses.replace(policy, **adapters),
-                         critic=dataclasses.replace(reward, **adapters), reward=reward)
+                         critic=dataclasses.replace(reward, **adapters),
+                         reward=dataclasses.replace(reward, lora_base_quant=quant))
   return models, sources
 
 
@@ -218,30 +222,25 @@ def create_models(models: ppo.PPOModels, tx, controller, gain: float, bias: floa
   return (state, frozen), (state_shardings, frozen_shardings)
 
 
-def fold_normalization(critic, gain, bias):
-  """A scalar model whose output is gain · output + bias: the head's kernel and bias scaled."""
-  head = critic["head"]["dense"]
-  dense = {"kernel": head["kernel"] * gain, "bias": head["bias"] * gain + bias}
-  return {**critic, "head": {**critic["head"], "dense": dense}}
-
-
 def copy_tree(tree, shardings):
   """A copy in fresh buffers (a tree that aliases the state would be donated with it)."""
   return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
-def load_frozen(frozen: ppo.Frozen, sources: dict) -> ppo.Frozen:
+def load_frozen(frozen: ppo.Frozen, sources: dict, models: ppo.PPOModels) -> ppo.Frozen:
   """The SFT params into the reference, the RM checkpoint into the reward model (with a shared
-  base, its saved adapters and head as they are, on a trunk checked to be the RM's base)."""
+  base, its saved adapters and head as they are, on a trunk checked to be the RM's base). An
+  int8 base (lora.base_quant) is read in float32 and quantised (run_folder.restore_base)."""
   if sources["sft"]:
-    frozen = frozen._replace(reference=run_folder.restore_params(sources["sft"],
-                                                               frozen.reference))
+    frozen = frozen._replace(reference=run_folder.restore_base(
+        sources["sft"], frozen.reference, models.policy))
   if sources["rm"] and sources.get("shared"):
     run_folder.check_base(sources["rm"], ppo.shared_trunk(frozen))
     frozen = frozen._replace(reward=run_folder.restore_saved_params(sources["rm"],
                                                                    frozen.reward))
   elif sources["rm"]:
-    frozen = frozen._replace(reward=run_folder.restore_params(sources["rm"], frozen.reward))
+    frozen = frozen._replace(reward=run_folder.restore_base(sources["rm"], frozen.reward,
+                                                            models.reward))
   return frozen
 
 
@@ -251,12 +250,13 @@ def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sou
   LoRA the adapters start at zero and only the critic's head comes from the RM (its trunk is
   the frozen RM's own)."""
   params = state.params
+  fold = jax.jit(state_lib.fold_normalization, out_shardings=state_shardings.params["critic"])
   if lora.count_adapters(params["policy"]):
     # The critic starts as the RM: its head (and with a shared base its adapters too).
     start = frozen.reward if sources.get("shared") else {**params["critic"],
                                                           "head": frozen.reward["head"]}
-    head = copy_tree(jax.jit(fold_normalization, out_shardings=state_shardings.params["critic"])(
-        start, frozen.reward_gain, frozen.reward_bias), state_shardings.params["critic"])
+    head = copy_tree(fold(start, frozen.reward_gain, frozen.reward_bias),
+                     state_shardings.params["critic"])
     return state.replace(params={**params, "critic": head},
                          ema=copy_tree(params["policy"], state_shardings.params["policy"])
                          if hyper.ema_decay else None)
@@ -264,7 +264,6 @@ def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sou
     params = {**params, "policy": run_folder.restore_params(sources["sft"], params["policy"])}
   if sources["rm"]:
     critic = run_folder.restore_params(sources["rm"], params["critic"])
-    fold = jax.jit(fold_normalization, out_shardings=state_shardings.params["critic"])
     params = {**params, "critic": fold(critic, frozen.reward_gain, frozen.reward_bias)}
   state = state.replace(params=params)
   if hyper.ema_decay:
@@ -423,7 +422,7 @@ def train(config, workdir: str) -> dict:
       hyper.optimizer)
   prompt_stream = make_prompt_stream(config, tokenizer, langs)
   data = Composite(prompts=prompt_stream, ptx=make_ptx_iterator(config, tokenizer))
-  frozen = load_frozen(frozen, sources)
+  frozen = load_frozen(frozen, sources, models)
   extra = ({"base": run_folder.base_identity(sources["sft"], frozen.reference)}
            if models.policy.lora_rank else {})
   run_folder.write_record(workdir, model_config=models.policy, tokenizer=tokenizer,

@@ -347,7 +347,7 @@ def starting_state(config, workdir, model, tx, tokenizer, data_iter, mesh, rules
   state, record_extra = load_lora_base(
       state, config.init_from, placed_as="trunk",
       base_of=lambda source, like: {"trunk": trunk_of(restore_policy(
-          source, lora.base_config(model_config), mesh, rules, seq_len))},
+          source, lora.folded_config(model_config), mesh, rules, seq_len))},
       model_config=model_config, tokens_start=config.lora.get("tokens_start", ""))
   run_folder.write_record(workdir, model_config=model_config, tokenizer=tokenizer, kind="scalar",
                           extra=record_extra)

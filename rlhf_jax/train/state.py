@@ -94,7 +94,8 @@ def load_lora_base(state, source, placed_as: str = "", base_of=None, model_confi
   `base` entry naming them; without LoRA, the state as it is and no entry.
 
   base_of(source, frozen_like) -> base params: how a trainer reads its base when it is not
-  simply `source`'s params (an RM's trunk from an SFT policy). A resumed run loads the same
+  simply `source`'s params (an RM's trunk from an SFT policy); an int8 base (lora.base_quant)
+  is read in float32 and quantised. A resumed run loads the same
   base again: it is not in the checkpoint (nor are `tokens_start`'s starting rows: a resumed
   run's checkpoint then overwrites them)."""
   if state.frozen is None:
@@ -102,7 +103,7 @@ def load_lora_base(state, source, placed_as: str = "", base_of=None, model_confi
   if not source:
     raise ValueError("lora.rank > 0 needs init_from: the pretrained or SFT model whose frozen "
                      "params the adapters train on")
-  base = (base_of or run_folder.restore_params)(source, state.frozen)
+  base = run_folder.restore_base(source, state.frozen, model_config, read=base_of)
   identity = run_folder.base_identity(source, base, placed_as)
   log.info("LoRA: %s trainable params on a frozen base of %s (%s)",
            f"{param_count(state.params):,}", f"{param_count(base):,}", identity["source"])
