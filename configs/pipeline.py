@@ -52,18 +52,11 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   alone had not lifted it in 20 steps, so SFT starts <end_of_turn>'s row as a copy of <eos>'s
   (lora.tokens_start), a token the base model predicts where a text ends;
 - step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized for a 2-core CPU:
-  Gemma 3 270M ran every stage in 2 h 8 min there with a one-epoch RM, over the 90-minute aim
-  (experiments/real_recipe: SFT 42 min at ~40 s a step of 8 x 128 tokens, comparisons 14, RM
-  16, PPO 40 at ~3 min an iteration, most of it the update). The RM now trains 3 epochs at
-  3e-4 (held-out gold accuracy en 0.67 -> 0.73, zh 0.52 -> 0.60), about 25 minutes more at
-  ~50 s a step; on an accelerator raise them with
-  --config.<stage>.<field>. Learning rates are a first guess. Since that run SFT's output
-  projection runs on the gathered loss positions only (data.loss_capacity 0.5, configs/sft.py):
-  a LoRA SFT step at Gemma 3's shape is 1.3-1.5x faster in benchmarks/train_step.py; and the
-  RM writes each comparison's prompt once (rm.data.layout 'shared_prompt'), 16 x 176
-  positions a step instead of 16 x 4 x 80. Measured stage by stage: Gemma 3's SFT 2,509 -> 609 s with the same losses,
-  SmolLM2's RM 2,061 -> 724 s at the same held-out accuracy (experiments/real_recipe); a whole
-  Gemma run with both is not yet timed.
+  Gemma 3 270M runs every stage in 58 minutes there (experiments/real_recipe, one whole run:
+  SFT 10 min at ~10 s a step of 8 x 128 tokens on the gathered loss positions, comparisons 7,
+  the RM 13 at 3 epochs in the shared-prompt layout, PPO 20 at 92-138 s an iteration, KTO,
+  DPO and the evaluation 8). On an accelerator raise them with --config.<stage>.<field>.
+  Learning rates are a first guess, but for the RM's (3e-4 over 3 epochs, measured).
 `lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA;
 `base_quant=int8` holds their frozen base projections in int8 (models/quant.py: a quarter of
 the base's float32 bytes, the adapters trained on the quantised base); off by default.
