@@ -18,18 +18,24 @@ Which kernels: those of the projections LoRA targets (`lora_targets`), whether o
 adapters are on, so the reference (the same base with its adapters off) reads the same int8
 params. A projection that is not adapted stays float32.
 
-The dequantisation runs inside each projection (q.astype * scale before the matmul): XLA holds
-one projection's float kernel at a time, not the whole base.
+The matmul is `int8_dense`, with its own VJP: autodiff of `x @ dequantize(q, scale)` would keep
+each layer's dequantised float kernel as a residual for the backward's x-gradient, i.e. the
+whole base in float32 again during a LoRA update. Here the backward keeps q and the scale (the
+base's own int8 buffers) and dequantises again; no weight gradient is formed (the base is
+frozen), so x is not kept either.
 """
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rlhf_jax.models.dot import dense
 
 MODES = ("", "int8")
 SCALE_SUFFIX = "_scale"
@@ -57,10 +63,19 @@ def dequantize(q, scale, dtype=jnp.float32):
   return q.astype(dtype) * scale.astype(dtype)
 
 
-def kernel(module: nn.Module, name: str, init, shape: tuple, axes: tuple, n_in: int,
-           config) -> jax.Array:
-  """A projection's kernel [*shape] as float32: its own float param, or under `lora.base_quant`
-  the int8 param `name` and float32 `name_scale`, dequantised. n_in: how many leading axes of
+class Int8Kernel(NamedTuple):
+  """A projection's int8 kernel and its scale (the scale's input axes have size 1)."""
+  q: jax.Array
+  scale: jax.Array
+
+  def matrix(self, k: int) -> "Int8Kernel":
+    """The [K, F] form (k = K): what `project` multiplies by."""
+    return Int8Kernel(self.q.reshape(k, -1), self.scale.reshape(1, -1))
+
+
+def kernel(module: nn.Module, name: str, init, shape: tuple, axes: tuple, n_in: int, config):
+  """A projection's kernel [*shape]: its own float32 param, or under `lora.base_quant` an
+  Int8Kernel of the int8 param `name` and float32 `name_scale`. n_in: how many leading axes of
   `shape` are input axes. The int8 param initialises to zeros: a quantised base is always
   loaded (trainers put the real base in; quantize_tree makes it)."""
   path = "/".join(module.scope.path + (() if name == "kernel" else (name,)))
@@ -72,7 +87,39 @@ def kernel(module: nn.Module, name: str, init, shape: tuple, axes: tuple, n_in: 
       lambda key, s, dtype: jnp.zeros(s, dtype), axes), shape, jnp.int8)
   scale = module.param(name + SCALE_SUFFIX, nn.with_logical_partitioning(
       nn.initializers.ones, scale_axes), scale_shape, jnp.float32)
-  return dequantize(q, scale)
+  return Int8Kernel(q, scale)
+
+
+def project(x: jax.Array, kernel, k: int, dtype, out_dtype=None) -> jax.Array:
+  """x [N, K] @ kernel as [K, F] (k = K): `dot.dense` for a float kernel, `int8_dense` for an
+  Int8Kernel."""
+  if isinstance(kernel, Int8Kernel):
+    m = kernel.matrix(k)
+    return int8_dense(x, m.q, m.scale, (jnp.dtype(dtype), jnp.dtype(out_dtype or dtype)))
+  return dense(x, kernel.reshape(k, -1), dtype, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def int8_dense(x, q, scale, dtypes):
+  """x [N, K] @ (q [K, F] * scale [1, F]) in dtypes = (compute, output) dtype (dot.dense's
+  precision rules); the gradient reaches x only."""
+  return dense(x, dequantize(q, scale), dtypes[0], dtypes[1])
+
+
+def _int8_forward(x, q, scale, dtypes):
+  return int8_dense(x, q, scale, dtypes), (q, scale, jnp.zeros((0,), x.dtype))
+
+
+def _int8_backward(dtypes, residuals, g):
+  q, scale, x_like = residuals
+  w = dequantize(q, scale, dtypes[0])  # [K, F], made again rather than kept
+  dx = jax.lax.dot_general(g.astype(dtypes[0]), w, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)  # [N, K]
+  return (dx.astype(x_like.dtype), np.zeros(q.shape, jax.dtypes.float0),
+          jnp.zeros_like(scale))
+
+
+int8_dense.defvjp(_int8_forward, _int8_backward)
 
 
 # ------------------------------------------------------------------------------ param trees

@@ -157,7 +157,7 @@ class HeadProjection(nn.Module):
     kernel = quant.kernel(self, "kernel", _dense_init(d), (d, self.heads, self.head_dim),
                           self.axes, 1, self.config)
     tokens = _flat_tokens(x)  # [B*T, D]
-    y = dense(tokens, kernel.reshape(d, -1), self.dtype)  # [B*T, heads*head_dim]
+    y = quant.project(tokens, kernel, d, self.dtype)  # [B*T, heads*head_dim]
     if self.config is not None:
       delta = lora.adapter_delta(self, "kernel", tokens, (d,), self.axes[:1],
                                  (self.heads, self.head_dim), self.axes[1:], self.config)
@@ -226,7 +226,7 @@ class Attention(nn.Module):
     kernel = quant.kernel(self, "o", _dense_init(h * dh), (h, dh, cfg.d_model),
                           ("heads", "kv", "embed"), 2, cfg)
     flat = out.reshape(b * t, h * dh)
-    out = dense(flat, kernel.reshape(h * dh, -1), dt)  # [B*T, D]
+    out = quant.project(flat, kernel, h * dh, dt)  # [B*T, D]
     delta = lora.adapter_delta(self, "o", flat, (h, dh), ("heads", "kv"), (cfg.d_model,),
                                ("embed",), cfg)
     out = out if delta is None else out + delta
@@ -249,7 +249,7 @@ class Linear(nn.Module):
   def __call__(self, x):
     kernel = quant.kernel(self, "kernel", _dense_init(x.shape[-1]),
                           (x.shape[-1], self.features), self.axes, 1, self.config)
-    y = dense(x, kernel, self.dtype, self.out_dtype)
+    y = quant.project(x, kernel, x.shape[-1], self.dtype, self.out_dtype)
     if self.config is not None:
       delta = lora.adapter_delta(self, "kernel", x, x.shape[-1:], self.axes[:1],
                                  (self.features,), self.axes[1:], self.config)
