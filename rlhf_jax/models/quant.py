@@ -107,6 +107,8 @@ def int8_dense(x, q, scale, dtypes):
 
 
 def _int8_forward(x, q, scale, dtypes):
+  # Residuals: the int8 kernel and its scale (the base's own buffers), and an empty array
+  # that carries x's dtype for the gradient (residuals must be arrays).
   return int8_dense(x, q, scale, dtypes), (q, scale, jnp.zeros((0,), x.dtype))
 
 
