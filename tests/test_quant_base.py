@@ -129,6 +129,7 @@ def _int8_config(base, steps=3):
   return config
 
 
+@pytest.mark.heavy  # two tiny trainings; make test keeps the model-level and PPO checks here
 def test_lora_sft_holds_an_int8_base_keeps_it_and_folds_onto_it(base_run, tmp_path):
   config = _int8_config(base_run)
   model = lm.build_model(config, config.model.vocab_size)
