@@ -159,20 +159,25 @@ def _is_kernel(keys: tuple) -> bool:
   return keys[-1] in ("kernel", "o")
 
 
-def dequantize_tree(params) -> dict:
-  """Float params from a tree with int8 kernels (each beside its `_scale`): what folding,
-  export and chat read."""
+def _map_int8(params, fn) -> dict:
+  """The tree with each int8 kernel replaced by fn(q, scale) and its `_scale` dropped."""
   def go(tree):
     if not isinstance(tree, dict):
       return tree
     out = {}
-    for k, v in tree.items():
-      if str(k).endswith(SCALE_SUFFIX) and str(k)[:-len(SCALE_SUFFIX)] in tree:
+    for key, v in tree.items():
+      if str(key).endswith(SCALE_SUFFIX) and str(key)[:-len(SCALE_SUFFIX)] in tree:
         continue
-      scale = tree.get(f"{k}{SCALE_SUFFIX}")
-      out[k] = dequantize(v, scale) if scale is not None else go(v)
+      scale = tree.get(f"{key}{SCALE_SUFFIX}")
+      out[key] = fn(v, scale) if scale is not None else go(v)
     return out
   return go(dict(nn.unbox(params)))
+
+
+def dequantize_tree(params) -> dict:
+  """Float params from a tree with int8 kernels (each beside its `_scale`): what folding,
+  export and chat read."""
+  return _map_int8(params, dequantize)
 
 
 def is_quantized(params) -> bool:
@@ -183,16 +188,5 @@ def is_quantized(params) -> bool:
 def float_like(params_like) -> Any:
   """The float base's abstract tree (shapes, dtypes, shardings) for a quantised `params_like`:
   what a checkpoint or a pretrained model is read into before quantize_tree."""
-  def go(tree):
-    if not isinstance(tree, dict):
-      return tree
-    out = {}
-    for k, v in tree.items():
-      if str(k).endswith(SCALE_SUFFIX) and str(k)[:-len(SCALE_SUFFIX)] in tree:
-        continue
-      if not isinstance(v, dict) and v.dtype == jnp.int8:
-        out[k] = jax.ShapeDtypeStruct(v.shape, jnp.float32, sharding=getattr(v, "sharding", None))
-      else:
-        out[k] = go(v)
-    return out
-  return go(dict(nn.unbox(params_like)))
+  return _map_int8(params_like, lambda q, _: jax.ShapeDtypeStruct(
+      q.shape, jnp.float32, sharding=getattr(q, "sharding", None)))
