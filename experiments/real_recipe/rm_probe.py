@@ -8,6 +8,12 @@ a linear readout; a probe above it says the head is where the RM's steps go.
 
   python experiments/real_recipe/rm_probe.py --workdir workdirs/smollm2-v2 \
       --config 'model=smollm2_135m,sft_steps=12' --set langs=en --set comparisons.prompts_per_lang=192
+
+The second feature is a mean of hidden states: over each row's tokens in the answers layout,
+over each answer's own tokens (its prompt left out) in the shared_prompt layout (the pipeline's
+default). Each probe is scored on the held-out comparisons and, less noisily, by 8-fold
+cross-validation over train + held-out, per language. `--features_out F` keeps the features;
+`--features_in F` refits from them without the model.
 """
 import argparse
 import json
@@ -55,13 +61,27 @@ def rm_config(workdir, arg, sets):
   return rm
 
 
-def features_fn(model):
-  """(last-token hidden [B, K, D], mean hidden over real tokens [B, K, D]) of a batch."""
-  def trunk(m, tokens, positions, segment_ids):
-    return m.trunk.hidden_states(tokens, positions, segment_ids)[0]
+def features_fn(model, shared: bool):
+  """(hidden at each answer's last token [B, K, D], a mean hidden [B, K, D]) of a batch.
+
+  The answers layout averages each row's real tokens, its prompt included; the shared_prompt
+  layout (data.layout) averages each answer's own tokens (segment 2 + i), the prompt left out:
+  the readout a head on the mean of the answer would have."""
+  def trunk(m, tokens, positions, segment_ids, prefix_ids=None):
+    return m.trunk.hidden_states(tokens, positions, segment_ids, prefix_ids=prefix_ids)[0]
 
   @jax.jit
-  def features(params, tokens, positions, segment_ids):
+  def features_shared(params, tokens, positions, segment_ids, prefix_ids, score_at):
+    hidden = model.apply({"params": params}, tokens, positions, segment_ids, prefix_ids,
+                         method=trunk)  # [B, T, D]
+    at_last = jnp.take_along_axis(hidden, score_at[..., None], axis=1)  # [B, K, D]
+    k = score_at.shape[1]
+    own = (segment_ids[:, None, :] == 2 + jnp.arange(k)[None, :, None])  # [B, K, T]
+    mean = jnp.einsum("bkt,btd->bkd", own.astype(hidden.dtype), hidden)
+    return at_last, mean / jnp.maximum(own.sum(-1), 1)[..., None]
+
+  @jax.jit
+  def features_answers(params, tokens, positions, segment_ids):
     b, k, t = tokens.shape
     flat = lambda x: x.reshape(b * k, t)  # noqa: E731
     hidden = model.apply({"params": params}, flat(tokens), flat(positions), flat(segment_ids),
@@ -71,7 +91,7 @@ def features_fn(model):
     at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     mean = jnp.sum(hidden * mask[..., None], 1) / jnp.maximum(mask.sum(1), 1)[:, None]
     return at_last.reshape(b, k, -1), mean.reshape(b, k, -1)
-  return features
+  return features_shared if shared else features_answers
 
 
 def fit_head(x, prefer, valid, l2, steps=1500, lr=1e-2):
@@ -99,33 +119,72 @@ def fit_head(x, prefer, valid, l2, steps=1500, lr=1e-2):
   return lambda feats: np.asarray((jnp.asarray(feats) / scale) @ params["w"] + params["b"])
 
 
-def gold_accuracy(scores, d) -> float:
+def gold_accuracy(scores, d) -> dict:
+  """Gold accuracy overall and per language ('', '/en', '/zh') of scores [N, K]."""
   metrics, _ = evaluate_rm.comparison_metrics(scores, d["valid"], d["prefer"], d["lang"],
                                               d["gold"])
-  return metrics.get("gold_accuracy", float("nan")), metrics["accuracy"]
+  return {k[len("gold_accuracy"):]: round(v, 3) for k, v in metrics.items()
+          if k.startswith("gold_accuracy")}
+
+
+def _take(d, rows) -> dict:
+  return {k: v[rows] for k, v in d.items()}
+
+
+def cross_validated(d, feature: str, l2: float, folds: int = 8) -> dict:
+  """Gold accuracy of heads fitted on (folds - 1) / folds of the comparisons, each scored on
+  the fold it did not see: all comparisons held out once, a less noisy figure than one split."""
+  scores = np.zeros(d[feature].shape[:2])
+  fold = np.arange(len(scores)) % folds
+  for f in range(folds):
+    head = fit_head(d[feature][fold != f], d["prefer"][fold != f], d["valid"][fold != f], l2)
+    scores[fold == f] = head(d[feature][fold == f])
+  return gold_accuracy(scores, d)
 
 
 def probe_table(train, held) -> list:
   rows = []
+  both = {k: np.concatenate([train[k], held[k]]) for k in train}
   for feature in ("last", "mean"):
     for l2 in (1e-3, 1e-2, 1e-1):
       head = fit_head(train[feature], train["prefer"], train["valid"], l2)
-      row = {"feature": feature, "l2": l2}
-      row["train_gold_acc"], row["train_acc"] = gold_accuracy(head(train[feature]), train)
-      row["heldout_gold_acc"], row["heldout_acc"] = gold_accuracy(head(held[feature]), held)
+      row = {"feature": feature, "l2": l2, "train_gold": gold_accuracy(head(train[feature]), train),
+             "heldout_gold": gold_accuracy(head(held[feature]), held),
+             "cv_gold": cross_validated(both, feature, l2)}
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
 
 
+def read_features(path: str) -> dict:
+  """{split: {key: array}} of a --features_out file."""
+  with np.load(path) as f:
+    splits = {}
+    for name in f.files:
+      split, key = name.split("/", 1)
+      splits.setdefault(split, {})[key] = f[name]
+  return splits
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--config", required=True)
+  parser.add_argument("--workdir", default="", help="a pipeline workdir with sft, comparisons")
+  parser.add_argument("--config", default="", help="configs/pipeline.py's argument")
   parser.add_argument("--set", action="append", default=[])
   parser.add_argument("--json_out", default="")
   parser.add_argument("--features_out", default="")
+  parser.add_argument("--features_in", default="", help="refit from a --features_out file")
   args = parser.parse_args()
+  if args.features_in:
+    splits = read_features(args.features_in)
+    train, held = splits.pop("train"), splits.popitem()[1]
+    rows = probe_table(train, held)
+    if args.json_out:
+      with open(args.json_out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return
+  if not (args.workdir and args.config):
+    parser.error("--workdir and --config are needed unless --features_in")
   config = rm_config(args.workdir, args.config, args.set)
   launch.resolve_auto_dtype(config)
   mesh, rules = setup_mesh(config, 1)
@@ -140,7 +199,9 @@ def main():
   state, shardings, _ = reward.starting_state(config, tempfile.mkdtemp(), model, tx, tokenizer,
                                               data_iter, mesh, rules)
   params = state.full_params(state.params)
-  features = features_fn(model)
+  shared = config.data.get("layout", "answers") == "shared_prompt"
+  features = features_fn(model, shared)
+  keys = ("tokens", "positions", "segment_ids") + (("prefix_ids", "score_at") if shared else ())
   t0 = time.time()
   splits = {}
   for split in ("train", config.eval.split):
@@ -154,7 +215,7 @@ def main():
     feats = {"last": [], "mean": []}
     bs = config.data.batch_size
     for start in range(0, held.n, bs):
-      chunk = [held.arrays[k][start:start + bs] for k in ("tokens", "positions", "segment_ids")]
+      chunk = [held.arrays[k][start:start + bs] for k in keys]
       last, mean = features(params, *chunk)
       feats["last"].append(np.asarray(last))
       feats["mean"].append(np.asarray(mean))
