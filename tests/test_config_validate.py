@@ -58,6 +58,8 @@ BAD = [
     ("sft", {"optim.schedule": "cosin"}, r"optim\.schedule must be one of \['cosine', "),
     ("sft", {"tokenizer.path": "/no/such/tokenizer.model"}, r"tokenizer\.path does not exist"),
     ("ppo", {"ppo.minibatches": 3}, r"ppo\.minibatches does not divide the batch of 8 "),
+    ("ppo", {"lora.rank": 4, "lora.dropout": 0.1}, r"lora\.dropout must be 0 for PPO: the "),
+    ("sft", {"lora.rank": 4, "lora.dropout": 1.0}, r"lora\.dropout must be in \[0, 1\)"),
     ("ppo", {"ppo.clip_eps": 1.0}, r"ppo\.clip_eps must be in \(0, 1\) \(got 1\.0\)"),
     ("ppo", {"kl.coef": -0.1}, r"kl\.coef: beta must be >= 0 \(got -0\.1\)"),
     # 32 prompt tokens + 100 answer tokens > the tiny model's 128 positions.

@@ -20,6 +20,7 @@ from rlhf_jax.data import builders
 from rlhf_jax.core.metrics import read_metrics
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.eval import held_out
+from rlhf_jax.train import objective as objective_lib
 from rlhf_jax.train import preference as pref
 from rlhf_jax.data import preference_batches as pref_inputs
 
@@ -301,7 +302,7 @@ def test_bundled_feedback_weights(bundled_data_dir):
   liked, disliked = data.label_counts()
   assert liked / (liked + disliked) > 0.85
   config = config_util.load_config("configs/kto.py:size=tiny")
-  objective = pref.objective_from_config(config, (liked, disliked))
+  objective = objective_lib.objective_from_config(config, (liked, disliked))
   ratio = liked * objective.desirable_weight / (disliked * objective.undesirable_weight)
   assert 1.0 <= ratio <= 4.0 / 3.0
   assert objective.undesirable_weight > 5.0

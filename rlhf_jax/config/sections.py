@@ -121,7 +121,8 @@ def use_pretrained_model(config, model: str, path: str = "", dtype: str = "float
 def lora_section(rank: int = 0) -> ml_collections.ConfigDict:
   """`config.lora`: low-rank adapters on the projections whose parameter path matches `targets`
   (rank 0: train every parameter). alpha scales the adapter by alpha / rank; dropout acts on
-  the adapter's input in supervised stages only (RL never samples with it). A scalar model's
+  the adapter's input in the SFT, RM, KTO and DPO steps (a key per step and micro-batch),
+  never in evaluation or sampling; PPO refuses it (its ratio needs the sampler's function). A scalar model's
   head (RM, critic) is always fully trained. tokens: comma-separated vocabulary ids whose tied
   embedding rows train beside the adapters ('' none; the pipeline sets a pretrained model's
   chat-template tokens). tokens_start: 'id:source,...', rows of `tokens` that start as copies

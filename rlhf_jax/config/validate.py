@@ -165,6 +165,7 @@ def check_common(c: Checks) -> None:
   c.number("train.max_to_keep", 1, integer=True)
   c.number("train.stop_after", 0, integer=True)
   rank = c.number("lora.rank", 0, integer=True)
+  c.number("lora.dropout", 0, 1, hi_open=True)
   if c.choice("lora.base_quant", BASE_QUANTS) and rank == 0:
     c.problem("lora.base_quant", "needs lora.rank > 0 (the int8 base is LoRA's frozen one)",
               c.get("lora.base_quant"))
@@ -238,6 +239,10 @@ def check_sampling(c: Checks, section: str) -> None:
 
 
 def check_ppo(c: Checks, max_len) -> None:
+  dropout = c.get("lora.dropout")
+  if isinstance(dropout, (int, float)) and dropout > 0:
+    c.problem("lora.dropout", "must be 0 for PPO: the ratio compares the policy's log-probs to "
+              "the sampler's, which a dropped-out forward would not reproduce", dropout)
   batch = c.number("data.batch_size", 1, integer=True)
   lang = c.choice("data.lang", PPO_LANGS)
   minibatches = c.number("ppo.minibatches", 1, integer=True)

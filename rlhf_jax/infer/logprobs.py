@@ -88,18 +88,19 @@ def layout_rows(prompts: Sequence[np.ndarray], answers: Sequence[np.ndarray], *,
 
 def sequence_logprobs(params, tokens: Array, positions: Array, segment_ids: Array,
                       answer_mask: Array, *, model_config: ModelConfig,
-                      vocab_chunk: int | None = None) -> Array:
+                      vocab_chunk: int | None = None, rngs=None) -> Array:
   """Σ_t log π(a_t | prompt, a_<t) [R] (float32) over the real answer tokens of each row.
 
   tokens, positions, segment_ids [R, P + N]; answer_mask [R, N]. Pure and jittable; the
   vocabulary projection runs on the N answer columns only. vocab_chunk: columns per step of
   the chunked projection (rlhf_jax/models/chunked.py); None: the config's, 0: unchunked.
+  rngs: a training forward's (LoRA dropout, train/state.dropout_rngs); None: deterministic.
   """
   model = Transformer(model_config)
   n = answer_mask.shape[-1]
   hidden, _ = model.apply({"params": params}, tokens, positions, segment_ids,
                           columns=answer_columns(tokens.shape[1], n),
-                          method=Transformer.hidden_states)  # [R, N, D]
+                          method=Transformer.hidden_states, rngs=rngs or {})  # [R, N, D]
   # [R, N]; over vocabulary chunks when the config asks (ModelConfig.vocab_chunk), else
   # through the whole logits [R, N, V]
   logp, _ = chunked.model_logit_stats(params, hidden, tokens[:, -n:], model_config=model_config,

@@ -102,18 +102,21 @@ def load_reward_model(workdir: str, *, require_normalization: bool = True, step=
   return model_config, params, gain, bias
 
 
-def comparison_scores(params, batch, model: ScalarModel):
+def comparison_scores(params, batch, model: ScalarModel, rngs=None):
   """Raw scores [B, K]: the B*K answers of a batch in one forward pass, one row each; or, in
   the shared_prompt layout (a `score_at` [B, K] in the batch), one row per comparison, its
-  prompt once and each answer after it seeing the prompt (data/rm_batches.py)."""
+  prompt once and each answer after it seeing the prompt (data/rm_batches.py). rngs: a
+  training forward's (LoRA dropout, train/state.dropout_rngs); None: deterministic."""
+  rngs = rngs or {}
   if "score_at" in batch:
     values = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                         batch["segment_ids"], prefix_ids=batch["prefix_ids"])  # [B, T]
+                         batch["segment_ids"], prefix_ids=batch["prefix_ids"],
+                         rngs=rngs)  # [B, T]
     return jnp.take_along_axis(values, batch["score_at"], axis=1)  # [B, K]
   b, k, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * k, t)  # noqa: E731
   values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),
-                       flat(batch["segment_ids"]))  # [B*K, T]
+                       flat(batch["segment_ids"]), rngs=rngs)  # [B*K, T]
   return last_token_value(values, flat(batch["segment_ids"])).reshape(b, k)  # [B, K]
 
 

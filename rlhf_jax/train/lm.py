@@ -26,21 +26,25 @@ from rlhf_jax.models import ModelConfig, Transformer, lora
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.train.loop import resume, run_train_loop
 from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
-                                  init_params_fn, load_lora_base, param_count, setup_mesh,
-                                  split_microbatches)
+                                  dropout_rngs, init_params_fn, load_lora_base,
+                                  microbatch_keys, param_count, setup_mesh, split_microbatches)
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def lm_loss(params, batch, model: Transformer, loss_share: float = 0.0, groups: int = 1):
+def lm_loss(params, batch, model: Transformer, loss_share: float = 0.0, groups: int = 1,
+            key=None):
   """(summed next-token loss, (number of trained tokens, 1.0 where the output projection ran
   on the gathered loss positions only)) of one batch. Over vocabulary chunks when
   model.config.vocab_chunk > 0 (models/chunked.py), else from the whole logits; on
-  `loss_share` of the positions, the loss positions first, when > 0 (data.loss_capacity)."""
+  `loss_share` of the positions, the loss positions first, when > 0 (data.loss_capacity).
+  key: the step's key, for LoRA dropout (None: the deterministic model)."""
+  rngs = {} if key is None else dropout_rngs(key, model.config)
   hidden, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                          batch["segment_ids"], method=Transformer.hidden_states)  # [B, T, D]
+                          batch["segment_ids"], method=Transformer.hidden_states,
+                          rngs=rngs)  # [B, T, D]
   loss, count, gathered = chunked.gathered_next_token_loss(
       params, hidden, batch["targets"], batch["loss_mask"], model_config=model.config,
       loss_share=loss_share, groups=groups)
@@ -57,13 +61,14 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
   """
   # With LoRA, `state.params` are the adapters and the base comes in frozen: no gradient of it.
   grad_fn = jax.value_and_grad(
-      lambda p, b: lm_loss(state.full_params(p), b, model, loss_share, groups), has_aux=True)
+      lambda p, b, k: lm_loss(state.full_params(p), b, model, loss_share, groups, k),
+      has_aux=True)
 
   if grad_accum == 1:
-    (loss_sum, (count, gathered)), grads = grad_fn(state.params, batch)
+    (loss_sum, (count, gathered)), grads = grad_fn(state.params, batch, state.key())
   else:
-    def accumulate(carry, micro):
-      (loss_sum, (count, gathered)), grads = grad_fn(state.params, micro)
+    def accumulate(carry, micro_and_key):
+      (loss_sum, (count, gathered)), grads = grad_fn(state.params, *micro_and_key)
       acc_loss, acc_count, acc_gathered, acc_grads = carry
       return (acc_loss + loss_sum, acc_count + count, acc_gathered + gathered / grad_accum,
               jax.tree.map(jnp.add, acc_grads, grads)), None
@@ -71,7 +76,7 @@ def train_step(state: TrainState, batch, *, model: Transformer, tx: optax.Gradie
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss_sum, count, gathered, grads), _ = jax.lax.scan(
         accumulate, (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros),
-        split_microbatches(batch, grad_accum))
+        (split_microbatches(batch, grad_accum), microbatch_keys(state.key(), grad_accum)))
 
   denom = jnp.maximum(count, 1.0)
   loss = loss_sum / denom

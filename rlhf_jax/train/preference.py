@@ -34,7 +34,6 @@ token (`eval/dpo/*`).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -59,64 +58,14 @@ from rlhf_jax.core.metrics import MetricWriter, read_metrics
 from rlhf_jax.data.preference_batches import ROW_KEYS, flat_rows
 from rlhf_jax.eval.held_out import PreferenceHeldOut
 from rlhf_jax.train.loop import Evaluation, resume, run_train_loop
+from rlhf_jax.train.objective import Objective, objective_from_config
 from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
-                                  init_params_fn, load_lora_base, param_count, setup_mesh)
+                                  dropout_rngs, init_params_fn, load_lora_base, param_count,
+                                  setup_mesh)
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ROW_KEYS + ("valid", "label", "lang")
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """Which loss, and its settings (hashable: it is bound into the jitted step)."""
-  kind: str  # "kto" | "dpo"
-  beta: float
-  desirable_weight: float = 1.0  # KTO
-  undesirable_weight: float = 1.0  # KTO
-  label_smoothing: float = 0.0  # DPO
-
-  def __post_init__(self):
-    if self.kind not in pref_inputs.KINDS:
-      raise ValueError(f"unknown preference objective {self.kind!r}; choose from "
-                       f"{pref_inputs.KINDS}")
-    if not self.beta > 0:
-      raise ValueError(f"{self.kind}.beta must be > 0, got {self.beta}")
-    if self.kind == "kto" and not (self.desirable_weight > 0 and self.undesirable_weight > 0):
-      raise ValueError(f"kto.desirable_weight and kto.undesirable_weight must be > 0, got "
-                       f"{self.desirable_weight} and {self.undesirable_weight}")
-    if not 0.0 <= self.label_smoothing < 0.5:
-      raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-
-def objective_from_config(config, label_counts: tuple[int, int] | None = None) -> Objective:
-  """The objective of `config.trainer`; for KTO with `kto.auto_undesirable_weight` λ_U is set
-  from the data's like / dislike counts so that λ_D·n_D / (λ_U·n_U) = kto.weight_ratio."""
-  kind = config.trainer
-  if kind == "dpo":
-    return Objective("dpo", beta=config.dpo.beta, label_smoothing=config.dpo.label_smoothing)
-  cfg = config.kto
-  desirable, undesirable = cfg.desirable_weight, cfg.undesirable_weight
-  if not desirable > 0:
-    raise ValueError(f"kto.desirable_weight must be > 0, got {desirable}")
-  if not 1.0 <= cfg.weight_ratio <= 4.0 / 3.0:
-    log.warning("kto.weight_ratio=%s is outside KTO's recommended [1, 4/3]", cfg.weight_ratio)
-  if label_counts is not None:
-    liked, disliked = label_counts
-    if cfg.auto_undesirable_weight:
-      undesirable = pref_inputs.auto_undesirable_weight(desirable, liked, disliked,
-                                                        cfg.weight_ratio)
-      log.info("kto weights: %d likes, %d dislikes -> desirable %.4g, undesirable %.4g "
-               "(λ_D·n_D / λ_U·n_U = %.3f; kto.auto_undesirable_weight)", liked, disliked,
-               desirable, undesirable, desirable * liked / (undesirable * disliked))
-    else:
-      ratio = desirable * liked / (undesirable * disliked) if undesirable > 0 else float("inf")
-      level = logging.INFO if 1.0 <= ratio <= 4.0 / 3.0 else logging.WARNING
-      log.log(level, "kto weights: %d likes, %d dislikes, desirable %.4g, undesirable %.4g: "
-              "λ_D·n_D / λ_U·n_U = %.3f (KTO recommends [1, 4/3])", liked, disliked, desirable,
-              undesirable, ratio)
-  return Objective("kto", beta=cfg.beta, desirable_weight=desirable,
-                   undesirable_weight=undesirable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +76,13 @@ def concat_rows(a, b) -> dict:
   return {k: jnp.concatenate([a[k], b[k]], axis=0) for k in ROW_KEYS}
 
 
-def preference_loss(params, reference, batch, *, model_config, objective: Objective,
+def preference_loss(params, reference, batch, key=None, *, model_config, objective: Objective,
                     reference_config=None):
   """(loss, (metrics, tokens)) of one batch; `reference` gets no gradient. reference_config:
-  the reference's model when it differs from the policy's (LoRA: the base, adapters off)."""
-  logp = functools.partial(logprobs_lib.sequence_logprobs, model_config=model_config)
+  the reference's model when it differs from the policy's (LoRA: the base, adapters off).
+  key: the step's, for the policy's LoRA dropout (None: off; the reference never has any)."""
+  logp = functools.partial(logprobs_lib.sequence_logprobs, model_config=model_config,
+                           rngs=None if key is None else dropout_rngs(key, model_config))
   ref_logp = functools.partial(logprobs_lib.sequence_logprobs,
                                model_config=reference_config or model_config)
   rows = flat_rows(batch)
@@ -168,8 +119,9 @@ def train_step(state: TrainState, reference, batch, *, model_config, tx, schedul
   if reference is None:
     reference, ref_config = state.frozen, lora.base_config(model_config)
   grad_fn = jax.value_and_grad(
-      lambda p, r, b: preference_loss(state.full_params(p), r, b, model_config=model_config,
-                                      objective=objective, reference_config=ref_config),
+      lambda p, r, b: preference_loss(state.full_params(p), r, b, state.key(),
+                                      model_config=model_config, objective=objective,
+                                      reference_config=ref_config),
       has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, reference, batch)
   grad_norm = optax.global_norm(grads)

@@ -41,9 +41,9 @@ from rlhf_jax.data.pipeline import load_source
 from rlhf_jax.eval.held_out import RewardModelHeldOut
 from rlhf_jax.infer.rm_scores import NORMALIZATION_FILE, comparison_scores
 from rlhf_jax.train.loop import Evaluation, resume, run_train_loop
-from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state, load_lora_base,
-                                  init_params_fn, param_count, setup_mesh,
-                                  split_microbatches)
+from rlhf_jax.train.state import (TrainState, apply_update_if, create_train_state,
+                                  dropout_rngs, init_params_fn, load_lora_base,
+                                  microbatch_keys, param_count, setup_mesh, split_microbatches)
 from rlhf_jax.infer import answers as respond
 from rlhf_jax.infer import rm_scores as reward_lib
 
@@ -82,8 +82,10 @@ def batch_loss(scores, batch, kind: str, reduction: str | None, rows=None):
   return losses.ranking_loss(scores, prefer, batch["valid"], batch["margin"], reduction)
 
 
-def rm_loss(params, batch, *, model: ScalarModel, kind: str, reduction: str | None):
-  scores = comparison_scores(params, batch, model)
+def rm_loss(params, batch, key=None, *, model: ScalarModel, kind: str, reduction: str | None):
+  """(loss sum, (count, scores [B, K])); key: the step's, for LoRA dropout (None: off)."""
+  scores = comparison_scores(params, batch, model,
+                             None if key is None else dropout_rngs(key, model.config))
   loss_sum, count = batch_loss(scores, batch, kind, reduction)
   return loss_sum, (count, scores)
 
@@ -130,20 +132,22 @@ def train_step(state: TrainState, batch, *, model: ScalarModel, tx: optax.Gradie
   final checkpoint, its held-out metrics and its normalisation are all the average's."""
   # With LoRA, `state.params` are the adapters and the head; the trunk's base comes in frozen.
   grad_fn = jax.value_and_grad(
-      lambda p, b: rm_loss(state.full_params(p), b, model=model, kind=kind, reduction=reduction),
+      lambda p, b, k: rm_loss(state.full_params(p), b, k, model=model, kind=kind,
+                              reduction=reduction),
       has_aux=True)
   if grad_accum == 1:
-    (loss_sum, (count, scores)), grads = grad_fn(state.params, batch)
+    (loss_sum, (count, scores)), grads = grad_fn(state.params, batch, state.key())
   else:
-    def accumulate(carry, micro):
-      (loss_sum, (count, scores)), grads = grad_fn(state.params, micro)
+    def accumulate(carry, micro_and_key):
+      (loss_sum, (count, scores)), grads = grad_fn(state.params, *micro_and_key)
       acc_loss, acc_count, acc_grads = carry
       return (acc_loss + loss_sum, acc_count + count,
               jax.tree.map(jnp.add, acc_grads, grads)), scores
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss_sum, count, grads), micro_scores = jax.lax.scan(
-        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), split_microbatches(batch, grad_accum))
+        accumulate, (jnp.zeros(()), jnp.zeros(()), zeros),
+        (split_microbatches(batch, grad_accum), microbatch_keys(state.key(), grad_accum)))
     scores = micro_scores.swapaxes(0, 1).reshape(-1, micro_scores.shape[-1])  # [B, K]
 
   denom = jnp.maximum(count, 1.0)

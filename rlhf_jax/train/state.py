@@ -156,6 +156,18 @@ def init_params_fn(model, seq_len: int):
   return init
 
 
+def dropout_rngs(key, model_config) -> dict:
+  """`rngs` for a training forward: {'dropout': key} when the model has LoRA dropout (it acts
+  only when given a 'dropout' rng, models/lora.py), else none. Evaluation, sampling and PPO
+  never pass one: their forwards are the deterministic model."""
+  return {"dropout": key} if model_config.lora_rank and model_config.lora_dropout > 0 else {}
+
+
+def microbatch_keys(key, n: int):
+  """n keys [n] for the micro-batches of one step (scanned beside them)."""
+  return jax.random.split(key, n)
+
+
 def split_microbatches(batch, n: int):
   """[B, ...] -> [n, B/n, ...] taking every n-th row, so each device keeps its own rows."""
   def split(x):
