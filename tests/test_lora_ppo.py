@@ -213,6 +213,10 @@ def test_an_int8_ppo_quantises_a_float_rm_instead_of_sharing_its_base(tmp_path):
   models, sources, state, frozen = _ppo_models(sft, rm, S.V, "int8")
   assert not sources["shared"] and not run_folder.is_trunk_of(rm, sft, "int8")
   assert run_folder.is_trunk_of(rm, sft, "")
+  # The same SFT run through a symlinked workdir is still the RM's base.
+  os.symlink(os.path.dirname(sft), str(tmp_path / "linked"))
+  assert run_folder.is_trunk_of(rm, os.path.join(str(tmp_path / "linked"),
+                                                 os.path.basename(sft)), "")
   assert (models.policy.lora_base_quant, models.reward.lora_base_quant) == ("int8", "int8")
   sft_params, _ = run_folder.load_policy(sft)
   folded, _ = run_folder.load_scalar_model(rm)

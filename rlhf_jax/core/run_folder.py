@@ -296,8 +296,11 @@ def is_trunk_of(run: str, policy_run: str, base_quant: str = "") -> bool:
   for the RM, critic, policy and reference."""
   record = read_record(run)
   base = record.get("base") or {}
+  # Real paths: the same SFT run reached through a symlinked or differently spelt workdir.
+  same_run = bool(base.get("source")) and (
+      os.path.realpath(base["source"]) == os.path.realpath(root(policy_run)))
   return bool(record["model"].get("lora_rank")) and base.get("as") == "trunk" and (
-      base.get("source") == root(policy_run) and base.get("step") == latest_step(policy_run)
+      same_run and base.get("step") == latest_step(policy_run)
       and record["model"].get("lora_base_quant", "") == base_quant)
 
 
