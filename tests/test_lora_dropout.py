@@ -18,7 +18,7 @@ from rlhf_jax.train import preference as pref
 from rlhf_jax.train import reward as rm_trainer
 from rlhf_jax.train.state import TrainState
 
-BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=48,
                    max_len=32, lora_rank=4, lora_alpha=8.0)
 B, T = 4, 12
 
