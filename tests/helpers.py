@@ -5,6 +5,16 @@ import numpy as np
 from rlhf_jax.config import util as config_util
 
 
+def randomize_lora_b(params, seed=1, scale=0.05):
+  """Every lora_b drawn N(0, scale) instead of 0: with B = 0 an adapter's A gets no gradient and
+  whatever acts on its input (dropout) changes nothing."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = [scale * jax.random.normal(k, x.shape) if str(p[-1].key).endswith("lora_b") else x
+         for k, (p, x) in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, out)
+
+
 def tiny_lm_config(steps=4, batch=8, seq_len=16, vocab=128, **overrides):
   """A tiny next-token config on synthetic data: compiles in seconds, needs no data files."""
   arg = config_util.parse_arg(f"size=tiny,steps={steps},batch={batch},seq_len={seq_len}",

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import randomize_lora_b
 
 from rlhf_jax.models import ModelConfig, Transformer, lora
 
@@ -29,15 +30,6 @@ def _init(config, seed=0):
 def _logits(config, params, inputs):
   """Jitted: op-by-op, a forward (and its gradient) costs a compile per operation."""
   return jax.jit(lambda p, *xs: Transformer(config).apply({"params": p}, *xs)[0])(params, *inputs)
-
-
-def _randomize_b(params, seed=1):
-  """Every lora_b drawn N(0, 0.05) instead of 0, so gradients of A are not trivially zero."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  out = [0.05 * jax.random.normal(k, x.shape) if str(p[-1].key).endswith("lora_b") else x
-         for k, (p, x) in zip(keys, leaves)]
-  return jax.tree.unflatten(treedef, out)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -65,7 +57,7 @@ def test_target_pattern_selects_projections_by_path():
 @pytest.mark.parametrize("scan", [False, True])
 def test_fold_gives_the_unmerged_models_logits(scan):
   config = dataclasses.replace(BASE, lora_rank=4, lora_alpha=8.0, scan_layers=scan)
-  params = _randomize_b(_init(config))
+  params = randomize_lora_b(_init(config))
   inputs = _inputs()
   unmerged = _logits(config, params, inputs)
   folded = lora.fold(params, config)
@@ -82,7 +74,7 @@ def test_adapter_gradients_follow_the_chain_rule_from_the_full_weight():
   same loss with respect to the merged weight W + s A B (a dense reference model)."""
   config = dataclasses.replace(BASE, lora_rank=3, lora_alpha=6.0)
   s = config.lora_alpha / config.lora_rank
-  params = _randomize_b(_init(config))
+  params = randomize_lora_b(_init(config))
   inputs = _inputs()
   target = jax.random.normal(jax.random.key(7), (2, 12, BASE.vocab_size))
 
@@ -131,7 +123,7 @@ def test_split_merge_round_trip_and_what_is_trainable():
 
 def test_bf16_adapter_matches_float32_within_bf16_precision():
   config = dataclasses.replace(BASE, lora_rank=4)
-  params = _randomize_b(_init(config))
+  params = randomize_lora_b(_init(config))
   inputs = _inputs()
   f32 = _logits(config, params, inputs)
   bf16 = _logits(dataclasses.replace(config, dtype="bfloat16"), params, inputs)
@@ -186,7 +178,7 @@ def test_token_rows_act_as_those_rows_of_the_embedding(scan=True):
   ids = (3, 7, 60)
   config = dataclasses.replace(BASE, lora_rank=2, lora_tokens=ids, tie_embeddings=True,
                                scan_layers=scan)
-  params = _randomize_b(_init(config))
+  params = randomize_lora_b(_init(config))
   rows = np.asarray(params["token_rows_lora_b"])  # [3, D], drawn N(0, 0.05) like every lora_b
   assert rows.shape == (3, BASE.d_model) and np.abs(rows).min() > 0
   assert lora.is_trainable(("token_rows_lora_b",))

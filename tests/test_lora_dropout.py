@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from helpers import randomize_lora_b
 
 from rlhf_jax.models import ModelConfig, Transformer, lora
 from rlhf_jax.models.heads import ScalarModel
@@ -23,15 +24,6 @@ BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=
 B, T = 4, 12
 
 
-def _nonzero_adapters(params, seed=1):
-  """lora_b drawn N(0, 0.1) instead of 0: with B = 0 a dropped-out input changes nothing."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  out = [0.1 * jax.random.normal(k, x.shape) if str(p[-1].key).endswith("lora_b") else x
-         for k, (p, x) in zip(keys, leaves)]
-  return jax.tree.unflatten(treedef, out)
-
-
 def _rows(seed=0):
   tokens = jax.random.randint(jax.random.key(seed), (B, T), 0, BASE.vocab_size)
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -41,7 +33,7 @@ def _rows(seed=0):
 def _lm_params(config):
   tokens, positions, segments = _rows()
   params = Transformer(config).init(jax.random.key(0), tokens, positions, segments)["params"]
-  return _nonzero_adapters(nn.unbox(params))
+  return randomize_lora_b(nn.unbox(params), scale=0.1)
 
 
 def _lm_batch():
@@ -94,8 +86,8 @@ def test_rm_loss_uses_dropout():
   config = dataclasses.replace(BASE, lora_dropout=0.3)
   tokens, positions, segments = _rows()
   model = ScalarModel(config)
-  params = _nonzero_adapters(nn.unbox(model.init(jax.random.key(0), tokens, positions,
-                                                 segments)["params"]))
+  params = randomize_lora_b(nn.unbox(model.init(jax.random.key(0), tokens, positions,
+                                                 segments)["params"]), scale=0.1)
   k = 2  # two answers per comparison, [B/2, 2, T]
   batch = {"tokens": tokens.reshape(B // k, k, T), "positions": positions.reshape(B // k, k, T),
            "segment_ids": segments.reshape(B // k, k, T),

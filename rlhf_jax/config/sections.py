@@ -122,13 +122,14 @@ def lora_section(rank: int = 0) -> ml_collections.ConfigDict:
   """`config.lora`: low-rank adapters on the projections whose parameter path matches `targets`
   (rank 0: train every parameter). alpha scales the adapter by alpha / rank; dropout acts on
   the adapter's input in the SFT, RM, KTO and DPO steps (a key per step and micro-batch),
-  never in evaluation or sampling; PPO refuses it (its ratio needs the sampler's function). A scalar model's
-  head (RM, critic) is always fully trained. tokens: comma-separated vocabulary ids whose tied
-  embedding rows train beside the adapters ('' none; the pipeline sets a pretrained model's
-  chat-template tokens). tokens_start: 'id:source,...', rows of `tokens` that start as copies
-  of another token's base row (the pipeline starts Gemma 3 base's untrained <end_of_turn> from
-  <eos>); a fresh run only, not PPO. base_quant: '' or 'int8', the targeted projections' frozen
-  kernels stored as int8 with a scale per output column (models/quant.py; QLoRA's idea)."""
+  never in evaluation or sampling; PPO refuses it (its ratio needs the sampler's function).
+  A scalar model's head (RM, critic) is always fully trained. tokens: comma-separated
+  vocabulary ids whose tied embedding rows train beside the adapters ('' none; the pipeline
+  sets a pretrained model's chat-template tokens). tokens_start: 'id:source,...', rows of
+  `tokens` that start as copies of another token's base row (the pipeline starts Gemma 3
+  base's untrained <end_of_turn> from <eos>); a fresh run only, not PPO. base_quant: '' or
+  'int8', the targeted projections' frozen kernels stored as int8 with a scale per output
+  column (models/quant.py; QLoRA's idea)."""
   return ml_collections.ConfigDict(dict(rank=rank, alpha=16.0, dropout=0.0,
                                         targets=r"(attn/(q|k|v|o)|mlp/(gate|up|down))$",
                                         tokens="", tokens_start="", base_quant=""))

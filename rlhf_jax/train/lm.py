@@ -41,10 +41,9 @@ def lm_loss(params, batch, model: Transformer, loss_share: float = 0.0, groups: 
   model.config.vocab_chunk > 0 (models/chunked.py), else from the whole logits; on
   `loss_share` of the positions, the loss positions first, when > 0 (data.loss_capacity).
   key: the step's key, for LoRA dropout (None: the deterministic model)."""
-  rngs = {} if key is None else dropout_rngs(key, model.config)
   hidden, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
                           batch["segment_ids"], method=Transformer.hidden_states,
-                          rngs=rngs)  # [B, T, D]
+                          rngs=dropout_rngs(key, model.config))  # [B, T, D]
   loss, count, gathered = chunked.gathered_next_token_loss(
       params, hidden, batch["targets"], batch["loss_mask"], model_config=model.config,
       loss_share=loss_share, groups=groups)

@@ -82,7 +82,7 @@ def preference_loss(params, reference, batch, key=None, *, model_config, objecti
   the reference's model when it differs from the policy's (LoRA: the base, adapters off).
   key: the step's, for the policy's LoRA dropout (None: off; the reference never has any)."""
   logp = functools.partial(logprobs_lib.sequence_logprobs, model_config=model_config,
-                           rngs=None if key is None else dropout_rngs(key, model_config))
+                           rngs=dropout_rngs(key, model_config))
   ref_logp = functools.partial(logprobs_lib.sequence_logprobs,
                                model_config=reference_config or model_config)
   rows = flat_rows(batch)

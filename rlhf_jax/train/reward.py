@@ -84,8 +84,7 @@ def batch_loss(scores, batch, kind: str, reduction: str | None, rows=None):
 
 def rm_loss(params, batch, key=None, *, model: ScalarModel, kind: str, reduction: str | None):
   """(loss sum, (count, scores [B, K])); key: the step's, for LoRA dropout (None: off)."""
-  scores = comparison_scores(params, batch, model,
-                             None if key is None else dropout_rngs(key, model.config))
+  scores = comparison_scores(params, batch, model, dropout_rngs(key, model.config))
   loss_sum, count = batch_loss(scores, batch, kind, reduction)
   return loss_sum, (count, scores)
 

@@ -157,10 +157,11 @@ def init_params_fn(model, seq_len: int):
 
 
 def dropout_rngs(key, model_config) -> dict:
-  """`rngs` for a training forward: {'dropout': key} when the model has LoRA dropout (it acts
-  only when given a 'dropout' rng, models/lora.py), else none. Evaluation, sampling and PPO
-  never pass one: their forwards are the deterministic model."""
-  return {"dropout": key} if model_config.lora_rank and model_config.lora_dropout > 0 else {}
+  """`rngs` for a forward: {'dropout': key} for a training step's key when the model has LoRA
+  dropout (it acts only when given a 'dropout' rng, models/lora.py), else none (key None:
+  evaluation, sampling and PPO, whose forwards are the deterministic model)."""
+  on = key is not None and model_config.lora_rank and model_config.lora_dropout > 0
+  return {"dropout": key} if on else {}
 
 
 def microbatch_keys(key, n: int):
