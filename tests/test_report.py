@@ -140,3 +140,21 @@ def test_config_line_names_the_pretrained_model_in_place_of_pretraining():
       **base, "model": "gemma3_270m", "continue_pretraining": True}))[0]
   assert "pretrain 600, SFT 100" in line
   assert "pretrain 600," in report._config_section(types.SimpleNamespace(config=base))[0]
+
+
+def test_rm_section_shows_gold_accuracy_by_gold_gap(tmp_path):
+  """The RM's last held-out evaluation, thirds by gold gap, in the report's RM section."""
+  w = _workdir(tmp_path, _results(with_diagnostics=True))
+  (w / "rm").mkdir()
+  record = {"step": 12, "eval/rm/accuracy/en": 0.64, "eval/rm/gold_accuracy/en": 0.73,
+            "eval/rm/pairs/en": 896}
+  for b, (acc, labels, hi) in enumerate([(0.55, 0.6, 0.05), (0.7, 0.8, 0.2),
+                                         (0.9, 0.95, 1.1)], 1):
+    record.update({f"eval/rm/gold_gap{b}_accuracy/en": acc,
+                   f"eval/rm/gold_gap{b}_labels/en": labels, f"eval/rm/gold_gap{b}_hi/en": hi})
+  (w / "rm" / "metrics.jsonl").write_text(json.dumps({"step": 6, "rm/loss": 0.6}) + "\n"
+                                          + json.dumps(record) + "\n")
+  text = open(report.write_report(str(w)), encoding="utf-8").read()
+  assert ("| en | 0.550 / 0.600 (gap <= 0.050) | 0.700 / 0.800 (gap <= 0.200) "
+          "| 0.900 / 0.950 (gap <= 1.100) |") in text
+  assert "| zh |" not in text.split("clearest third |")[1].split("\n\n")[0]  # no zh evaluation

@@ -37,3 +37,45 @@ def test_thumbs_accuracy():
       scores, np.ones((3, 1)), np.zeros((3, 1, 1)), np.array([0, 0, 0]),
       label=np.array([[1], [0], [0]]), labeled=np.ones((3, 1)))
   assert m["thumbs_accuracy"] == pytest.approx(2 / 3) and m["thumbs"] == 3
+
+
+def test_gold_gap_thirds_match_a_python_loop():
+  """Per language, the gold pairs sorted by gold gap and cut in thirds: the RM's accuracy and
+  the labels' agreement with gold in each third, against a loop over the pairs."""
+  rng = np.random.default_rng(0)
+  n, k = 12, 4
+  scores = rng.normal(size=(n, k))
+  gold = rng.random((n, k))
+  gold[0, 1] = gold[0, 0]  # a tie: no gold pair
+  gold[1, 3] = np.nan  # unknown: no gold pair
+  valid = np.ones((n, k))
+  valid[2, 2] = 0  # padding: no pair
+  ranking = np.argsort(-(gold + rng.normal(scale=0.3, size=(n, k))), axis=1)  # noisy labels
+  prefer = np.zeros((n, k, k))
+  for r in range(n):
+    for a in range(k):
+      for b in range(a + 1, k):
+        prefer[r, ranking[r, a], ranking[r, b]] = 1
+  prefer[3] = 0  # a comparison whose labels are all ties: each counts half
+  lang = np.array([0, 1] * (n // 2))
+  m, _ = evaluate_rm.comparison_metrics(scores, valid, prefer, lang, gold)
+  for li, name in enumerate(("en", "zh")):
+    pairs = []  # (gap, RM right, labels agree)
+    for r in np.flatnonzero(lang == li):
+      for i in range(k):
+        for j in range(k):
+          if (valid[r, i] and valid[r, j] and np.isfinite(gold[r, i]) and np.isfinite(gold[r, j])
+              and gold[r, i] > gold[r, j]):
+            d = scores[r, i] - scores[r, j]
+            agree = 1.0 if prefer[r, i, j] else 0.0 if prefer[r, j, i] else 0.5
+            pairs.append((gold[r, i] - gold[r, j], float(d > 0) + 0.5 * (d == 0), agree))
+    pairs.sort(key=lambda p: p[0])
+    assert m[f"gold_pairs/{name}"] == len(pairs)
+    cuts = [0] + [len(part) for part in np.array_split(np.arange(len(pairs)), 3)]
+    cuts = np.cumsum(cuts)
+    for b in range(3):
+      part = pairs[cuts[b]:cuts[b + 1]]
+      assert m[f"gold_gap{b + 1}_accuracy/{name}"] == pytest.approx(np.mean([p[1] for p in part]))
+      assert m[f"gold_gap{b + 1}_labels/{name}"] == pytest.approx(np.mean([p[2] for p in part]))
+      assert m[f"gold_gap{b + 1}_hi/{name}"] == pytest.approx(part[-1][0])
+  assert "gold_gap1_accuracy" not in m  # not across languages: their gold units differ

@@ -18,7 +18,7 @@ import sys
 
 from rlhf_jax.eval import report_plots, report_verdicts
 from rlhf_jax.eval.report_run import (HUMAN_AGREEMENT, LOSS_KEYS, Run, finite, fmt, one_line,
-                                      ppo_curve, rm_accuracy, series)
+                                      ppo_curve, rm_accuracy, rm_gold_gaps, series)
 
 PLOTS = tuple(report_plots.PLOTTERS)
 
@@ -136,6 +136,15 @@ def _rm_section(run: Run) -> list[str]:
     agree = langs_info.get(lang, {}).get("label_gold_agreement")
     out.append(f"| {lang} | {fmt(acc)} | {fmt(gold)} | {int(pairs) if finite(pairs) else 'n/a'} "
                f"| {fmt(agree)} |")
+  gaps = rm_gold_gaps(run)
+  if gaps:
+    out += ["", "The same gold pairs in thirds by how far apart the gold scorer puts the two "
+            "answers (its units; the closest third first): the RM's accuracy against gold, "
+            "then how often the annotators' labels agree with gold there.", "",
+            "| language | closest third | middle third | clearest third |", "|---|---|---|---|"]
+    for lang, thirds in gaps.items():
+      cells = [f"{fmt(acc)} / {fmt(labels)} (gap <= {fmt(hi)})" for acc, labels, hi in thirds]
+      out.append(f"| {lang} | " + " | ".join(cells) + " |")
   out += ["", "![reward model accuracy](plots/rm_accuracy.png)"]
   return out
 

@@ -82,6 +82,19 @@ def rm_accuracy(run: Run) -> dict:
                  last(records, f"eval/rm/pairs/{lang}")) for lang in run.langs}
 
 
+def rm_gold_gaps(run: Run) -> dict:
+  """{lang: [(RM gold accuracy, labels' agreement with gold, largest gap)] per third of the
+  held-out gold pairs, closest first} (eval/reward_model.py `gold_gap_bins`); {} if none."""
+  records = run.metrics["rm"]
+  out = {}
+  for lang in run.langs:
+    thirds = [tuple(last(records, f"eval/rm/gold_gap{b}_{what}/{lang}")
+                    for what in ("accuracy", "labels", "hi")) for b in (1, 2, 3)]
+    if all(finite(t[0]) for t in thirds):
+      out[lang] = thirds
+  return out
+
+
 def ppo_curve(run: Run, lang: str) -> list[dict]:
   """Held-out evaluations of PPO: {step, sqrt_kl, gold, proxy, gold_sft} per evaluation."""
   out = []

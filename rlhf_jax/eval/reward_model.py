@@ -75,6 +75,34 @@ def expected_calibration_error(table: list[dict]) -> float:
   return sum(row["n"] * abs(row["predicted"] - row["observed"]) for row in table) / total
 
 
+GAP_BINS = 3  # gold pairs per language split into thirds by how far apart gold puts them
+
+
+def gold_gap_bins(diff: np.ndarray, gold: np.ndarray, gold_mask: np.ndarray,
+                  prefer: np.ndarray, bins: int = GAP_BINS) -> list[dict]:
+  """The gold pairs of gold_mask [N, K, K] split into `bins` equal-count groups by their gold
+  gap g_i - g_j (> 0; closest first): per group the RM's gold accuracy and the annotators'
+  agreement with gold (their pair preferred the gold winner; neither way counts half).
+
+  Why: gold accuracy mixes pairs gold barely separates, where the annotators themselves are
+  near a coin, with clear ones; an RM short of a goal overall may still rank clear pairs well.
+  Gaps are in the gold scorer's units, so one language at a time.
+  """
+  gap = (gold[:, :, None] - gold[:, None, :])[gold_mask]  # [P]
+  d = diff[gold_mask]
+  agree = prefer[gold_mask] > 0
+  disagree = np.swapaxes(prefer, 1, 2)[gold_mask] > 0
+  labels = agree + 0.5 * (~agree & ~disagree)
+  out = []
+  for part in np.array_split(np.argsort(gap, kind="stable"), bins):
+    if len(part):
+      out.append({"n": len(part), "gap_lo": float(gap[part].min()),
+                  "gap_hi": float(gap[part].max()),
+                  "accuracy": float(np.mean((d[part] > 0) + 0.5 * (d[part] == 0))),
+                  "labels": float(np.mean(labels[part]))})
+  return out
+
+
 def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, labeled=None,
                        bins: int = 10) -> tuple[dict[str, float], list[dict]]:
   """Metrics of raw RM scores [N, K] on held-out comparisons, and the calibration table.
@@ -82,7 +110,9 @@ def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, label
   valid [N, K]; prefer [N, K, K] (the labels' pairs); lang [N] (index in LANGS, -1 other);
   gold [N, K] gold scores (NaN where unknown), or None; label / labeled [N, K] thumbs, or None.
   Keys: loss, accuracy, margin, pairs, ece, gold_accuracy, gold_pairs, thumbs_accuracy, each
-  also per language as '<key>/<lang>' where that language has pairs.
+  also per language as '<key>/<lang>' where that language has pairs; per language only,
+  gold_gap{b}_{accuracy,labels,hi}/<lang> for the thirds of its gold pairs (`gold_gap_bins`,
+  b = 1 the closest).
   """
   scores = np.asarray(scores, np.float64)
   valid, prefer = np.asarray(valid), np.asarray(prefer)
@@ -115,6 +145,12 @@ def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, label
       gacc, _, gn = _accuracy_stats(diff, gold_mask & rows[:, None, None])
       if gn:
         out.update({f"gold_accuracy{suffix}": gacc, f"gold_pairs{suffix}": float(gn)})
+      if gn and suffix:
+        for b, row in enumerate(gold_gap_bins(diff, g, gold_mask & rows[:, None, None],
+                                              prefer), 1):
+          out.update({f"gold_gap{b}_accuracy{suffix}": row["accuracy"],
+                      f"gold_gap{b}_labels{suffix}": row["labels"],
+                      f"gold_gap{b}_hi{suffix}": row["gap_hi"]})
     if labeled is not None:
       lab = (np.asarray(labeled) > 0) & rows[:, None]
       if lab.any():
