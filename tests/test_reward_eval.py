@@ -79,3 +79,7 @@ def test_gold_gap_thirds_match_a_python_loop():
       assert m[f"gold_gap{b + 1}_labels/{name}"] == pytest.approx(np.mean([p[2] for p in part]))
       assert m[f"gold_gap{b + 1}_hi/{name}"] == pytest.approx(part[-1][0])
   assert "gold_gap1_accuracy" not in m  # not across languages: their gold units differ
+  table = evaluate_rm.markdown_table(m).splitlines()
+  row = next(line for line in table if line.startswith("| zh |") and "gap <=" in line)
+  assert row.split(" | ")[3].startswith(f"{m['gold_gap3_accuracy/zh']:.3f} / "
+                                        f"{m['gold_gap3_labels/zh']:.3f}")

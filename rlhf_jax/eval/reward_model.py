@@ -220,6 +220,15 @@ def markdown_table(metrics: dict[str, float]) -> str:
     rows.append(f"| {name} | {int(metrics.get('pairs' + suffix, 0))} | {fmt('accuracy')} | "
                 f"{fmt('gold_accuracy')} | {fmt('margin', False)} | {fmt('loss', False)} | "
                 f"{fmt('ece', False)} |")
+  gaps = [lang for lang in LANGS if f"gold_gap1_accuracy/{lang}" in metrics]
+  if gaps:
+    rows += ["", "| lang | gold accuracy / labels' agreement with gold, closest third of the gold "
+             "pairs | middle third | clearest third |", "|---|---|---|---|"]
+    for lang in gaps:
+      rows.append(f"| {lang} | " + " | ".join(
+          f"{metrics[f'gold_gap{b}_accuracy/{lang}']:.3f} / "
+          f"{metrics[f'gold_gap{b}_labels/{lang}']:.3f} "
+          f"(gap <= {metrics[f'gold_gap{b}_hi/{lang}']:.3f})" for b in (1, 2, 3)) + " |")
   return "\n".join(rows)
 
 
