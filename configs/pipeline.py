@@ -52,12 +52,11 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   alone had not lifted it in 20 steps, so SFT starts <end_of_turn>'s row as a copy of <eos>'s
   (lora.tokens_start), a token the base model predicts where a text ends;
 - step counts and data sizes are PRETRAINED_STEPS and _use_model's, sized for a 2-core CPU:
-  Gemma 3 270M ran every stage in 58 minutes there with 4 answers per comparison
-  (experiments/real_recipe, one whole run: SFT 10 min at ~10 s a step of 8 x 128 tokens on
-  the gathered loss positions, comparisons 7, the RM 13 at 3 epochs in the shared-prompt
-  layout, PPO 20 at 92-138 s an iteration, KTO, DPO and the evaluation 8); the 8 answers of
-  the present default add about 7 minutes of sampling and 3-6 of RM (measured stage by stage,
-  not yet as one run). On an accelerator raise them with --config.<stage>.<field>.
+  Gemma 3 270M ran every stage in 68 minutes there (experiments/real_recipe, the fifth run,
+  one whole run: SFT 10 min at ~10 s a step of 8 x 128 tokens on the gathered loss
+  positions, comparisons 12 for 8 answers to 256 prompts, the RM 17 at 3 epochs in the
+  shared-prompt layout, PPO 20 at 92-138 s an iteration, KTO, DPO and the evaluation 8).
+  On an accelerator raise them with --config.<stage>.<field>.
   Learning rates are a first guess, but for the RM's (3e-4 over 3 epochs, measured).
 `lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA;
 `base_quant=int8` holds their frozen base projections in int8 (models/quant.py: a quarter of
