@@ -134,6 +134,28 @@ def test_missing_or_changed_base_is_an_error_naming_both(base_run, tmp_path):
   assert os.path.abspath(run) in str(e.value) and base in str(e.value)
 
 
+def test_a_workdir_moved_as_a_whole_finds_its_base(base_run, tmp_path):
+  """The record keeps the base's path from the run folder too: after moving a workdir that
+  holds both, the LoRA run reads its base at the new place (the fingerprint still checks it);
+  with the base gone from both places, the error names both."""
+  work = tmp_path / "work"
+  shutil.copytree(base_run, work / "sft")
+  lm.train(_lora_config(str(work / "sft"), steps=2), str(work / "lora"))
+  before, _ = run_folder.load_policy(str(work / "lora"))
+  record = run_folder.read_record(str(work / "lora"))
+  assert record["base"]["relative"] == os.path.join("..", "sft")
+
+  shutil.move(str(work), str(tmp_path / "moved"))
+  after, _ = run_folder.load_policy(str(tmp_path / "moved" / "lora"))
+  for name, a in flat_params(before).items():
+    np.testing.assert_array_equal(a, flat_params(after)[name], err_msg=name)
+
+  shutil.rmtree(tmp_path / "moved" / "sft")
+  with pytest.raises(run_folder.RunFolderError) as e:
+    run_folder.load_policy(str(tmp_path / "moved" / "lora"))
+  assert str(work / "sft") in str(e.value) and os.path.join("..", "sft") in str(e.value)
+
+
 def test_lora_without_a_base_is_a_clear_error(tmp_path):
   config = tiny_lm_config(steps=2)
   config.lora.rank = 4

@@ -173,16 +173,19 @@ def write_record(run: str, *, model_config: ModelConfig, tokenizer, kind: str,
   path = os.path.join(run, RECORD_FILE)
   record = {"format": FORMAT, "kind": kind, "model": _model_fields(model_config),
             **(extra or {})}
+  if record.get("base"):
+    record["base"] = _with_relative_source(record["base"], run)
   if os.path.exists(path):
     old = read_record(run)
     # A field a record predates (lora_*, vocab_chunk) reads as its default: an old run resumes.
     defaults = _model_fields(ModelConfig())
     was = _shape({**defaults, **old.get("model", {})})
     now = _shape(record["model"])
-    if (old.get("kind"), was, old.get("base")) != (kind, now, record.get("base")):
+    old_base, new_base = (_base_key(old.get("base")), _base_key(record.get("base")))
+    if (old.get("kind"), was, old_base) != (kind, now, new_base):
       fields = ([f"kind: recorded {old.get('kind')}, this run {kind}"]
                 if old.get("kind") != kind else [])
-      if old.get("base") != record.get("base"):
+      if old_base != new_base:
         fields.append(f"LoRA base: recorded {old.get('base')}, this run {record.get('base')}")
       fields += [f"model.{k}: recorded {was.get(k)}, this run {now.get(k)}"
                  for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
@@ -290,6 +293,33 @@ def base_identity(source: str, base_params, placed_as: str = "") -> dict:
           "fingerprint": lora.fingerprint(base_params)}
 
 
+def _with_relative_source(base: dict, run: str) -> dict:
+  """A base entry with `relative`: its source's path from the run folder (real paths), so a
+  workdir moved or mounted elsewhere as a whole still finds its base (`base_source`)."""
+  source = str(base.get("source", ""))
+  if not os.path.isabs(source):  # a preset name
+    return base
+  return {**base, "relative": os.path.relpath(os.path.realpath(source), os.path.realpath(run))}
+
+
+def _base_key(base: Optional[dict]):
+  """A base entry without `relative` (records before it lack it, and still resume)."""
+  return None if base is None else {k: v for k, v in base.items() if k != "relative"}
+
+
+def base_source(run: str, entry: dict) -> str:
+  """Where a LoRA run's base is: the recorded source, or, when that path is gone, the path the
+  record's `relative` leads to from the run folder (the workdir moved). The fingerprint check
+  still decides whether what is found there is the base."""
+  source = entry["source"]
+  relative = entry.get("relative")
+  if relative and os.path.isabs(source) and not os.path.exists(source):
+    moved = os.path.normpath(os.path.join(os.path.realpath(root(run)), relative))
+    if os.path.exists(moved):
+      return moved
+  return source
+
+
 def is_trunk_of(run: str, policy_run: str, base_quant: str = "") -> bool:
   """Whether a run is LoRA adapters on the trunk of `policy_run` at its latest step (an RM
   trained on that SFT run), held as `base_quant` ('' float, 'int8'): PPO then keeps one base
@@ -298,7 +328,7 @@ def is_trunk_of(run: str, policy_run: str, base_quant: str = "") -> bool:
   base = record.get("base") or {}
   # Real paths: the same SFT run reached through a symlinked or differently spelt workdir.
   same_run = bool(base.get("source")) and (
-      os.path.realpath(base["source"]) == os.path.realpath(root(policy_run)))
+      os.path.realpath(base_source(run, base)) == os.path.realpath(root(policy_run)))
   return bool(record["model"].get("lora_rank")) and base.get("as") == "trunk" and (
       same_run and base.get("step") == latest_step(policy_run)
       and record["model"].get("lora_base_quant", "") == base_quant)
@@ -324,7 +354,7 @@ def read_base(run: str):
   entry = record.get("base")
   if not entry:
     raise RunFolderError(f"{os.path.join(root(run), RECORD_FILE)}: a LoRA run without a 'base'")
-  source = entry["source"]
+  source = base_source(run, entry)
   config = model_config(run)
   try:
     resolved = pretrained.resolve(source)
@@ -336,8 +366,10 @@ def read_base(run: str):
     else:
       params, _ = load_policy(source, entry.get("step"))
   except (FileNotFoundError, RunFolderError, ValueError) as e:
+    also = (f" (nor at {entry['relative']} from the run folder, where a moved workdir keeps "
+            "it)" if entry.get("relative") else "")
     raise RunFolderError(f"LoRA run {root(run)}: its base {source} (step {entry.get('step')}) "
-                         f"cannot be read: {e}") from None
+                         f"cannot be read{also}: {e}") from None
   if entry.get("as") == "trunk":  # a scalar model's trunk: the policy without its lm_head
     params = {"trunk": trunk_of(params)}
   if config.lora_base_quant:  # the base as the run held it (the fingerprint is of that)
