@@ -48,7 +48,12 @@ def _accuracy_stats(diff: np.ndarray, mask: np.ndarray) -> tuple[float, float, i
   if n == 0:
     return float("nan"), float("nan"), 0
   d = diff[mask]
-  return float(np.mean((d > 0) + 0.5 * (d == 0))), float(np.mean(d)), n
+  return _right_share(d), float(np.mean(d)), n
+
+
+def _right_share(d: np.ndarray) -> float:
+  """Share of pairs whose score difference d = r_winner - r_loser is right, a tie half."""
+  return float(np.mean((d > 0) + 0.5 * (d == 0)))
 
 
 def calibration_table(diff: np.ndarray, mask: np.ndarray, bins: int = 10) -> list[dict]:
@@ -96,10 +101,8 @@ def gold_gap_bins(diff: np.ndarray, gold: np.ndarray, gold_mask: np.ndarray,
   out = []
   for part in np.array_split(np.argsort(gap, kind="stable"), bins):
     if len(part):
-      out.append({"n": len(part), "gap_lo": float(gap[part].min()),
-                  "gap_hi": float(gap[part].max()),
-                  "accuracy": float(np.mean((d[part] > 0) + 0.5 * (d[part] == 0))),
-                  "labels": float(np.mean(labels[part]))})
+      out.append({"n": len(part), "gap_hi": float(gap[part].max()),
+                  "accuracy": _right_share(d[part]), "labels": float(np.mean(labels[part]))})
   return out
 
 
