@@ -56,12 +56,17 @@ def _mixed_forward(x, kernel, dtypes):
   dtype, out_dtype = dtypes[:2]
   xc, kc = x.astype(dtype), kernel.astype(dtype)
   y = lax.dot_general(xc, kc, _NN, preferred_element_type=jnp.float32)  # [M, F]
-  return y.astype(out_dtype), (xc, kc)
+  # The kernel itself is kept, not its cast copy: under a scanned layer stack a residual that
+  # is the layer's slice of the stacked params is read from them in the backward, while a cast
+  # copy is stacked anew for every layer (a compute-dtype copy of every kernel, trained or
+  # frozen, for the whole backward; tests/test_dot.py measures it).
+  return y.astype(out_dtype), (xc, kernel)
 
 
 def _mixed_backward(dtypes, residuals, g):
   dtype, _, x_dtype, kernel_dtype = dtypes
-  xc, kc = residuals
+  xc, kernel = residuals
+  kc = kernel.astype(dtype)  # [K, F]
   gc = g.astype(dtype)  # [M, F]
   dx = lax.dot_general(gc, kc, _NT, preferred_element_type=jnp.float32)  # [M, K]
   dkernel = _weight_gradient(xc, gc)  # [K, F] float32
