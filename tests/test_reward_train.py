@@ -168,3 +168,27 @@ def test_held_out_evaluator_equals_the_one_device_evaluation(planted_run):
   for key in ("accuracy", "gold_accuracy", "accuracy/en", "gold_accuracy/zh", "pairs"):
     assert got[f"eval/rm/{key}"] == pytest.approx(want[key], rel=1e-6), key
   assert got["eval/rm/margin"] == pytest.approx(want["margin"], rel=1e-4, abs=1e-5)
+
+
+def test_one_device_evaluation_reads_the_shared_prompt_layout_alike(planted_run):
+  """The command-line evaluation reads a run in its own data layout: in 'shared_prompt' (each
+  comparison's prompt written once, its answers attending to it) the metrics equal the
+  'answers' layout's (every prompt + answer a row of its own) on the same params."""
+  from rlhf_jax.core import run_folder
+  from rlhf_jax.data.rm_batches import read_records
+  from rlhf_jax.eval import reward_model as evaluate_rm
+  config = planted_run["config"]
+  params, model_config = run_folder.load_scalar_model(planted_run["workdir"])
+  records = read_records(config.data.name, config.eval.split, config.data.data_dir)
+  tokenizer = run_folder.tokenizer(planted_run["workdir"])
+  seq_len = 4 * config.data.seq_len  # room for every answer whole, in either layout
+  common = dict(seq_len=seq_len, max_answers=config.data.max_answers,
+                scorer=config.eval.scorer, bins=config.eval.bins)
+  flat, _ = evaluate_rm.evaluate_records(params, model_config, tokenizer, records, **common)
+  shared, _ = evaluate_rm.evaluate_records(
+      params, model_config, tokenizer, records, layout="shared_prompt",
+      row_len=seq_len * config.data.max_answers, **common)
+  assert flat["data/truncated_answers"] == shared["data/truncated_answers"] == 0
+  for key in ("accuracy", "gold_accuracy", "accuracy/en", "gold_accuracy/zh", "pairs"):
+    assert shared[key] == pytest.approx(flat[key], rel=1e-6), key
+  assert shared["margin"] == pytest.approx(flat["margin"], rel=1e-4, abs=1e-5)

@@ -24,8 +24,9 @@ import numpy as np
 
 from rlhf_jax.core.langs import LANGS
 from rlhf_jax.data import labelers
-from rlhf_jax.infer.rm_scores import jitted_score
-from rlhf_jax.data.rm_batches import STAT_KEYS, Encoder
+from rlhf_jax.infer.rm_scores import comparison_scores
+from rlhf_jax.data.rm_batches import MODEL_KEYS, STAT_KEYS, Encoder
+from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.core import run_folder
 from rlhf_jax.infer.rm_scores import load_reward_model
 from rlhf_jax.data.rm_batches import read_records
@@ -185,23 +186,28 @@ def gold_scores(records: Sequence[dict], max_answers: int, scorer: str = "gold")
 
 def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *, seq_len: int,
                      max_answers: int, scorer: str = "gold", batch_size: int = 16,
-                     bins: int = 10) -> tuple[dict[str, float], list[dict]]:
-  """Scores every answer of `records` with the RM (one device) and computes the metrics."""
+                     bins: int = 10, layout: str = "answers",
+                     row_len: int = 0) -> tuple[dict[str, float], list[dict]]:
+  """Scores every answer of `records` with the RM (one device) and computes the metrics.
+
+  layout / row_len: the RM data's (data/rm_batches.py), so a run is read as it was trained
+  and evaluated: in 'shared_prompt' a comparison's prompt is written once, where 'answers'
+  cuts every prompt + answer to seq_len on its own.
+  """
   import jax
 
-  encoder = Encoder(tokenizer, seq_len=seq_len, max_answers=max_answers)
-  fn = jitted_score(model_config)
+  encoder = Encoder(tokenizer, seq_len=seq_len, max_answers=max_answers, layout=layout,
+                    row_len=row_len)
+  model = ScalarModel(model_config)
+  fn = jax.jit(lambda params, batch: comparison_scores(params, batch, model))
   parts = []
   stats = np.zeros(len(STAT_KEYS), np.int64)
   for start in range(0, len(records), batch_size):
     chunk = list(records[start:start + batch_size])
     batch = encoder.encode_batch(chunk, [None] * len(chunk), batch_size)
     stats += batch.pop("stats")
-    b, k, t = batch["tokens"].shape
-    flat = {key: batch[key].reshape(b * k, t) for key in ("tokens", "positions", "segment_ids")}
-    scores = fn(params, flat["tokens"], flat["positions"], flat["segment_ids"],
-                flat["segment_ids"])
-    batch["scores"] = np.asarray(jax.device_get(scores)).reshape(b, k)
+    scores = fn(params, {key: batch[key] for key in MODEL_KEYS[layout]})  # [B, K]
+    batch["scores"] = np.asarray(jax.device_get(scores))
     parts.append({key: v[:len(chunk)] for key, v in batch.items()})
   cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
   gold = gold_scores(records, max_answers, scorer) if scorer else None
@@ -253,7 +259,8 @@ def main(argv=None):
                          args.data_dir or data["data_dir"] or None, args.limit)
   metrics, table = evaluate_records(params, model_config, tokenizer, records,
                                     seq_len=data["seq_len"], max_answers=data["max_answers"],
-                                    scorer=args.scorer)
+                                    scorer=args.scorer, layout=data.get("layout", "answers"),
+                                    row_len=data.get("row_len", 0))
   result = {"workdir": args.workdir, "data": args.data or data["name"], "split": args.split,
             "comparisons": len(records), "metrics": metrics, "calibration": table}
   print(json.dumps(result, indent=1))
