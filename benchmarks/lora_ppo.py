@@ -33,6 +33,11 @@ A third plan, `lora_shared`, is LoRA PPO with an RM that was itself trained as L
 SFT policy: the RM and the critic are adapters and heads on the reference's trunk, one base in
 memory for all four models (rl/trainer.py).
 
+`--critic_trunks trained,frozen` also times (and plans, as `lora_shared_head`) the LoRA
+settings with `ppo.critic_trunk="frozen"`: the critic a value head on the RM's frozen trunk,
+so scoring runs two trunk passes instead of three and the update none for the critic
+(rl/ppo.py `reward_trunk_features`). The full setting keeps its trained critic (TRL's layout).
+
 Ratios (the issue's goals): LoRA PPO's plan over one full model's params-and-activations
 (<= 1.4x), and the full-parameter iteration's seconds over the LoRA one's (>= 1.5x).
 
@@ -103,6 +108,9 @@ def parse_args(argv=None):
   p.add_argument("--memory_after", type=int, default=2,
                  help="the memory part runs after this many timed settings (the first dtype's "
                       "full and largest-rank runs give the speed ratio first)")
+  p.add_argument("--critic_trunks", default="trained",
+                 help="ppo.critic_trunk of the LoRA settings, one setting each: trained "
+                      "(adapters and head) and/or frozen (a head on the RM's trunk)")
   p.add_argument("--base_quant", default="", choices=["", "int8"],
                  help="the LoRA settings' frozen bases in int8 (models/quant.py)")
   p.add_argument("--setting_timeout", type=int, default=1800)
@@ -127,7 +135,8 @@ class Parts:
   sampling: object
 
 
-def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool = False) -> Parts:
+def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool = False,
+               critic_trunk: str = "trained") -> Parts:
   """configs/ppo.py's hyperparameters and optimizer for the W4 workload, models of `size`.
   shared: the RM is LoRA on the SFT policy (rank `rank` too), kept as adapters on the
   reference's trunk, and the critic starts as it (rl/trainer.py): one base for four models."""
@@ -138,6 +147,7 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
     config.ppo.penalize_missing_eos = False  # no stop ids: every answer runs the full budget
     config.kl.adaptive = False
     config.ppo.optimizer = args.optimizer
+    config.ppo.critic_trunk = critic_trunk
   base = model_config(size, dtype=dtype, scan_layers=scan, remat=bool(args.remat))
   quant_base = args.base_quant if rank else ""
   adapted = (dataclasses.replace(base, lora_rank=rank, lora_alpha=args.alpha,
@@ -151,10 +161,11 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
                sampling=ppo_trainer.sampling_from_config(config.sampling))
 
 
-def abstract_models(models: ppo.PPOModels) -> tuple[dict, ppo.Frozen]:
+def abstract_models(models: ppo.PPOModels, critic_trunk: str = "trained"
+                    ) -> tuple[dict, ppo.Frozen]:
   """(trained params {'policy', 'critic'}, Frozen) as ShapeDtypeStruct trees, as the trainer
   lays them out (rl/trainer.py `_initializer`): with LoRA the adapters (and the critic's head)
-  are trained and the reference is the policy's base."""
+  are trained and the reference is the policy's base; a frozen critic trunk leaves the head."""
   def init():
     tokens = jnp.zeros((1, 8), jnp.int32)
     inputs = (tokens, tokens, jnp.ones_like(tokens))
@@ -169,6 +180,8 @@ def abstract_models(models: ppo.PPOModels) -> tuple[dict, ppo.Frozen]:
     base = policy
   if models.reward.lora_rank:  # a shared base: the RM is adapters and a head
     reward, _ = lora.split(reward)
+  if critic_trunk == "frozen":
+    critic = {"head": critic["head"]}
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   return {"policy": policy, "critic": critic}, ppo.Frozen(base, reward, scalar, scalar)
 
@@ -276,10 +289,16 @@ def timed_iterations(args, parts: Parts, state, frozen, prompts, mask) -> tuple:
   return phases, first, memory
 
 
-def run_timing(args, rank: int, dtype: str) -> dict:
+def setting_name(rank: int, critic_trunk: str) -> str:
+  return "full" if not rank else f"lora{rank}" + ("+head" if critic_trunk == "frozen" else "")
+
+
+def run_timing(args, rank: int, dtype: str, critic_trunk: str = "trained") -> dict:
   """One setting: `iterations` timed PPO iterations after a warm-up; peak RSS at the end."""
-  parts = make_parts(args, args.size, dtype, rank, scan=bool(args.scan_layers))
-  params_abs, frozen_abs = abstract_models(parts.models)
+  critic_trunk = critic_trunk if rank else "trained"
+  parts = make_parts(args, args.size, dtype, rank, scan=bool(args.scan_layers),
+                     critic_trunk=critic_trunk)
+  params_abs, frozen_abs = abstract_models(parts.models, critic_trunk)
   params = {"policy": draw(params_abs["policy"], 0), "critic": draw(params_abs["critic"], 1)}
   # The full policy's buffers are donated, so its reference is a separate draw (equal values).
   frozen = ppo.Frozen(reference=draw_base(frozen_abs.reference, 0, parts.models.policy),
@@ -294,7 +313,8 @@ def run_timing(args, rank: int, dtype: str) -> dict:
                                            jnp.ones_like(prompts))
   med = {k: statistics.median(v) for k, v in phases.items()}
   iteration = sum(med.values())
-  return {"setting": "full" if not rank else f"lora{rank}", "rank": rank, "dtype": dtype,
+  return {"setting": setting_name(rank, critic_trunk), "rank": rank, "dtype": dtype,
+          "critic_trunk": critic_trunk,
           "old_logprobs": "recompute" if parts.hyper.recompute_old_logprobs else "sampler",
           "iteration_s": iteration, "seconds": med,
           "fraction": {k: v / iteration for k, v in med.items()},
@@ -323,11 +343,10 @@ def one_model_memory(cfg, args, temperature: float) -> dict:
 def run_memory(args, size: str, dtype: str) -> dict:
   """Per-device plans of the full and the LoRA PPO steps and of one full model, abstract."""
   out = {"size": size, "dtype": dtype, "rank": args.mem_rank}
-  for name, rank, shared in (("full", 0, False), ("lora", args.mem_rank, False),
-                             ("lora_shared", args.mem_rank, True)):
+  for name, rank, shared, trunk in plans(args):
     t0 = time.perf_counter()
-    parts = make_parts(args, size, dtype, rank, scan=True, shared=shared)
-    params, frozen = abstract_models(parts.models)
+    parts = make_parts(args, size, dtype, rank, scan=True, shared=shared, critic_trunk=trunk)
+    params, frozen = abstract_models(parts.models, trunk)
     state = jax.eval_shape(functools.partial(make_state, parts=parts), params)
     experience_fn, update_fn = step_fns(parts)
     exp_args = (state.params, frozen, abstract_rollout(args.prompts, args.prompt_len,
@@ -343,7 +362,16 @@ def run_memory(args, size: str, dtype: str) -> dict:
   out["one_model"] = one_model_memory(cfg, args, parts.hyper.temperature)
   one = out["one_model"]["params_and_activations_bytes"]
   out["ratio_to_one_model"] = {k: out[k]["iteration_plan_bytes"] / one
-                               for k in ("full", "lora", "lora_shared")}
+                               for k, *_ in plans(args)}
+  return out
+
+
+def plans(args) -> list[tuple]:
+  """(name, rank, shared base, critic trunk) of each memory plan."""
+  out = [("full", 0, False, "trained"), ("lora", args.mem_rank, False, "trained"),
+         ("lora_shared", args.mem_rank, True, "trained")]
+  if "frozen" in args.critic_trunks:
+    out.append(("lora_shared_head", args.mem_rank, True, "frozen"))
   return out
 
 
@@ -351,8 +379,9 @@ def run_memory(args, size: str, dtype: str) -> dict:
 
 
 def run_child(args, spec: str) -> dict:
-  kind, a, dtype = spec.split(":")
-  return run_timing(args, int(a), dtype) if kind == "time" else run_memory(args, a, dtype)
+  kind, a, dtype, *trunk = spec.split(":")
+  return (run_timing(args, int(a), dtype, *trunk) if kind == "time"
+          else run_memory(args, a, dtype))
 
 
 def run_spec(args, argv, spec: str, timeout: int) -> dict:
@@ -381,19 +410,20 @@ def specs(args) -> list[str]:
   after `memory_after` of them."""
   words = lambda s: [w.strip() for w in s.split(",") if w.strip()]  # noqa: E731
   ranks = sorted({int(r) for r in words(args.ranks)}, key=lambda r: (r != 0, -r))
-  timed = [f"time:{r}:{d}" for d in words(args.dtypes) for r in ranks]
+  timed = [f"time:{r}:{d}" + (f":{c}" if r else "") for d in words(args.dtypes) for r in ranks
+           for c in (words(args.critic_trunks) if r else ["trained"])]
   memory = [f"mem:{s}:{d}" for d in words(args.mem_dtypes) for s in words(args.mem_sizes)]
   return timed[:args.memory_after] + memory + timed[args.memory_after:]
 
 
 def ratios(out: dict) -> dict:
   """Full over LoRA iteration seconds per dtype and rank; LoRA's memory ratio per size."""
-  timed = {(r["dtype"], r["rank"]): r for r in out["results"] if "iteration_s" in r}
-  speed = {f"{d}/lora{k}": timed[(d, 0)]["iteration_s"] / r["iteration_s"]
-           for (d, k), r in timed.items() if k and (d, 0) in timed}
-  memory = {f"{m['size']}/{m['dtype']}/{kind}{m['rank']}": m["ratio_to_one_model"][kind]
+  timed = {(r["dtype"], r["setting"]): r for r in out["results"] if "iteration_s" in r}
+  speed = {f"{d}/{name}": timed[(d, "full")]["iteration_s"] / r["iteration_s"]
+           for (d, name), r in timed.items() if name != "full" and (d, "full") in timed}
+  memory = {f"{m['size']}/{m['dtype']}/{kind}{m['rank']}": ratio
             for m in out["memory"] if "ratio_to_one_model" in m
-            for kind in ("lora", "lora_shared") if kind in m["ratio_to_one_model"]}
+            for kind, ratio in m["ratio_to_one_model"].items() if kind != "full"}
   return {"full_over_lora_iteration_s": speed, "lora_plan_over_one_model": memory,
           "goals": {"memory": "<= 1.4", "speed": ">= 1.5"}}
 
@@ -417,14 +447,15 @@ def tables(out: dict) -> str:
         gib(r["compiled_memory"]["iteration_plan_bytes"]), f"{r['trained_params']:,}",
         gib(r["opt_state_bytes"])] for r in timed])
   mem = [m for m in out["memory"] if "one_model" in m]
+  kinds = [k for k in ("full", "lora", "lora_shared", "lora_shared_head")
+           if any(k in m for m in mem)]
   second = common.markdown_table(
-      ["size", "dtype", "full iteration plan GiB", "LoRA iteration plan GiB",
-       "LoRA, shared base, plan GiB", "one model params+act GiB", "full / one model",
-       "LoRA / one model", "LoRA shared / one model (goal <= 1.4)"],
-      [[m["size"], m["dtype"], gib(m["full"]["iteration_plan_bytes"]),
-        gib(m["lora"]["iteration_plan_bytes"]), gib(m["lora_shared"]["iteration_plan_bytes"]),
+      ["size", "dtype", *(f"{k} plan GiB" for k in kinds), "one model params+act GiB",
+       *(f"{k} / one model" + (" (goal <= 1.4)" if k != "full" else "") for k in kinds)],
+      [[m["size"], m["dtype"], *(gib(m[k]["iteration_plan_bytes"]) if k in m else "-"
+                                 for k in kinds),
         gib(m["one_model"]["params_and_activations_bytes"]),
-        *(f"{m['ratio_to_one_model'][k]:.2f}x" for k in ("full", "lora", "lora_shared"))]
+        *(f"{m['ratio_to_one_model'][k]:.2f}x" if k in m else "-" for k in kinds)]
        for m in mem])
   failed = [f"- {r.get('spec')}: {(r['error'].strip().splitlines() or [''])[-1]}"
             for r in out["results"] + out["memory"] if "error" in r]

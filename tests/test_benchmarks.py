@@ -55,12 +55,13 @@ def test_lora_ppo_benchmark_reports_every_setting_at_a_tiny_size(tmp_path):
   path = tmp_path / "lora_ppo.json"
   lora_ppo.main(["--size", "tiny", "--prompts", "4", "--prompt_len", "8", "--new_tokens", "4",
                  "--iterations", "1", "--ranks", "0,4", "--dtypes", "float32",
+                 "--critic_trunks", "trained,frozen",
                  "--mem_sizes", "tiny", "--mem_dtypes", "float32", "--mem_rank", "4",
                  "--subprocess", "0", "--json_out", str(path)])
   out = json.loads(path.read_text())
   assert not [r for r in out["results"] + out["memory"] if "error" in r]
   by_setting = {(r["setting"], r["dtype"]): r for r in out["results"]}
-  assert set(by_setting) == {("full", "float32"), ("lora4", "float32")}
+  assert set(by_setting) == {("full", "float32"), ("lora4", "float32"), ("lora4+head", "float32")}
   for r in by_setting.values():
     assert r["iteration_s"] > 0 and set(r["seconds"]) == {"generate", "score", "update"}
     assert r["peak_rss_gib"] > 0 and r["compiled_memory"]["update"]["peak_bytes"] > 0
@@ -71,18 +72,24 @@ def test_lora_ppo_benchmark_reports_every_setting_at_a_tiny_size(tmp_path):
   full, lora = by_setting[("full", "float32")], by_setting[("lora4", "float32")]
   assert lora["trained_params"] == 2 * 2 * 1024 * 4 + 65
   assert lora["opt_state_bytes"] < full["opt_state_bytes"] / 50
+  # A head on the RM's frozen trunk: the policy's adapters and the head alone.
+  assert by_setting[("lora4+head", "float32")]["trained_params"] == 2 * 1024 * 4 + 65
   (memory,) = out["memory"]
   assert (memory["size"], memory["dtype"], memory["rank"]) == ("tiny", "float32", 4)
   assert memory["lora"]["iteration_plan_bytes"] < memory["full"]["iteration_plan_bytes"]
-  assert set(out["ratios"]["full_over_lora_iteration_s"]) == {"float32/lora4"}
-  assert set(out["ratios"]["lora_plan_over_one_model"]) == {"tiny/float32/lora4",
-                                                            "tiny/float32/lora_shared4"}
+  assert set(out["ratios"]["full_over_lora_iteration_s"]) == {"float32/lora4",
+                                                              "float32/lora4+head"}
+  assert set(out["ratios"]["lora_plan_over_one_model"]) == {
+      "tiny/float32/lora4", "tiny/float32/lora_shared4", "tiny/float32/lora_shared_head4"}
   # A shared base keeps the RM as adapters and a head: the frozen trees differ by the RM's
   # trunk less its adapters (2 layers x 1024 r at r = 4, float32).
   shared = memory["lora_shared"]
   trunk = memory["lora"]["frozen_bytes"] - shared["frozen_bytes"] + 4 * 2 * 1024 * 4
   assert 0 < trunk < memory["lora"]["frozen_bytes"] / 2
   assert shared["iteration_plan_bytes"] <= memory["lora"]["iteration_plan_bytes"]
+  head = memory["lora_shared_head"]
+  assert head["trained_params"] == 2 * 1024 * 4 + 65
+  assert head["iteration_plan_bytes"] <= shared["iteration_plan_bytes"]
 
 
 def test_a_peer_figure_of_another_workload_is_refused(tmp_path):

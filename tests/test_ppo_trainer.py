@@ -74,6 +74,7 @@ def _config(data_dir, tokenizer, steps=2, **fields):
     ({"ppo.value_clip": 0.0}, "value_clip must be in"),
     ({"ppo.minibatches": 3}, "does not divide the batch of 8"),
     ({"ppo.optimizer": "adam"}, "ppo.optimizer"),
+    ({"ppo.critic_trunk": "shared"}, "ppo.critic_trunk"),
     ({"data.lang": "fr"}, "data.lang"),
     ({"rm_dir": "rm64"}, "reward model checkpoint .* vocabulary of 64 tokens"),
     ({"sft_dir": "sft64"}, "SFT checkpoint .* vocabulary of 64 tokens"),
@@ -107,14 +108,17 @@ def _params_equal(a, b):
 
 @pytest.mark.heavy  # two PPO runs from configs/ppo.py (about a minute cold)
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["joint", "per_model"])
+@pytest.mark.parametrize("optimizer,critic_trunk", [("joint", "trained"),
+                                                    ("per_model", "trained"),
+                                                    ("per_model", "frozen")])
 def test_resume_mid_run_then_nan_reward_stops_and_keeps_the_checkpoint(
-    optimizer, tmp_path, stage_dirs, bundled_data_dir, bundled_tokenizer):
+    optimizer, critic_trunk, tmp_path, stage_dirs, bundled_data_dir, bundled_tokenizer):
   # Every run has the same schedule (3 iterations); stop_after ends the first ones early.
   # PPO-ptx and the EMA are on, so their data position and state must resume too; per_model
-  # checkpoints one optimizer state per model.
+  # checkpoints one optimizer state per model, a frozen critic trunk a head alone.
   dirs = {"sft_dir": stage_dirs["sft"], "rm_dir": stage_dirs["rm"], "steps": 3,
-          "ptx.coef": 0.5, "ppo.ema_decay": 0.9, "ppo.optimizer": optimizer}
+          "ptx.coef": 0.5, "ppo.ema_decay": 0.9, "ppo.optimizer": optimizer,
+          "ppo.critic_trunk": critic_trunk}
   whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
   launch.run(_config(bundled_data_dir, bundled_tokenizer, **{"train.stop_after": 2}, **dirs),
              whole)

@@ -39,7 +39,11 @@ def ppo_section(tiny: bool) -> ml_collections.ConfigDict:
       # "joint": one optimizer and gradient clip over policy and critic (TRL's PPOTrainer);
       # "per_model": one each, the policy's every step before the critic's, so one model's
       # gradient is held at a time (rl/ppo.py `update_models_apart`).
-      optimizer="joint"))
+      optimizer="joint",
+      # "trained": the critic is a scalar model started from the RM, trunk (or its LoRA
+      # adapters) and head; "frozen": a value head on the RM's frozen trunk, which scores the
+      # rollout in the same pass, and the update never runs a critic trunk (rl/ppo.py).
+      critic_trunk="trained"))
 
 
 def kl_section() -> ml_collections.ConfigDict:

@@ -28,7 +28,8 @@ RM_LAYOUTS = ("answers", "shared_prompt")  # data/rm_batches.py's LAYOUTS
 NORMALIZE_SOURCES = ("auto", "policy", "responses")
 KL_ESTIMATORS = ("k1", "k3")
 OLD_LOGPROBS = ("auto", "sampler", "recompute")
-PPO_OPTIMIZERS = ("joint", "per_model")  # rl/ppo.py OPTIMIZERS
+PPO_OPTIMIZERS = ("joint", "per_model")  # rl/hyper.py OPTIMIZERS
+CRITIC_TRUNKS = ("trained", "frozen")  # rl/hyper.py CRITIC_TRUNKS
 COMPARISON_LABELS = ("ranking", "grades")
 BASE_QUANTS = ("", "int8")  # models/quant.py MODES
 # The pipeline's trained stages (sections of configs/pipeline.py); each takes its model's shape
@@ -273,6 +274,7 @@ def check_ppo(c: Checks, max_len) -> None:
   c.choice("ppo.kl_estimator", KL_ESTIMATORS)
   c.choice("ppo.old_logprobs", OLD_LOGPROBS)
   c.choice("ppo.optimizer", PPO_OPTIMIZERS)
+  c.choice("ppo.critic_trunk", CRITIC_TRUNKS)
   c.number("ppo.missing_eos_penalty")
   c.number("ppo.ema_decay", 0, 1, hi_open=True)
   c.number("kl.coef", 0, alias="beta")

@@ -11,6 +11,7 @@ from typing import Optional
 from rlhf_jax.rl import kl
 
 OPTIMIZERS = ("joint", "per_model")  # PPOHyper.optimizer
+CRITIC_TRUNKS = ("trained", "frozen")  # PPOHyper.critic_trunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,11 @@ class PPOHyper:
   # optimizers, as OpenRLHF's), the policy's whole update before the critic's, so one model's
   # gradient is held at a time; see rl/ppo.py `update_models_apart`.
   optimizer: str = "joint"
+  # "trained": the critic is a whole scalar model (or its LoRA adapters) started from the RM.
+  # "frozen": a value head on the reward model's own frozen trunk: one trunk pass per rollout
+  # gives the RM's score and every value, and the update trains the head on those features
+  # with no pass through a trunk (rl/ppo.py `reward_trunk_features`).
+  critic_trunk: str = "trained"
 
   def __post_init__(self):
     for name in ("clip_eps", "value_clip"):
@@ -58,6 +64,9 @@ class PPOHyper:
       raise ValueError(f"ppo.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"ppo.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    if self.critic_trunk not in CRITIC_TRUNKS:
+      raise ValueError(f"ppo.critic_trunk must be one of {CRITIC_TRUNKS}, "
+                       f"got {self.critic_trunk!r}")
 
   def check_batch(self, batch_size: int, shards: int = 1) -> None:
     """The minibatches must split the batch evenly, and the batch the mesh's batch shards."""

@@ -10,7 +10,9 @@ One iteration is three jitted pure functions; the host loop (rl/iteration.py) on
   1. rollout     infer/rollout.py: sample answers with the KV-cache sampler, truncated at the
                  first stop token; the sampler's log-probs are log π_old (no forward pass).
   2. experience  `make_experience`: one forward pass each of reference, critic and reward
-                 model over [prompt | answer]; the reward per token is −β·KL_t, plus the RM
+                 model over [prompt | answer] (with `critic_trunk="frozen"` the critic is a
+                 value head on the RM's trunk: one pass serves both, and its features are
+                 kept for the update); the reward per token is −β·KL_t, plus the RM
                  score (or the missing-EOS penalty) at the answer's last token; optional
                  scale-only reward whitening; GAE (γ, λ); advantages whitened over real tokens.
   3. update      `ppo_update`: epochs × minibatches of clipped-surrogate policy loss + clipped
@@ -37,7 +39,7 @@ import optax
 
 from rlhf_jax.models import chunked, lora, losses
 from rlhf_jax.infer import rm_scores as reward
-from rlhf_jax.models.heads import ScalarModel
+from rlhf_jax.models.heads import ScalarHead, ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
 from rlhf_jax.rl.hyper import OPTIMIZERS, PPOHyper  # noqa: F401 (re-exported)
@@ -86,6 +88,33 @@ def answer_values(params, rollout: Rollout, *, model_config: ModelConfig) -> Arr
   return values * rollout.answer_mask
 
 
+def reward_trunk_features(frozen: Frozen, rollout: Rollout, *, model_config: ModelConfig
+                          ) -> Array:
+  """The RM trunk's final hidden states [B, N + 1, D] at columns P-1 .. S-1: column P-1+t
+  comes before answer token t (a value's place) and column P-1+len holds the episode's last
+  real token (the RM's score's place). Frozen: nothing is differentiated through it."""
+  seq_len, n = rollout.tokens.shape[1], rollout.answer_mask.shape[1]
+  hidden, _ = Transformer(model_config).apply(
+      {"params": reward_params(frozen, model_config)["trunk"]}, rollout.tokens,
+      rollout.positions, rollout.segment_ids, columns=(seq_len - n - 1, seq_len),
+      method=Transformer.hidden_states)
+  return jax.lax.stop_gradient(hidden.astype(jnp.float32))  # [B, N + 1, D]
+
+
+def head_values(head_params, features: Array) -> Array:
+  """A scalar head [...] read over features [..., D]: a head-only critic's values."""
+  return ScalarHead().apply({"params": head_params["head"]}, features)
+
+
+def scores_from_features(frozen: Frozen, rollout: Rollout, features: Array, *,
+                         model_config: ModelConfig) -> Array:
+  """Normalised RM scores [B] from `reward_trunk_features`: its head at index len (the last
+  real token; the prompt's last one for an empty answer), as `reward_model_scores` reads it."""
+  raw = head_values(reward_params(frozen, model_config), features)  # [B, N + 1]
+  last = rollout.lengths.astype(jnp.int32)[:, None]  # [B, 1]
+  return frozen.reward_gain * jnp.take_along_axis(raw, last, axis=1)[:, 0] + frozen.reward_bias
+
+
 def reward_model_scores(frozen: Frozen, rollout: Rollout, *, model_config: ModelConfig) -> Array:
   """Normalised RM scores [B]: the scalar head at each episode's last real token."""
   return reward.score_sequences(reward_params(frozen, model_config), rollout.tokens,
@@ -113,6 +142,8 @@ class Experience(NamedTuple):
   returns: Array  # [B, N]
   scores: Array  # [B] RM score, or the missing-EOS penalty
   kl: Array  # [B] the answer's KL to the reference (estimator of the reward), nats
+  # [B, N, D] the RM trunk's features a head-only critic reads (critic_trunk="frozen"); else None
+  critic_features: Optional[Array] = None
 
 
 def last_token_reward(scores: Array, mask: Array) -> Array:
@@ -132,18 +163,27 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
   """
   mask = rollout.answer_mask  # [B, N]
   temperature = hyper.temperature
-  params = full_params(params, frozen, models)
   # The reference is the policy's model with its adapters off (the same config without LoRA).
   ref_logprobs = answer_logprobs(frozen.reference, rollout,
                                  model_config=lora.base_config(models.policy),
                                  temperature=temperature)
   if hyper.recompute_old_logprobs:
-    old_logprobs = answer_logprobs(params["policy"], rollout, model_config=models.policy,
-                                   temperature=temperature)
+    old_logprobs = answer_logprobs(full_policy(params["policy"], frozen, models), rollout,
+                                   model_config=models.policy, temperature=temperature)
   else:
     old_logprobs = rollout.logprobs * mask
-  values = answer_values(params["critic"], rollout, model_config=models.critic)
 
+  features = None
+  if hyper.critic_trunk == "frozen":  # one RM trunk pass: every value and the RM's score
+    features = reward_trunk_features(frozen, rollout, model_config=models.reward)
+    values = head_values(params["critic"], features[:, :-1]) * mask  # [B, N]
+    if reward_fn is None:
+      reward_fn = functools.partial(scores_from_features, features=features,
+                                    model_config=models.reward)
+    features = features[:, :-1]  # [B, N, D] what the update's values read
+  else:
+    values = answer_values(full_critic(params["critic"], frozen, models), rollout,
+                           model_config=models.critic)
   if reward_fn is None:
     reward_fn = functools.partial(reward_model_scores, model_config=models.reward)
   rm_scores = reward_fn(frozen, rollout).astype(jnp.float32)  # [B]
@@ -180,7 +220,7 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
   }
   experience = Experience(rollout=rollout, old_logprobs=old_logprobs, old_values=values,
                           advantages=advantages, returns=returns, scores=scores,
-                          kl=kl_seq)
+                          kl=kl_seq, critic_features=features)
   return experience, metrics
 
 
@@ -223,9 +263,13 @@ def policy_terms(policy_params, batch: Experience, ptx_batch: Optional[dict], *,
 
 def value_terms(critic_params, batch: Experience, *, models: PPOModels,
                 hyper: PPOHyper) -> tuple[Array, dict]:
-  """The critic's part of one minibatch's loss: vf_coef · clipped value loss."""
+  """The critic's part of one minibatch's loss: vf_coef · clipped value loss. critic_params:
+  whole params, or a head-only critic's head (the batch then carries its features)."""
   rollout, mask = batch.rollout, batch.rollout.answer_mask
-  values = answer_values(critic_params, rollout, model_config=models.critic)  # [b, N]
+  if batch.critic_features is not None:
+    values = head_values(critic_params, batch.critic_features) * mask  # [b, N]
+  else:
+    values = answer_values(critic_params, rollout, model_config=models.critic)  # [b, N]
   value_loss, value_stats = losses.ppo_value_loss(values, batch.old_values, batch.returns, mask,
                                                   hyper.value_clip)
   return hyper.vf_coef * value_loss, {
@@ -258,7 +302,8 @@ def _critic_grads(critic, batch: Experience, *, models: PPOModels, hyper: PPOHyp
                   frozen: Optional[Frozen]) -> tuple[tuple, Any]:
   """((value loss, stats), gradient) of the critic's terms over the state's critic params."""
   def critic_fn(c):
-    return value_terms(full_critic(c, frozen, models), batch, models=models, hyper=hyper)
+    whole = c if batch.critic_features is not None else full_critic(c, frozen, models)
+    return value_terms(whole, batch, models=models, hyper=hyper)
   return jax.value_and_grad(critic_fn, has_aux=True)(critic)
 
 

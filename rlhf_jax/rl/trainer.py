@@ -6,6 +6,7 @@ Models, all on the same mesh:
   reference   frozen; the same SFT params (a separate copy: the policy's buffers are donated)
   critic      trained; a ScalarModel initialised from the reward model, trunk and head, with
               the RM's normalisation folded into its head so its first values are in reward units
+              (ppo.critic_trunk="frozen": the head alone, reading the frozen RM's trunk)
   reward      frozen; the RM checkpoint (`config.rm_dir`) and its normalization.json
 
 Per iteration (rl/iteration.py): prompts -> rollout (jit) -> experience (jit) -> NaN check ->
@@ -64,6 +65,7 @@ def hyper_from_config(config) -> ppo.PPOHyper:
       vf_coef=p.vf_coef, ent_coef=p.ent_coef, gamma=p.gamma, lam=p.lam,
       temperature=config.sampling.temperature, kl_estimator=p.kl_estimator,
       whiten_rewards=p.whiten_rewards, optimizer=p.optimizer,
+      critic_trunk=p.get("critic_trunk", "trained"),
       missing_eos_penalty=p.missing_eos_penalty if p.penalize_missing_eos else None,
       ptx_coef=config.ptx.coef, ema_decay=p.ema_decay, recompute_old_logprobs=recompute)
 
@@ -173,7 +175,7 @@ def make_optimizer(optim_items: tuple, total_updates: int):
 
 @functools.lru_cache(maxsize=4)
 def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, rules, seed: int,
-                 optimizer: str = "joint"):
+                 optimizer: str = "joint", critic_trunk: str = "trained"):
   """(jitted init, shardings) of the random (PPOState, Frozen); see `create_models`."""
   k_policy, k_reward, k_state = jax.random.split(jax.random.key(seed), 3)
 
@@ -186,6 +188,8 @@ def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, r
       (policy, base), (critic, _) = lora.split(policy), lora.split(critic)
     else:
       base = policy
+    if critic_trunk == "frozen":  # a value head on the RM's trunk: the head alone trains
+      critic = {"head": critic["head"]}
     params = {"policy": policy, "critic": critic}
     state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
                          opt_state=ppo.init_opt_state(tx, params, optimizer), ema=None,
@@ -206,14 +210,14 @@ def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, r
 
 
 def create_models(models: ppo.PPOModels, tx, controller, gain: float, bias: float, mesh,
-                  rules, seed: int, optimizer: str = "joint"):
+                  rules, seed: int, optimizer: str = "joint", critic_trunk: str = "trained"):
   """((PPOState, Frozen), their shardings): random params laid out on the mesh, in one jit.
 
   The policy and the reference are drawn with one key, as are the critic and the reward
   model, so random ones start equal exactly as loaded ones do (and XLA draws each once).
   """
   init, (state_shardings, frozen_shardings) = _initializer(models, tx, controller, mesh, rules,
-                                                           seed, optimizer)
+                                                           seed, optimizer, critic_trunk)
   with jax.set_mesh(mesh):
     state, frozen = init(0)
   frozen = frozen._replace(
@@ -248,9 +252,18 @@ def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sou
                    hyper: ppo.PPOHyper) -> ppo.PPOState:
   """The SFT params into the policy, the RM (normalisation folded in) into the critic. With
   LoRA the adapters start at zero and only the critic's head comes from the RM (its trunk is
-  the frozen RM's own)."""
+  the frozen RM's own). A head-only critic (critic_trunk="frozen") starts as the RM's head."""
   params = state.params
   fold = jax.jit(state_lib.fold_normalization, out_shardings=state_shardings.params["critic"])
+  if hyper.critic_trunk == "frozen":
+    head = copy_tree(fold({"head": frozen.reward["head"]}, frozen.reward_gain,
+                          frozen.reward_bias), state_shardings.params["critic"])
+    params = {**params, "critic": head}
+    if not lora.count_adapters(params["policy"]) and sources["sft"]:
+      params = {**params, "policy": run_folder.restore_params(sources["sft"], params["policy"])}
+    return state.replace(params=params, ema=copy_tree(params["policy"],
+                                                      state_shardings.params["policy"])
+                         if hyper.ema_decay else None)
   if lora.count_adapters(params["policy"]):
     # The critic starts as the RM: its head (and with a shared base its adapters too).
     start = frozen.reward if sources.get("shared") else {**params["critic"],
@@ -419,7 +432,7 @@ def train(config, workdir: str) -> dict:
                       total * hyper.epochs * hyper.minibatches)
   (state, frozen), (state_shardings, _) = create_models(
       models, tx, controller, sources["gain"], sources["bias"], mesh, rules, config.seed,
-      hyper.optimizer)
+      hyper.optimizer, hyper.critic_trunk)
   prompt_stream = make_prompt_stream(config, tokenizer, langs)
   data = Composite(prompts=prompt_stream, ptx=make_ptx_iterator(config, tokenizer))
   frozen = load_frozen(frozen, sources, models)
