@@ -34,6 +34,15 @@ def lm_config(size: str, batch: int, seq_len: int, vocab: int, dtype: str, model
   return config
 
 
+def shape_config(size: str, vocab: int | None = None, **overrides):
+  """A ModelConfig: a size preset (its vocabulary, or `vocab`) or a pretrained model's shape
+  (gemma3_270m, smollm2_135m: its own vocabulary), random weights either way."""
+  from rlhf_jax.models import ModelConfig, model_config, pretrained
+  if size in pretrained.SHAPES:
+    return ModelConfig(**{**pretrained.SHAPES[size], **overrides})
+  return model_config(size, **({"vocab_size": vocab} if vocab else {}), **overrides)
+
+
 def model_vocab(model: str, vocab: int) -> int:
   """A pretrained preset's vocabulary size, or `vocab` without one."""
   if not model:

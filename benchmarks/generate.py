@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from rlhf_jax.models import ModelConfig, Transformer, init_cache, model_config, pretrained  # noqa: E402
+from rlhf_jax.models import Transformer, init_cache  # noqa: E402
 from rlhf_jax.infer.sampling import (SamplingParams, decode_compiler_options, decode_step,  # noqa: E402
                                     make_generate_fn, prefill)
 
@@ -127,9 +127,7 @@ def time_decode_steps(cfg, params, args, indices: tuple[int, ...]) -> list[float
 
 def shape_config(args, **overrides):
   """A size preset (vocab from --vocab) or a pretrained model's shape (its own vocab)."""
-  if args.size in pretrained.SHAPES:
-    return ModelConfig(**{**pretrained.SHAPES[args.size], **overrides})
-  return model_config(args.size, vocab_size=args.vocab, **overrides)
+  return common.shape_config(args.size, args.vocab, **overrides)
 
 
 def bench_dtype(args, dtype: str, layers: str = "unrolled") -> dict:

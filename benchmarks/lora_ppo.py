@@ -1,6 +1,8 @@
 """One PPO iteration with and without LoRA: seconds, phase split and memory (issue 18).
 
-Workload W4 at the SmolLM2-135M shape (size "135m"): 16 prompts of 64 tokens, 64 sampled tokens
+Workload W4 at the SmolLM2-135M shape (size "135m"; `--size gemma3_270m` or another pretrained
+shape of models/pretrained.py takes that shape, with the 135m preset's hyperparameters, random
+weights): 16 prompts of 64 tokens, 64 sampled tokens
 each (no early stop), RM score, per-token KL, GAE, then 1 epoch x 2 minibatches; configs/ppo.py's
 optimizer. Settings: full parameters, and LoRA rank 8 and 16 on every projection (alpha 16),
 each at float32 and bfloat16 compute. With LoRA the state holds the adapters and the critic's
@@ -72,7 +74,7 @@ import common  # noqa: E402
 from rlhf_jax.config import util as config_util  # noqa: E402
 from rlhf_jax.core.compiled_memory import compiled_memory, executable_memory  # noqa: E402
 from rlhf_jax.infer.rollout import Rollout, make_rollout_fn  # noqa: E402
-from rlhf_jax.models import ScalarModel, Transformer, lora, model_config, quant  # noqa: E402
+from rlhf_jax.models import ScalarModel, Transformer, lora, pretrained, quant  # noqa: E402
 from rlhf_jax.rl import ppo  # noqa: E402
 from rlhf_jax.rl import trainer as ppo_trainer  # noqa: E402
 
@@ -140,7 +142,9 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
   """configs/ppo.py's hyperparameters and optimizer for the W4 workload, models of `size`.
   shared: the RM is LoRA on the SFT policy (rank `rank` too), kept as adapters on the
   reference's trunk, and the critic starts as it (rl/trainer.py): one base for four models."""
-  config = config_util.load_config(f"configs/ppo.py:size={args.size}")
+  # A pretrained shape (gemma3_270m, smollm2_135m) takes the 135m preset's hyperparameters.
+  preset = "135m" if size in pretrained.SHAPES else size
+  config = config_util.load_config(f"configs/ppo.py:size={preset}")
   with config.unlocked():
     config.model.dtype = dtype
     config.ppo.epochs, config.ppo.minibatches = args.epochs, args.minibatches
@@ -148,7 +152,7 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
     config.kl.adaptive = False
     config.ppo.optimizer = args.optimizer
     config.ppo.critic_trunk = critic_trunk
-  base = model_config(size, dtype=dtype, scan_layers=scan, remat=bool(args.remat))
+  base = common.shape_config(size, dtype=dtype, scan_layers=scan, remat=bool(args.remat))
   quant_base = args.base_quant if rank else ""
   adapted = (dataclasses.replace(base, lora_rank=rank, lora_alpha=args.alpha,
                                  lora_base_quant=quant_base) if rank else base)
@@ -358,7 +362,7 @@ def run_memory(args, size: str, dtype: str) -> dict:
                                                  nbytes(state.opt_state))
     out[name] = {**mem, **sizes_of(params, frozen, state.opt_state),
                  "compile_s": time.perf_counter() - t0}
-  cfg = model_config(size, dtype=dtype, scan_layers=True, remat=bool(args.remat))
+  cfg = common.shape_config(size, dtype=dtype, scan_layers=True, remat=bool(args.remat))
   out["one_model"] = one_model_memory(cfg, args, parts.hyper.temperature)
   one = out["one_model"]["params_and_activations_bytes"]
   out["ratio_to_one_model"] = {k: out[k]["iteration_plan_bytes"] / one
