@@ -38,7 +38,7 @@ memory for all four models (rl/trainer.py).
 `--critic_trunks trained,frozen` also times (and plans, as `lora_shared_head`) the LoRA
 settings with `ppo.critic_trunk="frozen"`: the critic a value head on the RM's frozen trunk,
 so scoring runs two trunk passes instead of three and the update none for the critic
-(rl/ppo.py `reward_trunk_features`). The full setting keeps its trained critic (TRL's layout).
+(rl/head_critic.py). The full setting keeps its trained critic (TRL's layout).
 
 Ratios (the issue's goals): LoRA PPO's plan over one full model's params-and-activations
 (<= 1.4x), and the full-parameter iteration's seconds over the LoRA one's (>= 1.5x).

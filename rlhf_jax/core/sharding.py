@@ -135,3 +135,9 @@ def create_sharded(init_fn, mesh: Mesh, rules, *args):
   with jax.set_mesh(mesh):
     state = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return state, shardings
+
+
+def copy_tree(tree, shardings):
+  """A copy in fresh buffers: a tree that aliases a state would be donated with it (a policy's
+  buffers go to its step; the reference made from them must not)."""
+  return jax.jit(lambda t: jax.tree.map(jax.numpy.copy, t), out_shardings=shardings)(tree)

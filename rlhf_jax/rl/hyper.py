@@ -40,7 +40,7 @@ class PPOHyper:
   # "trained": the critic is a whole scalar model (or its LoRA adapters) started from the RM.
   # "frozen": a value head on the reward model's own frozen trunk: one trunk pass per rollout
   # gives the RM's score and every value, and the update trains the head on those features
-  # with no pass through a trunk (rl/ppo.py `reward_trunk_features`).
+  # with no pass through a trunk (rl/head_critic.py).
   critic_trunk: str = "trained"
 
   def __post_init__(self):

@@ -39,9 +39,10 @@ import optax
 
 from rlhf_jax.models import chunked, lora, losses
 from rlhf_jax.infer import rm_scores as reward
-from rlhf_jax.models.heads import ScalarHead, ScalarModel
+from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl import gae, kl
+from rlhf_jax.rl.head_critic import head_values, reward_trunk_features, scores_from_features
 from rlhf_jax.rl.hyper import OPTIMIZERS, PPOHyper  # noqa: F401 (re-exported)
 from rlhf_jax.rl.state import (  # noqa: F401  (the PPO step's names, re-exported)
     Frozen, PPOModels, PPOState, full_critic, full_params, full_policy, init_opt_state,
@@ -88,33 +89,6 @@ def answer_values(params, rollout: Rollout, *, model_config: ModelConfig) -> Arr
   return values * rollout.answer_mask
 
 
-def reward_trunk_features(frozen: Frozen, rollout: Rollout, *, model_config: ModelConfig
-                          ) -> Array:
-  """The RM trunk's final hidden states [B, N + 1, D] at columns P-1 .. S-1: column P-1+t
-  comes before answer token t (a value's place) and column P-1+len holds the episode's last
-  real token (the RM's score's place). Frozen: nothing is differentiated through it."""
-  seq_len, n = rollout.tokens.shape[1], rollout.answer_mask.shape[1]
-  hidden, _ = Transformer(model_config).apply(
-      {"params": reward_params(frozen, model_config)["trunk"]}, rollout.tokens,
-      rollout.positions, rollout.segment_ids, columns=(seq_len - n - 1, seq_len),
-      method=Transformer.hidden_states)
-  return jax.lax.stop_gradient(hidden.astype(jnp.float32))  # [B, N + 1, D]
-
-
-def head_values(head_params, features: Array) -> Array:
-  """A scalar head [...] read over features [..., D]: a head-only critic's values."""
-  return ScalarHead().apply({"params": head_params["head"]}, features)
-
-
-def scores_from_features(frozen: Frozen, rollout: Rollout, features: Array, *,
-                         model_config: ModelConfig) -> Array:
-  """Normalised RM scores [B] from `reward_trunk_features`: its head at index len (the last
-  real token; the prompt's last one for an empty answer), as `reward_model_scores` reads it."""
-  raw = head_values(reward_params(frozen, model_config), features)  # [B, N + 1]
-  last = rollout.lengths.astype(jnp.int32)[:, None]  # [B, 1]
-  return frozen.reward_gain * jnp.take_along_axis(raw, last, axis=1)[:, 0] + frozen.reward_bias
-
-
 def reward_model_scores(frozen: Frozen, rollout: Rollout, *, model_config: ModelConfig) -> Array:
   """Normalised RM scores [B]: the scalar head at each episode's last real token."""
   return reward.score_sequences(reward_params(frozen, model_config), rollout.tokens,
@@ -153,6 +127,27 @@ def last_token_reward(scores: Array, mask: Array) -> Array:
   return last * scores[:, None] * (length > 0)[:, None]
 
 
+def values_and_scores(critic, frozen: Frozen, rollout: Rollout, *, models: PPOModels,
+                      hyper: PPOHyper, reward_fn: Optional[RewardFn] = None
+                      ) -> tuple[Array, Array, Optional[Array]]:
+  """(critic values [B, N], RM scores [B], the features a head-only critic reads [B, N, D] or
+  None). With critic_trunk="frozen" one RM trunk pass gives all three."""
+  mask, features = rollout.answer_mask, None
+  if hyper.critic_trunk == "frozen":
+    features = reward_trunk_features(frozen, rollout, model_config=models.reward)
+    values = head_values(critic, features[:, :-1]) * mask  # [B, N]
+    if reward_fn is None:
+      reward_fn = functools.partial(scores_from_features, features=features,
+                                    model_config=models.reward)
+    features = features[:, :-1]  # [B, N, D] what the update's values read
+  else:
+    values = answer_values(full_critic(critic, frozen, models), rollout,
+                           model_config=models.critic)
+  if reward_fn is None:
+    reward_fn = functools.partial(reward_model_scores, model_config=models.reward)
+  return values, reward_fn(frozen, rollout).astype(jnp.float32), features
+
+
 def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
                     models: PPOModels, hyper: PPOHyper, reward_fn: Optional[RewardFn] = None
                     ) -> tuple[Experience, dict]:
@@ -173,20 +168,9 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
   else:
     old_logprobs = rollout.logprobs * mask
 
-  features = None
-  if hyper.critic_trunk == "frozen":  # one RM trunk pass: every value and the RM's score
-    features = reward_trunk_features(frozen, rollout, model_config=models.reward)
-    values = head_values(params["critic"], features[:, :-1]) * mask  # [B, N]
-    if reward_fn is None:
-      reward_fn = functools.partial(scores_from_features, features=features,
-                                    model_config=models.reward)
-    features = features[:, :-1]  # [B, N, D] what the update's values read
-  else:
-    values = answer_values(full_critic(params["critic"], frozen, models), rollout,
-                           model_config=models.critic)
-  if reward_fn is None:
-    reward_fn = functools.partial(reward_model_scores, model_config=models.reward)
-  rm_scores = reward_fn(frozen, rollout).astype(jnp.float32)  # [B]
+  values, rm_scores, features = values_and_scores(params["critic"], frozen, rollout,
+                                                  models=models, hyper=hyper,
+                                                  reward_fn=reward_fn)
   scores = rm_scores
   if hyper.missing_eos_penalty is not None:
     # A cut-off answer has no defined RM score (the RM was trained on complete ones).

@@ -204,11 +204,6 @@ def state_from_params(params, tx, state_shardings, seed: int) -> TrainState:
   return jax.jit(build, out_shardings=state_shardings)(params)
 
 
-def copy_tree(tree, shardings):
-  """A copy in fresh buffers (the policy's are donated to the step; the reference's must not)."""
-  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run.
 
@@ -318,7 +313,7 @@ def starting_state(config, model, tx, mesh, rules):
   if not config.init_from:
     log.warning("no init_from: the policy and the reference start from random params")
     state, state_shardings = create_train_state(init_fn, tx, mesh, rules, config.seed)
-    return state, state_shardings, copy_tree(state.params, state_shardings.params), {}
+    return state, state_shardings, sharding.copy_tree(state.params, state_shardings.params), {}
   check_init_shapes(config.init_from, jax.eval_shape(init_fn, jax.random.key(0)))
   state_shardings = train_state_shardings(init_fn, tx, mesh, rules)
   like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
