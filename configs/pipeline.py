@@ -56,7 +56,10 @@ default) is the from-scratch pipeline above, unchanged. With a model:
   sixth run: SFT 10 min at ~10 s a step of 8 x 128 tokens on the gathered loss positions,
   comparisons ~22 for 8 answers to 448 prompts, the RM 23 at 2 epochs in the shared-prompt
   layout, PPO 20 at 92-138 s an iteration, KTO, DPO and the evaluation 9; the fifth run, at
-  half the comparisons and 3 RM epochs, took 68).
+  half the comparisons and 3 RM epochs, took 68). The seventh run, one command from an empty
+  workdir with PPO's critic a head on the RM's trunk (--config.ppo.ppo.critic_trunk=frozen,
+  PPO 15 min at ~76 s an iteration), took 83 minutes; the recipe keeps the trained critic
+  (one seed showed no better verdict, and a Chinese KL of 10.9 nats).
   On an accelerator raise them with --config.<stage>.<field>.
   Learning rates are a first guess, but for the RM's (3e-4 over 3 epochs, measured).
 `lora_rank` (16; 0 = full fine-tuning) changes the rank of every stage that uses LoRA;
