@@ -134,12 +134,12 @@ def values_and_scores(critic, frozen: Frozen, rollout: Rollout, *, models: PPOMo
   None). With critic_trunk="frozen" one RM trunk pass gives all three."""
   mask, features = rollout.answer_mask, None
   if hyper.critic_trunk == "frozen":
-    features = reward_trunk_features(frozen, rollout, model_config=models.reward)
-    values = head_values(critic, features[:, :-1]) * mask  # [B, N]
+    columns = reward_trunk_features(frozen, rollout, model_config=models.reward)  # [B, N+1, D]
     if reward_fn is None:
-      reward_fn = functools.partial(scores_from_features, features=features,
+      reward_fn = functools.partial(scores_from_features, features=columns,
                                     model_config=models.reward)
-    features = features[:, :-1]  # [B, N, D] what the update's values read
+    features = columns[:, :-1]  # [B, N, D]: the values' columns, kept for the update
+    values = head_values(critic, features) * mask  # [B, N]
   else:
     values = answer_values(full_critic(critic, frozen, models), rollout,
                            model_config=models.critic)

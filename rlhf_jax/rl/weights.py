@@ -35,31 +35,23 @@ def load_trainable(state: ppo.PPOState, frozen: ppo.Frozen, state_shardings, sou
   LoRA the adapters start at zero and only the critic's head comes from the RM (its trunk is
   the frozen RM's own). A head-only critic (critic_trunk="frozen") starts as the RM's head."""
   params = state.params
-  fold = jax.jit(state_lib.fold_normalization, out_shardings=state_shardings.params["critic"])
-  if hyper.critic_trunk == "frozen":
-    head = copy_tree(fold({"head": frozen.reward["head"]}, frozen.reward_gain,
-                          frozen.reward_bias), state_shardings.params["critic"])
-    params = {**params, "critic": head}
-    if not lora.count_adapters(params["policy"]) and sources["sft"]:
-      params = {**params, "policy": run_folder.restore_params(sources["sft"], params["policy"])}
-    return state.replace(params=params, ema=copy_tree(params["policy"],
-                                                      state_shardings.params["policy"])
-                         if hyper.ema_decay else None)
-  if lora.count_adapters(params["policy"]):
-    # The critic starts as the RM: its head (and with a shared base its adapters too).
-    start = frozen.reward if sources.get("shared") else {**params["critic"],
-                                                          "head": frozen.reward["head"]}
-    head = copy_tree(fold(start, frozen.reward_gain, frozen.reward_bias),
-                     state_shardings.params["critic"])
-    return state.replace(params={**params, "critic": head},
-                         ema=copy_tree(params["policy"], state_shardings.params["policy"])
-                         if hyper.ema_decay else None)
-  if sources["sft"]:
+  adapted = lora.count_adapters(params["policy"])  # LoRA: the adapters start at zero
+  if sources["sft"] and not adapted:
     params = {**params, "policy": run_folder.restore_params(sources["sft"], params["policy"])}
-  if sources["rm"]:
-    critic = run_folder.restore_params(sources["rm"], params["critic"])
-    params = {**params, "critic": fold(critic, frozen.reward_gain, frozen.reward_bias)}
-  state = state.replace(params=params)
-  if hyper.ema_decay:
-    state = state.replace(ema=copy_tree(params["policy"], state_shardings.params["policy"]))
-  return state
+  fold = jax.jit(state_lib.fold_normalization, out_shardings=state_shardings.params["critic"])
+  # The critic starts as the RM: its head alone (a head-only critic, or LoRA on the RM's own
+  # trunk), its adapters and head (a shared base), or all of it (full parameters). The first
+  # two read the frozen RM's buffers, so they are copied (the state's are donated).
+  if hyper.critic_trunk == "frozen" or (adapted and not sources.get("shared")):
+    start = {**params["critic"], "head": frozen.reward["head"]}
+  elif adapted:
+    start = frozen.reward
+  else:
+    start = run_folder.restore_params(sources["rm"], params["critic"]) if sources["rm"] else None
+  if start is not None:
+    critic = fold(start, frozen.reward_gain, frozen.reward_bias)
+    aliased = hyper.critic_trunk == "frozen" or adapted
+    params = {**params, "critic": copy_tree(critic, state_shardings.params["critic"])
+              if aliased else critic}
+  ema = copy_tree(params["policy"], state_shardings.params["policy"]) if hyper.ema_decay else None
+  return state.replace(params=params, ema=ema)
