@@ -98,7 +98,7 @@ bench: setup
 	run $(PY) benchmarks/generate.py --size smollm2_135m --batch 16 --prompt_len 64 \
 	  --new_tokens 64 --dtype float32 --repeats 6 --peer transformers \
 	  --json_out $(BENCH_DIR)/generate_smollm2.json; \
-	for b in lora_ppo matmul_forms generate sample_draw token_rows input_pipeline hf_forward; do \
+	for b in lora_ppo op_profile matmul_forms generate sample_draw token_rows input_pipeline hf_forward; do \
 	  run $(PY) benchmarks/$$b.py --json_out $(BENCH_DIR)/$$b.json; done
 	$(PY) benchmarks/summary.py --dir $(BENCH_DIR)
 

@@ -46,6 +46,7 @@ import resource
 import statistics
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,8 +69,9 @@ from rlhf_jax.rl import trainer as ppo_trainer  # noqa: E402
 TRL_REFERENCE = {"iteration_s": 14.6, "generate_s": 1.5, "score_s": 1.5, "update_s": 11.5}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def make_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+  """The workload's flags (shared with op_profile.py) and this script's own."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--size", default="w1")
   p.add_argument("--prompts", type=int, default=64)
   p.add_argument("--prompt_len", type=int, default=32)
@@ -99,7 +101,11 @@ def parse_args(argv=None):
   p.add_argument("--floor", type=int, default=1,
                  help="also time each phase's projection matmuls alone (phase_matmuls)")
   p.add_argument("--json_out", default="")
-  return p.parse_args(argv)
+  return p
+
+
+def parse_args(argv=None):
+  return make_parser().parse_args(argv)
 
 
 def random_params(module, seed: int):
@@ -207,7 +213,10 @@ def matmul_floor(cfg, args, dtype: str, repeats: int = 5) -> dict:
   return {"seconds": seconds, "flops": flops}
 
 
-def run_dtype(args, dtype: str) -> dict:
+def build_workload(args, dtype: str) -> types.SimpleNamespace:
+  """The W1-style workload of `args` at `dtype`: state, frozen models, prompts and the
+  trainer's three jitted phases (rollout, experience, update), as the PPO trainer builds them;
+  only the data and params are random. Shared with op_profile.py."""
   config = config_util.load_config(f"configs/ppo.py:size={args.size}")
   with config.unlocked():
     config.model.dtype = dtype
@@ -235,13 +244,21 @@ def run_dtype(args, dtype: str) -> dict:
   rng = np.random.default_rng(2)
   prompts = jnp.asarray(rng.integers(4, cfg.vocab_size, (args.prompts, args.prompt_len)),
                         jnp.int32)
-  prompt_mask = jnp.ones_like(prompts)
+  return types.SimpleNamespace(
+      cfg=cfg, hyper=hyper, state=state, frozen=frozen, prompts=prompts,
+      prompt_mask=jnp.ones_like(prompts),
+      rollout_fn=make_rollout_fn(cfg, args.new_tokens, (), 0,
+                                 ppo_trainer.sampling_from_config(config.sampling)),
+      experience_fn=jax.jit(functools.partial(ppo.make_experience, models=models, hyper=hyper)),
+      update_fn=jax.jit(functools.partial(ppo.ppo_update, models=models, hyper=hyper,
+                                          controller=controller, tx=tx), donate_argnums=0))
 
-  rollout_fn = make_rollout_fn(cfg, args.new_tokens, (), 0,
-                               ppo_trainer.sampling_from_config(config.sampling))
-  experience_fn = jax.jit(functools.partial(ppo.make_experience, models=models, hyper=hyper))
-  update_fn = jax.jit(functools.partial(ppo.ppo_update, models=models, hyper=hyper,
-                                        controller=controller, tx=tx), donate_argnums=0)
+
+def run_dtype(args, dtype: str) -> dict:
+  w = build_workload(args, dtype)
+  cfg, hyper, state, frozen = w.cfg, w.hyper, w.state, w.frozen
+  prompts, prompt_mask = w.prompts, w.prompt_mask
+  rollout_fn, experience_fn, update_fn = w.rollout_fn, w.experience_fn, w.update_fn
 
   # The peak is timed before and after the iterations and the higher one used: on a shared
   # machine a single reading can land in a busy moment and flatter the MFU.
