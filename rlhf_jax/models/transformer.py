@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models import kv_cache, lora, quant
+from rlhf_jax.models import kv_cache, lora, quant, rope
 from rlhf_jax.models.dot import dense
 # The configuration lives in model_config.py; other modules import ModelConfig from here too.
 from rlhf_jax.models.model_config import ModelConfig, local_rope_frequencies, rope_frequencies
@@ -71,23 +71,6 @@ class RMSNorm(nn.Module):
 def norm(config: ModelConfig, name: str, axes: tuple = ("embed",)) -> RMSNorm:
   """The config's RMSNorm (its eps, compute dtype and scale rule)."""
   return RMSNorm(config.norm_eps, config.compute_dtype, config.norm_plus_one, axes, name=name)
-
-
-def rotary(x: Array, positions: Array, theta: float, inv_freq=None) -> Array:
-  """Rotates pairs (i, i + D/2) of the last axis by angle position * theta^(-2i/D).
-
-  x: [B, T, H, D]; positions: [B, T] int. `inv_freq` [D/2], when given, replaces
-  theta^(-2i/D) (scaled rope, see rope_frequencies).
-  """
-  d = x.shape[-1]
-  if inv_freq is None:
-    inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
 
 
 def _flat_tokens(x: Array, feature_dims: int = 1) -> Array:
@@ -192,16 +175,16 @@ class Attention(nn.Module):
                          name=name)(inputs)
       return norm(cfg, f"{name}_norm", ("kv",))(y) if cfg.qk_norm and name != "v" else y
 
-    inv_freq = rope_frequencies(cfg) if cfg.rope_scaling else None
+    angles = rope.rotation(positions, rope_frequencies(cfg))  # cos, sin [B, T, Dh/2]
     if local is not None and cfg.rope_local_theta:
-      inv_freq = layer_choice(local, local_rope_frequencies(cfg), rope_frequencies(cfg))
+      local_angles = rope.rotation(positions, local_rope_frequencies(cfg))
+      angles = tuple(layer_choice(local, a, b) for a, b in zip(local_angles, angles))
+    x_q, q_angles = x, angles
     if columns is not None:
-      x_q, q_positions = x[:, columns[0]:columns[1]], positions[:, columns[0]:columns[1]]
-      mask = mask[:, columns[0]:columns[1]]
-    else:
-      x_q, q_positions = x, positions
-    q = rotary(proj(x_q, "q", h, "heads"), q_positions, cfg.rope_theta, inv_freq)  # [B,Tq,H,Dh]
-    k = rotary(proj(x, "k", hkv, "kv_heads"), positions, cfg.rope_theta, inv_freq)  # [B,T,Hkv,Dh]
+      x_q, mask = x[:, columns[0]:columns[1]], mask[:, columns[0]:columns[1]]
+      q_angles = tuple(a[:, columns[0]:columns[1]] for a in angles)
+    q = rope.rotary(proj(x_q, "q", h, "heads"), *q_angles)  # [B, Tq, H, Dh]
+    k = rope.rotary(proj(x, "k", hkv, "kv_heads"), *angles)  # [B, T, Hkv, Dh]
     v = proj(x, "v", hkv, "kv_heads")
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
 
