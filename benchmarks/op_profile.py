@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 
 import common  # noqa: E402
+import ppo_iteration  # noqa: E402
 
 # An instruction line of XLA's HLO text: `%name = type op(...)...calls=%comp...op_name="..."`.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* ([\w\-]+)\(")
@@ -155,25 +156,23 @@ def trace_events(fn, calls: int) -> tuple[list[tuple[str, int]], float]:
 
 
 def profile_phase(args, dtype: str) -> dict:
-  import ppo_iteration
+  if args.phase not in ("update", "score"):
+    raise ValueError(f"--phase {args.phase}: update or score (generation is a host loop of "
+                     "decode calls: profile it with generate.py)")
   w = ppo_iteration.build_workload(args, dtype)
-  key = jax.random.key(0)
   ro = jax.block_until_ready(w.rollout_fn({"params": w.state.params["policy"]}, w.prompts,
-                                          w.prompt_mask, key))
-  exp, _ = jax.block_until_ready(w.experience_fn(w.state.params, w.frozen, ro, w.state.kl_coef))
-  box = {"state": w.state}
+                                          w.prompt_mask, jax.random.key(0)))
+  score_args = (w.state.params, w.frozen, ro, w.state.kl_coef)
+  score = w.experience_fn.lower(*score_args).compile()  # compiled once, for both phases
+  exp, _ = jax.block_until_ready(score(*score_args))
   if args.phase == "update":
-    compiled = w.update_fn.lower(box["state"], exp, None).compile()
+    compiled, box = w.update_fn.lower(w.state, exp, None).compile(), {"state": w.state}
 
     def call():  # the state is donated: each call feeds the next
       box["state"], _ = jax.block_until_ready(compiled(box["state"], exp, None))
-  elif args.phase == "score":
-    compiled = w.experience_fn.lower(w.state.params, w.frozen, ro, w.state.kl_coef).compile()
-    call = lambda: jax.block_until_ready(  # noqa: E731
-        compiled(w.state.params, w.frozen, ro, w.state.kl_coef))
   else:
-    raise ValueError(f"--phase {args.phase}: update or score (generation is a host loop of "
-                     "decode calls: profile it with generate.py)")
+    compiled = score
+    call = lambda: jax.block_until_ready(score(*score_args))  # noqa: E731
   call()
   events, wall = trace_events(call, args.calls)
   info = instruction_info(compiled.as_text())
@@ -193,7 +192,6 @@ def profile_phase(args, dtype: str) -> dict:
 
 
 def main(argv=None):
-  import ppo_iteration
   p = ppo_iteration.make_parser(__doc__.split("\n\n")[0])
   p.add_argument("--phase", default="update", choices=["update", "score"])
   p.add_argument("--calls", type=int, default=2, help="traced calls (after one untraced)")

@@ -175,9 +175,12 @@ class Attention(nn.Module):
                          name=name)(inputs)
       return norm(cfg, f"{name}_norm", ("kv",))(y) if cfg.qk_norm and name != "v" else y
 
-    angles = rope.rotation(positions, rope_frequencies(cfg))  # cos, sin [B, T, Dh/2]
-    if local is not None and cfg.rope_local_theta:
-      local_angles = rope.rotation(positions, local_rope_frequencies(cfg))
+    freqs = rope_frequencies(cfg)
+    if local is not None and cfg.rope_local_theta and isinstance(local, bool):
+      freqs = layer_choice(local, local_rope_frequencies(cfg), freqs)  # unrolled: this layer's
+    angles = rope.rotation(positions, freqs)  # cos, sin [B, T, Dh/2]
+    if local is not None and cfg.rope_local_theta and not isinstance(local, bool):
+      local_angles = rope.rotation(positions, local_rope_frequencies(cfg))  # scanned: select
       angles = tuple(layer_choice(local, a, b) for a, b in zip(local_angles, angles))
     x_q, q_angles = x, angles
     if columns is not None:
