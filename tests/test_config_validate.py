@@ -62,6 +62,8 @@ BAD = [
     ("sft", {"lora.rank": 4, "lora.dropout": 1.0}, r"lora\.dropout must be in \[0, 1\)"),
     ("ppo", {"ppo.clip_eps": 1.0}, r"ppo\.clip_eps must be in \(0, 1\) \(got 1\.0\)"),
     ("ppo", {"kl.coef": -0.1}, r"kl\.coef: beta must be >= 0 \(got -0\.1\)"),
+    ("ppo", {"kl.coef_by_lang": "fr:0.1"},
+     r"kl\.coef_by_lang 'fr' is not one of the run's languages \['en', 'zh'\] \(data\.lang\)"),
     # 32 prompt tokens + 100 answer tokens > the tiny model's 128 positions.
     ("ppo", {"sampling.max_new_tokens": 100},
      r"sampling\.max_new_tokens \+ data\.max_prompt_len=32 must be <= model\.max_len=128"),
@@ -140,7 +142,7 @@ def test_pipeline_section_paths_are_the_pipelines_to_fill():
     ("configs/ppo.py:size=tiny", "ppo.clipeps", "did you mean ppo.clip_eps?"),
     ("configs/pipeline.py", "rm.eval.max_comparison", "did you mean rm.eval.max_comparisons?"),
     # Nothing near: the section's keys.
-    ("configs/ppo.py:size=tiny", "kl.zzz", "config.kl has adaptive, coef, horizon, target"),
+    ("configs/ppo.py:size=tiny", "kl.zzz", "config.kl has adaptive, coef, coef_by_lang, horizon, target"),
     ("configs/ppo.py:size=tiny", "kl.coef.x", "did you mean kl.coef?"),
     ("configs/ppo.py:size=tiny", "trainer.foo_bar_baz", "trainer is a field, not a section"),
 ])

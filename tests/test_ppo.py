@@ -16,6 +16,7 @@ import pytest
 import ppo_setup as S
 from rlhf_jax.models import losses
 from rlhf_jax.models import Transformer
+from rlhf_jax.config import util as config_util
 from rlhf_jax.rl import iteration, kl, ppo
 from rlhf_jax.infer import rollout
 from rlhf_jax.infer.sampling import SamplingParams
@@ -152,6 +153,72 @@ def test_first_minibatch_ratio_is_one_and_kl_to_reference_zero(runner):
   moved, _ = runner.update_fn(S.make_state(S.policy_params(0), S.scalar_params(1), runner.tx,
                                            kl_coef=0.3), exp, None)
   np.testing.assert_allclose(float(moved.kl_coef), expected, rtol=1e-6)  # ... β > 0 moves
+
+
+def test_per_language_beta_penalises_each_row_by_its_language_and_follows_its_kl(runner):
+  """kl.coef_by_lang: β [L] in the state, each row's KL penalty at its language's β, and each
+  β moved by the controller's formula from its own language's mean KL (numpy reference)."""
+  state, frozen = _start(runner)
+  tokens, mask = S.prompts(32, seed=6)
+  state, *_ = runner.iteration(state, frozen, tokens, mask)  # the policy leaves the reference
+  ro = runner.rollout_fn({"params": state.params["policy"]}, tokens, mask, jax.random.key(3))
+  lang = np.tile(np.asarray([0, 1], np.int32), 16)  # [B]: en, zh, en, zh, ...
+  betas = np.asarray([0.2, 0.5], np.float32)
+  exp, metrics = runner.experience_fn(state.params, frozen, ro, jnp.asarray(betas),
+                                      jnp.asarray(lang))
+  row_kl = np.asarray(exp.kl)  # [B] nats, each answer's summed per-token k1
+  assert np.abs(row_kl).max() > 1e-3  # a KL to penalise
+  # non_score_reward is the batch mean of -β_row * KL_row.
+  np.testing.assert_allclose(float(metrics["objective/non_score_reward"]),
+                             np.mean(-betas[lang] * row_kl), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(metrics["objective/kl_coef"]), 0.35, rtol=1e-6)
+  # Equal β in both languages is the one-β experience, row for row.
+  same, _ = runner.experience_fn(state.params, frozen, ro, jnp.full(2, 0.3, jnp.float32),
+                                 jnp.asarray(lang))
+  one, _ = runner.experience_fn(state.params, frozen, ro, jnp.asarray(0.3, jnp.float32))
+  np.testing.assert_allclose(np.asarray(same.advantages), np.asarray(one.advantages),
+                             rtol=1e-5, atol=1e-6)
+  # The update moves each language's β by the rule with that language's KL and episodes.
+  moved, _ = runner.update_fn(state.replace(kl_coef=jnp.asarray(betas)), exp, None)
+  for i in range(2):
+    kl_i = row_kl[lang == i].mean()
+    expected = betas[i] * (1 + np.clip(kl_i / 6.0 - 1, -0.2, 0.2) * 16 / 1e4)
+    np.testing.assert_allclose(float(moved.kl_coef[i]), expected, rtol=1e-6)
+
+
+def test_per_language_controller_keeps_a_language_absent_from_the_batch():
+  c = kl.KLController(init_coef=0.1, adaptive=True, target=2.0, horizon=10.0,
+                      lang_coefs=(0.1, 0.4))
+  np.testing.assert_allclose(np.asarray(c.initial()), [0.1, 0.4])
+  # Three English answers at KL 3 nats (error clipped to +0.2), no Chinese ones.
+  out = c.update_from_rows(c.initial(), jnp.asarray([3.0, 3.0, 3.0]), jnp.asarray([0, 0, 0]))
+  np.testing.assert_allclose(np.asarray(out), [0.1 * (1 + 0.2 * 3 / 10.0), 0.4], rtol=1e-6)
+  with pytest.raises(ValueError, match="language index"):
+    kl.row_coefs(c.initial(), None)
+
+
+@pytest.mark.parametrize("text,error", [
+    ("zh", "is not 'lang:beta'"), ("zh:-1", "is not 'lang:beta'"), ("zh:x", "is not 'lang:beta'"),
+    ("fr:0.1", "not one of the run's languages")])
+def test_coef_by_lang_errors_name_the_item(text, error):
+  with pytest.raises(ValueError, match=error):
+    config_util.parse_coef_by_lang(text, ("en", "zh"))
+
+
+def test_coef_by_lang_orders_betas_as_the_runs_languages():
+  from rlhf_jax.rl import trainer
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(kl=dict(coef=0.07, coef_by_lang="zh:0.1",
+                                                  adaptive=True, target=3.0, horizon=500.0)))
+  assert trainer.controller_from_config(config, ("en", "zh")).lang_coefs == (0.07, 0.1)
+  assert trainer.controller_from_config(config, ("zh",)).lang_coefs == (0.1,)
+  config.kl.coef_by_lang = ""
+  assert trainer.controller_from_config(config, ("en", "zh")).lang_coefs == ()
+  # Each global row's language index, from the batch's local languages.
+  np.testing.assert_array_equal(iteration.row_lang_index(["zh", "en", "zh"], ("en", "zh")),
+                                [1, 0, 1] * jax.process_count())
+  with pytest.raises(ValueError, match="not one of the run's languages"):
+    iteration.row_lang_index(["fr"], ("en", "zh"))
 
 
 def test_nonfinite_minibatches_are_skipped_and_counted(runner):

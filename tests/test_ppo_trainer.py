@@ -70,6 +70,7 @@ def _config(data_dir, tokenizer, steps=2, **fields):
 
 @pytest.mark.parametrize("fields,match", [
     ({"kl.coef": -0.1}, "beta must be >= 0"),
+    ({"kl.coef_by_lang": "zh:0.1", "data.lang": "en"}, "'zh' is not one of the run's languages"),
     ({"ppo.clip_eps": 1.2}, "clip_eps must be in"),
     ({"ppo.value_clip": 0.0}, "value_clip must be in"),
     ({"ppo.minibatches": 3}, "does not divide the batch of 8"),
@@ -108,17 +109,18 @@ def _params_equal(a, b):
 
 @pytest.mark.heavy  # two PPO runs from configs/ppo.py (about a minute cold)
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,critic_trunk", [("joint", "trained"),
-                                                    ("per_model", "trained"),
-                                                    ("per_model", "frozen")])
+@pytest.mark.parametrize("optimizer,critic_trunk,coef_by_lang", [
+    ("joint", "trained", ""), ("per_model", "trained", ""), ("per_model", "frozen", "zh:0.1")])
 def test_resume_mid_run_then_nan_reward_stops_and_keeps_the_checkpoint(
-    optimizer, critic_trunk, tmp_path, stage_dirs, bundled_data_dir, bundled_tokenizer):
+    optimizer, critic_trunk, coef_by_lang, tmp_path, stage_dirs, bundled_data_dir,
+    bundled_tokenizer):
   # Every run has the same schedule (3 iterations); stop_after ends the first ones early.
   # PPO-ptx and the EMA are on, so their data position and state must resume too; per_model
-  # checkpoints one optimizer state per model, a frozen critic trunk a head alone.
+  # checkpoints one optimizer state per model, a frozen critic trunk a head alone, and
+  # kl.coef_by_lang one β per language.
   dirs = {"sft_dir": stage_dirs["sft"], "rm_dir": stage_dirs["rm"], "steps": 3,
           "ptx.coef": 0.5, "ppo.ema_decay": 0.9, "ppo.optimizer": optimizer,
-          "ppo.critic_trunk": critic_trunk}
+          "ppo.critic_trunk": critic_trunk, "kl.coef_by_lang": coef_by_lang}
   whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
   launch.run(_config(bundled_data_dir, bundled_tokenizer, **{"train.stop_after": 2}, **dirs),
              whole)
@@ -134,13 +136,21 @@ def test_resume_mid_run_then_nan_reward_stops_and_keeps_the_checkpoint(
   rows_whole, rows_broken = read_metrics(whole), read_metrics(broken)
   assert [r["step"] for r in rows_broken] == [1, 2]
   for key in ("objective/scores", "objective/kl", "ppo/loss/policy", "ppo/loss/ptx",
-              "objective/kl_coef"):
+              "objective/kl_coef") + (("objective/zh/kl_coef",) if coef_by_lang else ()):
     assert rows_whole[-1][key] == rows_broken[-1][key], key
   assert rows_whole[-1]["ppo/loss/ptx"] > 0
-  # β followed the adaptive formula from iteration 1's KL (8 episodes, horizon 10000).
-  kl1 = rows_whole[0]["objective/kl"]
-  assert rows_whole[1]["objective/kl_coef"] == pytest.approx(
-      0.05 * (1 + np.clip(kl1 / 6.0 - 1, -0.2, 0.2) * 8 / 10000), rel=1e-5)
+  # β followed the adaptive formula from iteration 1's KL (8 episodes, horizon 10000); one β
+  # per language each from its language's KL (4 episodes each).
+  if not coef_by_lang:
+    kl1 = rows_whole[0]["objective/kl"]
+    assert rows_whole[1]["objective/kl_coef"] == pytest.approx(
+        0.05 * (1 + np.clip(kl1 / 6.0 - 1, -0.2, 0.2) * 8 / 10000), rel=1e-5)
+  else:
+    for lang, beta in (("en", 0.05), ("zh", 0.1)):
+      assert rows_whole[0][f"objective/{lang}/kl_coef"] == pytest.approx(beta, rel=1e-6)
+      kl1 = rows_whole[0][f"objective/{lang}/kl"]
+      assert rows_whole[1][f"objective/{lang}/kl_coef"] == pytest.approx(
+          beta * (1 + np.clip(kl1 / 6.0 - 1, -0.2, 0.2) * 4 / 10000), rel=1e-5)
   # The policy loaded from SFT; the critic from the RM with gain 2, bias -0.5 folded in.
   sft = read_params(os.path.join(stage_dirs["sft"], "checkpoints"))
   assert not _params_equal(sft, read_params(os.path.join(whole, "checkpoints")))

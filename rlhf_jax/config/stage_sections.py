@@ -50,6 +50,9 @@ def kl_section() -> ml_collections.ConfigDict:
   """`config.kl`: the KL penalty's coefficient and its adaptive controller."""
   return ml_collections.ConfigDict(dict(
       coef=0.05,  # beta; the initial one when adaptive
+      # 'zh:0.1': one beta per language, these for the languages named, coef for the others;
+      # each follows its own language's KL when adaptive (rl/kl.py). '' = one beta for all.
+      coef_by_lang="",
       adaptive=True, target=6.0, horizon=10000.0))  # Ziegler et al.: target in nats/answer
 
 

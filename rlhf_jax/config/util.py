@@ -84,3 +84,24 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   config = module.get_config(arg or None)
   config.lock()
   return config
+
+
+def parse_coef_by_lang(text: str, langs: tuple = ()) -> dict[str, float]:
+  """`kl.coef_by_lang` ('zh:0.1' or 'en:0.07,zh:0.1') as {lang: β}; '' = {} (one β). A language
+  the run does not have (langs, when given) or a β that is not a number >= 0 is an error."""
+  out = {}
+  for item in (t.strip() for t in str(text or "").split(",")):
+    if not item:
+      continue
+    lang, _, value = (part.strip() for part in item.partition(":"))
+    try:
+      coef = float(value)
+    except ValueError:
+      coef = float("nan")
+    if not lang or not coef >= 0:
+      raise ValueError(f"kl.coef_by_lang={text!r}: {item!r} is not 'lang:beta' (beta >= 0)")
+    if langs and lang not in langs:
+      raise ValueError(f"kl.coef_by_lang={text!r}: {lang!r} is not one of the run's languages "
+                       f"{list(langs)} (data.lang)")
+    out[lang] = coef
+  return out

@@ -18,6 +18,9 @@ import math
 import os
 from typing import Iterable
 
+from rlhf_jax.config.util import parse_coef_by_lang
+from rlhf_jax.core.langs import LANGS
+
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 # model.dtype also takes "auto": bfloat16 where it measures faster (rlhf_jax/models/dtype_probe.py).
@@ -278,6 +281,12 @@ def check_ppo(c: Checks, max_len) -> None:
   c.number("ppo.missing_eos_penalty")
   c.number("ppo.ema_decay", 0, 1, hi_open=True)
   c.number("kl.coef", 0, alias="beta")
+  by_lang = c.get("kl.coef_by_lang")
+  if by_lang is not _MISSING and lang:
+    try:
+      parse_coef_by_lang(by_lang, LANGS if lang == "both" else (lang,))
+    except ValueError as e:
+      c.problem("kl.coef_by_lang", str(e).removeprefix(f"kl.coef_by_lang={by_lang!r}: "))
   c.number("kl.target", 0, lo_open=True)
   c.number("kl.horizon", 0, lo_open=True)
   c.number("ptx.coef", 0)

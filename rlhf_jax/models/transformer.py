@@ -121,6 +121,23 @@ def layer_choice(local, if_local, if_global):
   return jnp.where(local, if_local, if_global)
 
 
+def layer_inputs(cfg: ModelConfig, positions, segment_ids, q_slot, k_segment, prefix_ids,
+                 cached: bool):
+  """(mask, angles), what every layer reads besides x: the attention mask [B, T, S] and the
+  rotary (cos, sin) [B, T, Dh/2] (models/rope.py), each built once for all the layers (the
+  rotation per layer was ~7% of a tiny model's compile time, and ran again in each layer's
+  backward). A model with sliding-window layers gets the pairs (global, sliding-window) of
+  both; each layer picks its own (Block)."""
+  mask = attention_mask(segment_ids, q_slot, k_segment, q_prefix=prefix_ids)
+  angles = rope.rotation(positions, rope_frequencies(cfg))
+  if cfg.local_layers:  # the cache keeps every slot: the window is a mask
+    mask = (mask, attention_mask(segment_ids, q_slot, k_segment, cfg.sliding_window,
+                                 q_prefix=prefix_ids, positions=None if cached else positions))
+    angles = (angles, rope.rotation(positions, local_rope_frequencies(cfg))
+              if cfg.rope_local_theta else angles)
+  return mask, angles
+
+
 class HeadProjection(nn.Module):
   """x [B, T, D] -> [B, T, heads, head_dim], kernel [D, heads, head_dim] (optional bias).
 
@@ -159,13 +176,14 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, columns=None,
-               local=None, cache_layer=None):
-    """x [B, T, D]; mask [B, T, S]; layer_cache: this layer's (keys, values) of
-    models/kv_cache.py, or the stacked ones with cache_layer (traced, scanned); None without a
-    cache. columns: None, or a static (start, stop): only those columns ask queries (keys and
-    values from all T); the output is [B, stop - start, D]. local: None (no sliding-window
-    layers), or whether this is one (see layer_choice): it picks the rope table."""
+  def __call__(self, x, angles, mask, layer_cache=None, cache_index=None, columns=None,
+               cache_layer=None):
+    """x [B, T, D]; angles: the rotary (cos, sin) [B, T, Dh/2] of this layer's positions
+    (models/rope.py; computed once a forward pass, in Transformer.hidden_states); mask
+    [B, T, S]; layer_cache: this layer's (keys, values) of models/kv_cache.py, or the stacked
+    ones with cache_layer (traced, scanned); None without a cache. columns: None, or a static
+    (start, stop): only those columns ask queries (keys and values from all T); the output is
+    [B, stop - start, D]."""
     cfg = self.config
     dt = cfg.compute_dtype
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
@@ -175,13 +193,6 @@ class Attention(nn.Module):
                          name=name)(inputs)
       return norm(cfg, f"{name}_norm", ("kv",))(y) if cfg.qk_norm and name != "v" else y
 
-    freqs = rope_frequencies(cfg)
-    if local is not None and cfg.rope_local_theta and isinstance(local, bool):
-      freqs = layer_choice(local, local_rope_frequencies(cfg), freqs)  # unrolled: this layer's
-    angles = rope.rotation(positions, freqs)  # cos, sin [B, T, Dh/2]
-    if local is not None and cfg.rope_local_theta and not isinstance(local, bool):
-      local_angles = rope.rotation(positions, local_rope_frequencies(cfg))  # scanned: select
-      angles = tuple(layer_choice(local, a, b) for a, b in zip(local_angles, angles))
     x_q, q_angles = x, angles
     if columns is not None:
       x_q, mask = x[:, columns[0]:columns[1]], mask[:, columns[0]:columns[1]]
@@ -265,17 +276,17 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, layer_cache, cache_index, columns=None, local=None,
+  def __call__(self, x, angles, mask, layer_cache, cache_index, columns=None, local=None,
                cache_layer=None):
     """columns: None, or a static (start, stop): the block's output only there (see Attention).
-    local: None, or whether this is a sliding-window layer; mask is then the pair (global mask,
-    sliding-window mask). cache_layer: as Attention's."""
+    local: None, or whether this is a sliding-window layer; mask and angles are then the pairs
+    (global, sliding-window). cache_layer: as Attention's."""
     cfg = self.config
     if local is not None:
       mask = layer_choice(local, mask[1], mask[0])
+      angles = tuple(layer_choice(local, a, b) for a, b in zip(angles[1], angles[0]))
     attn_out, new_cache = Attention(cfg, name="attn")(
-        norm(cfg, "attn_norm")(x), positions, mask, layer_cache, cache_index, columns, local,
-        cache_layer)
+        norm(cfg, "attn_norm")(x), angles, mask, layer_cache, cache_index, columns, cache_layer)
     if columns is not None:
       x = x[:, columns[0]:columns[1]]
     if cfg.sandwich_norms:
@@ -296,9 +307,9 @@ class _ScanBlock(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, local, positions, mask, cache_index):
+  def __call__(self, carry, local, angles, mask, cache_index):
     x, cache, layer = carry
-    x, cache = Block(self.config, name="block")(x, positions, mask, cache, cache_index,
+    x, cache = Block(self.config, name="block")(x, angles, mask, cache, cache_index,
                                                 local=local, cache_layer=layer)
     return (x, cache, layer + 1), None
 
@@ -367,20 +378,16 @@ class Transformer(nn.Module):
       kv = (cache["k"], cache["v"])
     if prefix_ids is not None and cache is not None:
       raise ValueError("prefix_ids is for a whole row at once, not for decoding with a cache")
-    mask = attention_mask(segment_ids, q_slot, k_segment, q_prefix=prefix_ids)
-    if cfg.local_layers:  # both masks; each layer takes its own (the cache keeps every slot)
-      mask = (mask, attention_mask(segment_ids, q_slot, k_segment, cfg.sliding_window,
-                                   q_prefix=prefix_ids,
-                                   positions=positions if cache is None else None))
-
+    mask, angles = layer_inputs(cfg, positions, segment_ids, q_slot, k_segment, prefix_ids,
+                                cached=cache is not None)
     sliced = False
     if cfg.scan_layers:
       local = (jnp.asarray([i in cfg.local_layers for i in range(cfg.n_layers)])
                if cfg.local_layers else None)
-      (x, new_kv, _), _ = self.layers((x, kv, jnp.zeros((), jnp.int32)), local, positions, mask,
+      (x, new_kv, _), _ = self.layers((x, kv, jnp.zeros((), jnp.int32)), local, angles, mask,
                                       index)
     else:
-      x, new_kv, sliced = self._unrolled(x, positions, mask, kv, index, columns)
+      x, new_kv, sliced = self._unrolled(x, angles, mask, kv, index, columns)
     if columns is not None and not sliced:
       x = x[:, columns[0]:columns[1]]
 
@@ -390,7 +397,7 @@ class Transformer(nn.Module):
     new_cache = {"k": new_kv[0], "v": new_kv[1], "segment": k_segment, "index": index + t}
     return x, new_cache
 
-  def _unrolled(self, x, positions, mask, kv, index, columns):
+  def _unrolled(self, x, angles, mask, kv, index, columns):
     """(x, the new (keys, values) tuples or None, whether x is sliced to columns) of the layers
     one after the other, each writing and reading its own cache arrays (models/kv_cache.py)."""
     cfg = self.config
@@ -401,7 +408,7 @@ class Transformer(nn.Module):
       cols = columns if i == cfg.n_layers - 1 and not cfg.remat else None
       local = (i in cfg.local_layers,) if cfg.local_layers else ()
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      x, new = layer(x, positions, mask, layer_kv, index, cols, *local)
+      x, new = layer(x, angles, mask, layer_kv, index, cols, *local)
       news.append(new)
       sliced = cols is not None
     return x, (None if kv is None else tuple(map(tuple, zip(*news)))), sliced

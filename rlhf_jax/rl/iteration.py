@@ -51,6 +51,7 @@ class Iteration:
   prompt_stream: Any  # for its count of prompts skipped as too long
   last_good: Callable[[], Any]  # the last checkpoint's step (for the NaN message)
   lora: bool = False  # the state's policy holds adapters; its base is frozen.reference
+  langs: tuple = ()  # the run's languages, in order: a per-language β [L] follows it
 
   def __call__(self, state: ppo.PPOState, batch: dict):
     t0 = time.perf_counter()
@@ -64,8 +65,13 @@ class Iteration:
     rollout = jax.block_until_ready(self.rollout_fn(
         {"params": policy}, prompts["tokens"], prompts["mask"], key))
     t1 = time.perf_counter()
+    lang, coefs = None, {}
+    if state.kl_coef.ndim:  # one β per language: each row's language index [B]
+      lang = row_lang_index(batch["prompts"]["lang"], self.langs)
+      coefs = {f"objective/{name}/kl_coef": float(c)
+               for name, c in zip(self.langs, jax.device_get(state.kl_coef))}
     experience, exp_metrics = self.experience_fn(state.params, self.frozen, rollout,
-                                                 state.kl_coef)
+                                                 state.kl_coef, lang)
     exp_metrics = jax.device_get(exp_metrics)
     scores, seq_kl = to_host(experience.scores), to_host(experience.kl)  # [B], [B]
     t2 = time.perf_counter()
@@ -88,12 +94,23 @@ class Iteration:
       log.warning("iteration %d: %d minibatch updates had a non-finite loss, gradient or params "
                   "and were skipped", int(state.step), int(metrics["ppo/skipped_updates"]))
     metrics.update(per_language(batch["prompts"]["lang"], scores, seq_kl))
+    metrics.update(coefs)
     metrics.update({
         "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
         "time/iteration": t3 - t0, "train/episodes_per_s": len(scores) / max(t3 - t0, 1e-9),
         "train/tokens": metrics.pop("rollout/tokens"),
         "rollout/skipped_prompts": float(self.prompt_stream.skipped), "train/finite": True})
     return state, metrics
+
+
+def row_lang_index(local_langs, langs: tuple) -> np.ndarray:
+  """[B] int32: each global row's index in langs. Every process lays its rows out alike (see
+  per_language), so every process builds the same array."""
+  row_langs = np.tile(np.asarray(local_langs), jax.process_count())
+  unknown = sorted(set(row_langs) - set(langs))
+  if unknown:
+    raise ValueError(f"prompts in {unknown}, not one of the run's languages {list(langs)}")
+  return np.asarray([langs.index(lang) for lang in row_langs], np.int32)
 
 
 def per_language(local_langs, scores: np.ndarray, seq_kl: np.ndarray) -> dict:

@@ -118,6 +118,8 @@ class Experience(NamedTuple):
   kl: Array  # [B] the answer's KL to the reference (estimator of the reward), nats
   # [B, N, D] the RM trunk's features a head-only critic reads (critic_trunk="frozen"); else None
   critic_features: Optional[Array] = None
+  # [B] int: each row's language index, with one β per language (rl/kl.py); else None
+  lang: Optional[Array] = None
 
 
 def last_token_reward(scores: Array, mask: Array) -> Array:
@@ -148,13 +150,14 @@ def values_and_scores(critic, frozen: Frozen, rollout: Rollout, *, models: PPOMo
   return values, reward_fn(frozen, rollout).astype(jnp.float32), features
 
 
-def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
-                    models: PPOModels, hyper: PPOHyper, reward_fn: Optional[RewardFn] = None
-                    ) -> tuple[Experience, dict]:
+def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array,
+                    lang: Optional[Array] = None, *, models: PPOModels, hyper: PPOHyper,
+                    reward_fn: Optional[RewardFn] = None) -> tuple[Experience, dict]:
   """Scores, per-token rewards, values and advantages of a rollout. Pure; jit it.
 
-  params: the state's {'policy', 'critic'}; kl_coef: β, a float32 array. Returns the
-  experience and the `objective/*` and `rollout/*` metrics (scalars), plus `finite`.
+  params: the state's {'policy', 'critic'}; kl_coef: β, a float32 array, [] or one per
+  language [L] with lang [B] int, each row's language index. Returns the experience and the
+  `objective/*` and `rollout/*` metrics (scalars), plus `finite`.
   """
   mask = rollout.answer_mask  # [B, N]
   temperature = hyper.temperature
@@ -177,7 +180,8 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
     scores = jnp.where(rollout.ended, rm_scores, hyper.missing_eos_penalty)
 
   kl_tokens = kl.kl_per_token(old_logprobs, ref_logprobs, hyper.kl_estimator) * mask  # [B, N]
-  non_score = -kl_coef * kl_tokens  # [B, N]
+  coefs = kl.row_coefs(kl_coef, lang)  # [] or [B]
+  non_score = -(coefs[:, None] if coefs.ndim else coefs) * kl_tokens  # [B, N]
   rewards = non_score + last_token_reward(scores, mask)
   if hyper.whiten_rewards:
     rewards = gae.whiten(rewards, mask, shift_mean=False)
@@ -193,7 +197,7 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
       "objective/entropy": jnp.mean(jnp.sum(-old_logprobs * mask, axis=-1)),
       "objective/non_score_reward": jnp.mean(non_score_seq),
       "objective/rlhf_reward": jnp.mean(scores + non_score_seq),
-      "objective/kl_coef": kl_coef,
+      "objective/kl_coef": jnp.mean(coefs),
       "rollout/eos_rate": jnp.mean(rollout.ended.astype(jnp.float32)),
       "rollout/answer_length": jnp.mean(rollout.lengths),
       "rollout/tokens": jnp.sum(rollout.segment_ids).astype(jnp.float32),
@@ -204,7 +208,7 @@ def make_experience(params, frozen: Frozen, rollout: Rollout, kl_coef: Array, *,
   }
   experience = Experience(rollout=rollout, old_logprobs=old_logprobs, old_values=values,
                           advantages=advantages, returns=returns, scores=scores,
-                          kl=kl_seq, critic_features=features)
+                          kl=kl_seq, critic_features=features, lang=lang)
   return experience, metrics
 
 
@@ -425,8 +429,7 @@ def ppo_update(state: PPOState, experience: Experience, ptx_batches: Optional[di
       state.params, state.opt_state, state.ema, experience, ptx_batches, keys, models=models,
       hyper=hyper, tx=tx, frozen=frozen)
 
-  episodes = experience.kl.shape[0]
-  kl_coef = controller.update(state.kl_coef, jnp.mean(experience.kl), episodes)
+  kl_coef = controller.update_from_rows(state.kl_coef, experience.kl, experience.lang)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                             kl_coef=jnp.asarray(kl_coef, jnp.float32))
   return new_state, stats

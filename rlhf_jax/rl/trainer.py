@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.config import util as config_util
 from rlhf_jax.core import optim, run_folder, sharding
 from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.eval import ppo_periodic as evaluation
@@ -70,9 +71,14 @@ def hyper_from_config(config) -> ppo.PPOHyper:
       ptx_coef=config.ptx.coef, ema_decay=p.ema_decay, recompute_old_logprobs=recompute)
 
 
-def controller_from_config(config) -> kl.KLController:
+def controller_from_config(config, langs: tuple = ()) -> kl.KLController:
+  """The KL controller; with `kl.coef_by_lang` ('zh:0.1'), one β per language of `langs` (the
+  run's, in order), kl.coef for those it does not name."""
+  by_lang = config_util.parse_coef_by_lang(config.kl.get("coef_by_lang", ""), langs)
+  lang_coefs = tuple(by_lang.get(lang, config.kl.coef) for lang in langs) if by_lang else ()
   return kl.KLController(init_coef=config.kl.coef, adaptive=config.kl.adaptive,
-                         target=config.kl.target, horizon=config.kl.horizon)
+                         target=config.kl.target, horizon=config.kl.horizon,
+                         lang_coefs=lang_coefs)
 
 
 def sampling_from_config(section) -> SamplingParams:
@@ -359,8 +365,8 @@ def make_evaluations(config, tokenizer, langs, models, frozen, workdir, mesh, ru
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) PPO in `workdir`. Returns the last iteration's metrics."""
-  controller = controller_from_config(config)
   langs = prompts_lib.parse_langs(config.data.lang)
+  controller = controller_from_config(config, tuple(langs))
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.axis_rules(config.get("axis_rules"))
@@ -395,7 +401,8 @@ def train(config, workdir: str) -> dict:
     rollout_fn, experience_fn, update_fn = make_step_fns(models, hyper, controller, tx,
                                                          tokenizer, config, state_shardings)
     step = Iteration(rollout_fn, experience_fn, update_fn, frozen, mesh, rules, prompt_stream,
-                     last_good=ckpt.latest_step, lora=bool(models.policy.lora_rank))
+                     last_good=ckpt.latest_step, lora=bool(models.policy.lora_rank),
+                     langs=tuple(langs))
     evaluations = make_evaluations(config, tokenizer, langs, models, frozen, workdir, mesh,
                                    rules)
     _, last = run_train_loop(config, workdir, state, step, data, ckpt, total=total,
