@@ -81,9 +81,9 @@ def test_the_heads_gradient_is_the_head_part_of_the_whole_models():
   rng = np.random.default_rng(0)
   moved = jax.tree.map(lambda x: x + 0.3 * jnp.asarray(rng.normal(size=x.shape), x.dtype), head)
   kw = dict(models=S.MODELS, hyper=FROZEN)
-  grad_head = jax.grad(lambda c: ppo.value_terms(c, exp, **kw)[0])(moved)
-  grad_whole = jax.grad(lambda c: ppo.value_terms(c, exp._replace(critic_features=None),
-                                                  **kw)[0])({**whole, "head": moved["head"]})
+  grad = jax.jit(jax.grad(lambda c, e: ppo.value_terms(c, e, **kw)[0]))  # jitted: see test_ppo
+  grad_head = grad(moved, exp)
+  grad_whole = grad({**whole, "head": moved["head"]}, exp._replace(critic_features=None))
   assert jax.tree.structure(grad_head) == jax.tree.structure({"head": grad_whole["head"]})
   for a, b in zip(jax.tree.leaves(grad_head), jax.tree.leaves(grad_whole["head"])):
     assert np.abs(np.asarray(b)).max() > 1e-4

@@ -83,6 +83,7 @@ def test_the_adapted_model_on_an_int8_base_is_the_float_model_on_its_dequantised
   deq = quant.dequantize_tree(qbase)
   float_cfg = dataclasses.replace(qcfg, lora_base_quant="")
 
+  @functools.partial(jax.jit, static_argnums=0)
   def logits(config, params):
     return Transformer(config).apply({"params": params}, tokens, positions, segments)[0]
 
@@ -105,8 +106,9 @@ def test_the_adapted_model_on_an_int8_base_is_the_float_model_on_its_dequantised
     out = logits(config, lora.merge(adapter_params, frozen))
     return jnp.mean(jax.nn.log_softmax(out)[..., 3])
 
-  g_int8 = flat_params(jax.grad(loss)(adapters, qcfg, qbase))
-  g_float = flat_params(jax.grad(loss)(adapters, float_cfg, deq))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)  # jitted: see test_ppo's per-model test
+  g_int8 = flat_params(grad(adapters, qcfg, qbase))
+  g_float = flat_params(grad(adapters, float_cfg, deq))
   for name in g_float:
     np.testing.assert_allclose(g_int8[name], g_float[name], rtol=1e-4,
                                atol=1e-5 * np.abs(g_float[name]).max(), err_msg=name)
