@@ -184,11 +184,17 @@ def plot_ppo_kl(run: Run, path: str) -> None:
     ax.set_xlabel("PPO iteration")
     ax.set_ylabel("KL to SFT per answer (nats)")
     ax.legend(fontsize=7, loc="best")
-    bx, beta = series(records, "objective/kl_coef")
-    if bx:
+    # One beta, or one per language (kl.coef_by_lang): each language's own line.
+    betas = [(f"beta {lang}", series(records, f"objective/{lang}/kl_coef"), style)
+             for lang, style in zip(run.langs, ("--", ":", "-."))]
+    betas = [b for b in betas if b[1][0]] or [("beta", series(records, "objective/kl_coef"), "--")]
+    if betas[0][1][0]:
       twin = ax.twinx()
-      twin.plot(bx, beta, color="tab:red", ls="--", label="beta")
+      for label, (bx, beta), style in betas:
+        twin.plot(bx, beta, color="tab:red", ls=style, label=label)
       twin.set_ylabel("beta (KL coefficient)", color="tab:red")
+      if len(betas) > 1:
+        twin.legend(fontsize=7, loc="lower right")
   else:
     _empty(ax, "PPO did not run")
   ax.set_title("PPO: KL and beta over iterations")

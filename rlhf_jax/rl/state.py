@@ -34,7 +34,7 @@ class PPOState:
   params: Any  # {'policy': Transformer params, 'critic': ScalarModel params}: trained
   opt_state: Any  # over both (one global-norm clip), or {'policy', 'critic'}: `init_opt_state`
   ema: Any  # EMA of params['policy'], or None when off
-  kl_coef: Array  # [] float32: β
+  kl_coef: Array  # [] float32: β, or [L]: one per language of the run (kl.coef_by_lang)
   rng: Array  # [2] uint32 key data
 
   def key(self) -> Array:
