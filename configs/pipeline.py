@@ -206,7 +206,8 @@ def _use_model(config, arg) -> None:
   # β on Gemma 3's run (experiments/real_recipe): 0.05 let the held-out KL reach 6.7 nats and
   # English answers shrink to 0.53x SFT's; 0.1 held both and lost the gold win (0.52 / 0.55);
   # 0.07: gold win 0.64 / 0.66, KL 4.2 / 5.5, length 0.64x / 1.09x. One β a language
-  # (kl.coef_by_lang='zh:0.1') held Chinese inside 6 nats in two seeds and won no more there.
+  # (kl.coef_by_lang='zh:0.1') held Chinese to 4.8-6.3 nats over three seeds (6.3-10.9 at
+  # one) and won no more there.
   config.ppo.kl.coef = 0.07
   config.ppo.eval.n_prompts = 16
   for stage in ("kto", "dpo"):
