@@ -103,10 +103,15 @@ class Iteration:
     return state, metrics
 
 
+def global_row_langs(local_langs) -> np.ndarray:
+  """[B] the language of each global row. Every process's rows are laid out alike, so the
+  global rows' languages repeat the local ones (and every process builds the same array)."""
+  return np.tile(np.asarray(local_langs), jax.process_count())
+
+
 def row_lang_index(local_langs, langs: tuple) -> np.ndarray:
-  """[B] int32: each global row's index in langs. Every process lays its rows out alike (see
-  per_language), so every process builds the same array."""
-  row_langs = np.tile(np.asarray(local_langs), jax.process_count())
+  """[B] int32: each global row's index in langs."""
+  row_langs = global_row_langs(local_langs)
   unknown = sorted(set(row_langs) - set(langs))
   if unknown:
     raise ValueError(f"prompts in {unknown}, not one of the run's languages {list(langs)}")
@@ -114,11 +119,10 @@ def row_lang_index(local_langs, langs: tuple) -> np.ndarray:
 
 
 def per_language(local_langs, scores: np.ndarray, seq_kl: np.ndarray) -> dict:
-  """objective/<lang>/{scores,kl} when a batch mixes languages. Every process's rows are laid
-  out alike, so the global rows' languages repeat the local ones."""
+  """objective/<lang>/{scores,kl} when a batch mixes languages."""
   if len(set(local_langs)) < 2:
     return {}
-  row_langs = np.tile(np.asarray(local_langs), jax.process_count())
+  row_langs = global_row_langs(local_langs)
   out = {}
   for lang in sorted(set(local_langs)):
     out[f"objective/{lang}/scores"] = float(np.mean(scores[row_langs == lang]))
