@@ -252,6 +252,7 @@ def _comparisons_section(arg) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="round0",  # rlhf_comparisons/<name> in <workdir>/comparisons/tfds
       prompts_per_lang=12 if arg.smoke else 1500,  # training prompts (English has ~2,400)
+      prompts_by_lang="",  # 'zh:384': another number of training prompts for these languages
       heldout_per_lang=8 if arg.smoke else 128,  # validation prompts: the RM's held-out accuracy
       k=4,  # answers sampled per prompt
       rounds=1,  # times each training prompt is answered and ranked (fresh answers each time)

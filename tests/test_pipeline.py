@@ -1,6 +1,7 @@
 """The pipeline: its config is the stage configs, its plan of what runs where, the evaluation's
 arithmetic, and the tiny pipeline end to end -- every stage, the report with its sections and
 plots, a second run that skips everything, and an interrupted stage that resumes."""
+import collections
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from ml_collections import config_flags
 from pipeline_fixture import SMOKE_CONFIG, tiny_pipeline_config
 from rlhf_jax.config import util as config_util
 from rlhf_jax.eval import policies as evaluate, report
-from rlhf_jax.recipe import pipeline
+from rlhf_jax.recipe import comparisons, pipeline
 from rlhf_jax.core.checkpoint import Checkpointer
 from rlhf_jax.data import labelers
 from rlhf_jax.core.metrics import read_metrics
@@ -388,7 +389,6 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tiny_pipeline_workdir, tm
 def test_comparisons_killed_after_writing_are_redone_not_trusted(tiny_pipeline_workdir, tmp_path,
                                                                  monkeypatch, bundled_data_dir,
                                                                  bundled_tokenizer):
-  from rlhf_jax.recipe import comparisons
   from rlhf_jax.data import builders
   from rlhf_jax.data.rm_batches import read_records
   w = str(tmp_path / "w")
@@ -430,7 +430,6 @@ def test_comparison_rounds_answer_each_training_prompt_again(tiny_pipeline_workd
                                                              monkeypatch, bundled_data_dir,
                                                              bundled_tokenizer):
   """rounds=2: every training prompt is ranked twice, on fresh answers; held-out ones once."""
-  from rlhf_jax.recipe import comparisons
   from rlhf_jax.data.rm_batches import read_records
   calls = []
 
@@ -505,3 +504,27 @@ def test_a_failed_evaluate_keeps_the_previous_results(tiny_pipeline_workdir, tmp
     pipeline.run_pipeline(config, w, only="evaluate")
   assert open(results, "rb").read() == before
   assert pipeline.read_done(os.path.join(w, "evaluate")) is None  # the redo did not finish
+
+
+def test_prompts_by_lang_takes_each_languages_first_prompts(bundled_data_dir, bundled_tokenizer,
+                                                            tiny_config):
+  """comparisons.prompts_by_lang 'en:3': three English training prompts, and they are the first
+  three of the seven that prompts_per_lang=7 draws (one seed, one order), Chinese unchanged."""
+  from rlhf_jax.config import validate
+  from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
+  tokenizer = load_any_tokenizer(bundled_tokenizer)
+  kw = dict(data_dir=bundled_data_dir, seed=3, splits=("train",), langs=("en", "zh"),
+            max_prompt_tokens=32)
+  by_lang = lambda prompts, langs, lang: [p for p, l in zip(prompts, langs) if l == lang]
+  seven = comparisons.choose_prompts(tokenizer, 7, **kw)
+  mixed = comparisons.choose_prompts(tokenizer, {"en": 3, "zh": 7}, **kw)
+  assert collections.Counter(mixed[1]) == {"en": 3, "zh": 7}
+  assert by_lang(*mixed, "en") == by_lang(*seven, "en")[:3]
+  assert by_lang(*mixed, "zh") == by_lang(*seven, "zh")
+  for text, match in (("zh:0", r"'zh:0' is not 'lang:prompts' \(prompts >= 1\)"),
+                      ("zh:2.5", "is not 'lang:prompts'"),
+                      ("fr:3", r"'fr' is not one of the run's languages \['en', 'zh'\] \(langs\)")):
+    with tiny_config.unlocked():
+      tiny_config.comparisons.prompts_by_lang = text
+    with pytest.raises(ValueError, match=r"comparisons\.prompts_by_lang.*" + match):
+      validate.validate_or_raise(tiny_config, stages=["comparisons"])

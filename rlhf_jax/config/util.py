@@ -86,22 +86,32 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
-def parse_coef_by_lang(text: str, langs: tuple = ()) -> dict[str, float]:
-  """`kl.coef_by_lang` ('zh:0.1' or 'en:0.07,zh:0.1') as {lang: β}; '' = {} (one β). A language
-  the run does not have (langs, when given) or a β that is not a number >= 0 is an error."""
+def parse_by_lang(text: str, field: str, *, what: str, integer: bool = False,
+                  minimum: float = 0, langs: tuple = (), langs_field: str = "data.lang") -> dict:
+  """A per-language setting ('zh:0.1' or 'en:128,zh:384') as {lang: value}; '' = {}.
+
+  `field` and `what` name it in errors ("kl.coef_by_lang='zh': 'zh' is not 'lang:beta' (beta >=
+  0)"); a value under `minimum`, not a number (an integer when `integer`), or a language the run
+  does not have (langs, when given; set by `langs_field`) is an error.
+  """
   out = {}
   for item in (t.strip() for t in str(text or "").split(",")):
     if not item:
       continue
-    lang, _, value = (part.strip() for part in item.partition(":"))
+    lang, _, raw = (part.strip() for part in item.partition(":"))
     try:
-      coef = float(value)
+      value = int(raw) if integer else float(raw)
     except ValueError:
-      coef = float("nan")
-    if not lang or not coef >= 0:
-      raise ValueError(f"kl.coef_by_lang={text!r}: {item!r} is not 'lang:beta' (beta >= 0)")
+      value = float("nan")
+    if not lang or not value >= minimum:
+      raise ValueError(f"{field}={text!r}: {item!r} is not 'lang:{what}' ({what} >= {minimum})")
     if langs and lang not in langs:
-      raise ValueError(f"kl.coef_by_lang={text!r}: {lang!r} is not one of the run's languages "
-                       f"{list(langs)} (data.lang)")
-    out[lang] = coef
+      raise ValueError(f"{field}={text!r}: {lang!r} is not one of the run's languages "
+                       f"{list(langs)} ({langs_field})")
+    out[lang] = value
   return out
+
+
+def parse_coef_by_lang(text: str, langs: tuple = ()) -> dict[str, float]:
+  """`kl.coef_by_lang` ('zh:0.1' or 'en:0.07,zh:0.1') as {lang: β}: one β a language."""
+  return parse_by_lang(text, "kl.coef_by_lang", what="beta", langs=langs)

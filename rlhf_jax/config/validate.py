@@ -18,7 +18,7 @@ import math
 import os
 from typing import Iterable
 
-from rlhf_jax.config.util import parse_coef_by_lang
+from rlhf_jax.config.util import parse_by_lang
 from rlhf_jax.core.langs import LANGS
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -281,12 +281,8 @@ def check_ppo(c: Checks, max_len) -> None:
   c.number("ppo.missing_eos_penalty")
   c.number("ppo.ema_decay", 0, 1, hi_open=True)
   c.number("kl.coef", 0, alias="beta")
-  by_lang = c.get("kl.coef_by_lang")
-  if by_lang is not _MISSING and lang:
-    try:
-      parse_coef_by_lang(by_lang, LANGS if lang == "both" else (lang,))
-    except ValueError as e:
-      c.problem("kl.coef_by_lang", str(e).removeprefix(f"kl.coef_by_lang={by_lang!r}: "))
+  if lang:
+    _check_by_lang(c, "kl.coef_by_lang", LANGS if lang == "both" else (lang,), what="beta")
   c.number("kl.target", 0, lo_open=True)
   c.number("kl.horizon", 0, lo_open=True)
   c.number("ptx.coef", 0)
@@ -359,6 +355,18 @@ def stage_problems(config, prefix: str = "", *, max_len=_MISSING,
   return c.found
 
 
+def _check_by_lang(c: Checks, field: str, langs, **kind) -> None:
+  """A per-language field ('zh:0.1'), where the config has it: config_util.parse_by_lang's
+  checks, reported as the field's problem."""
+  text = c.get(field)
+  if text is _MISSING:
+    return
+  try:
+    parse_by_lang(text, field, langs=tuple(langs), **kind)
+  except ValueError as e:
+    c.problem(field, str(e).removeprefix(f"{field}={text!r}: "))
+
+
 def check_pipeline_shared(c: Checks, max_len, stages) -> None:
   """The pipeline's own fields and sections: langs, tokenizer, comparisons, evaluate."""
   langs = c.get("langs")
@@ -375,6 +383,8 @@ def check_pipeline_shared(c: Checks, max_len, stages) -> None:
                  "batch_size"):
       c.number(f"comparisons.{name}", 1, integer=True)
     c.number("comparisons.heldout_per_lang", 0, integer=True)
+    _check_by_lang(c, "comparisons.prompts_by_lang", parts, what="prompts", integer=True,
+                   minimum=1, langs_field="langs")
     c.number("comparisons.k", 2, integer=True)
     c.number("comparisons.temperature", 0, lo_open=True)
     c.number("comparisons.top_p", 0, 1, lo_open=True)

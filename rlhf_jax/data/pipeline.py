@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
+from rlhf_jax.config import util as config_util
 from rlhf_jax.data import builders
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,8 @@ def _checked_example(record: dict[str, Any], tokenize_fn: TokenizeFn) -> Example
 
 def parse_lang_repeat(text: str) -> dict[str, int]:
   """`data.lang_repeat` ('zh:100,en:1') as {lang: times per epoch}."""
-  out = {}
-  for item in (t.strip() for t in str(text or "").split(",")):
-    if not item:
-      continue
-    lang, _, times = item.partition(":")
-    if not lang or not times.strip().isdigit() or int(times) < 1:
-      raise ValueError(f"data.lang_repeat={text!r}: {item!r} is not 'lang:times' (times >= 1)")
-    out[lang.strip()] = int(times)
-  return out
+  return config_util.parse_by_lang(text, "data.lang_repeat", what="times", integer=True,
+                                   minimum=1)
 
 
 def record_order(source: Any, lang_repeat: dict[str, int] | None) -> np.ndarray:

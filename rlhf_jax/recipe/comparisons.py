@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -228,12 +228,16 @@ def sample_answers(params, model_config, tokenizer, prompts: Sequence[str], k: i
   return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
-def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
+def choose_prompts(tokenizer, per_lang: int | Mapping[str, int], *, data_dir: str | None,
+                   seed: int,
                    max_prompt_tokens: int, splits=("train", "validation", "test"),
                    sources: Sequence[str] = (), langs: Sequence[str] = LANGS
                    ) -> tuple[list[str], list[str]]:
-  """Up to per_lang prompts per language from rlhf_prompts (all splits: each keeps its split
-  through the prompt hash), short enough to leave the answer room."""
+  """Up to per_lang prompts per language ({lang: n} for one number each) from rlhf_prompts
+  (all splits: each keeps its split through the prompt hash), short enough to leave the answer
+  room. One seed draws one order: a language's first n prompts are the same for any n."""
+  if not isinstance(per_lang, Mapping):
+    per_lang = {lang: per_lang for lang in langs}
   records = []
   for split in splits:
     records.extend(read_records("rlhf_prompts", split, data_dir))
@@ -242,7 +246,7 @@ def choose_prompts(tokenizer, per_lang: int, *, data_dir: str | None, seed: int,
   prompts, out_langs = [], []
   for i in order:
     r = records[i]
-    if r["lang"] not in counts or counts[r["lang"]] >= per_lang:
+    if r["lang"] not in counts or counts[r["lang"]] >= per_lang.get(r["lang"], 0):
       continue
     if sources and r["source"] not in sources:
       continue

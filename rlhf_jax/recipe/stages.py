@@ -12,6 +12,7 @@ import os
 import shutil
 from typing import Callable
 
+from rlhf_jax.config import util as config_util
 from rlhf_jax.core import run_folder
 from rlhf_jax.models.transformer import NUMERICS_FIELDS
 from rlhf_jax.recipe.markers import (DONE, POLICIES, MissingStageError, StageStopped, fmt,
@@ -175,7 +176,11 @@ def run_comparisons(ctx: Context):
   # RM's held-out accuracy is measured on prompts it never trained on.
   # Each training prompt is answered `rounds` times (K fresh answers, ranked afresh each time):
   # more comparisons when the prompts run out. Held-out prompts are answered once.
-  for splits, per_lang, rounds in ((("train",), cfg.prompts_per_lang, cfg.rounds),
+  by_lang = config_util.parse_by_lang(
+      cfg.get("prompts_by_lang", ""), "comparisons.prompts_by_lang", what="prompts",
+      integer=True, minimum=1, langs=langs, langs_field="langs")
+  train_per_lang = {lang: by_lang.get(lang, cfg.prompts_per_lang) for lang in langs}
+  for splits, per_lang, rounds in ((("train",), train_per_lang, cfg.rounds),
                                    (("validation",), cfg.heldout_per_lang, 1)):
     ps, ls = comparisons.choose_prompts(tokenizer, per_lang, data_dir=ctx.data_dir,
                                         seed=ctx.config.seed, splits=splits, langs=langs,
