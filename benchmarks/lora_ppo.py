@@ -168,7 +168,7 @@ def make_parts(args, size: str, dtype: str, rank: int, scan: bool, shared: bool 
 def abstract_models(models: ppo.PPOModels, critic_trunk: str = "trained"
                     ) -> tuple[dict, ppo.Frozen]:
   """(trained params {'policy', 'critic'}, Frozen) as ShapeDtypeStruct trees, as the trainer
-  lays them out (rl/trainer.py `_initializer`): with LoRA the adapters (and the critic's head)
+  lays them out (rl/weights.py `create_models`): with LoRA the adapters (and the critic's head)
   are trained and the reference is the policy's base; a frozen critic trunk leaves the head."""
   def init():
     tokens = jnp.zeros((1, 8), jnp.int32)

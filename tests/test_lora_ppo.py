@@ -143,9 +143,11 @@ def _ppo_models(sft, rm, vocab, base_quant=""):
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(None)
   tx = optax.adam(1e-3)
   (state, frozen), (shardings, _) = trainer.create_models(
-      models, tx, CONTROLLER, sources["gain"], sources["bias"], mesh, rules, 0)
+      models, tx, CONTROLLER, sources["gain"], sources["bias"], mesh, rules, 0,
+      loaded=trainer.loaded_parts(sources, models, HYPER))
   frozen = trainer.load_frozen(frozen, sources, models)
   state = trainer.load_trainable(state, frozen, shardings, sources, HYPER)
+  trainer.check_filled(state, frozen)  # what the trainer left abstract, the loads filled
   return models, sources, state, frozen
 
 

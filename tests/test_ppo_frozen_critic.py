@@ -156,9 +156,10 @@ def test_the_trainer_starts_a_head_only_critic_as_the_normalised_rm_head(tmp_pat
   mesh, rules = sharding.make_mesh(config.mesh), sharding.axis_rules(None)
   (state, frozen), (shardings, _) = trainer.create_models(
       models, optax.adam(1e-3), CONTROLLER, sources["gain"], sources["bias"], mesh, rules, 0,
-      hyper.optimizer, hyper.critic_trunk)
+      hyper.optimizer, hyper.critic_trunk, trainer.loaded_parts(sources, models, hyper))
   frozen = trainer.load_frozen(frozen, sources, models)
   state = trainer.load_trainable(state, frozen, shardings, sources, hyper)
+  trainer.check_filled(state, frozen)
   assert set(state.params["critic"]) == {"head"}
   rm_head = np.asarray(frozen.reward["head"]["dense"]["kernel"])
   np.testing.assert_allclose(np.asarray(state.params["critic"]["head"]["dense"]["kernel"]),

@@ -102,6 +102,35 @@ def test_critic_starts_as_the_normalised_reward_model():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_loaded_parts_stay_abstract_and_the_rest_is_drawn_as_before():
+  """create_models(loaded=...) leaves the parts a run loads as ShapeDtypeStructs with the
+  shapes and shardings of the full init, and draws the others exactly as the full init does
+  (the same keys: dropping outputs only removes their draws from the program)."""
+  import optax
+  from rlhf_jax.core import sharding
+  from rlhf_jax.rl import kl, ppo
+  cfg = model_config("tiny", vocab_size=S.V)
+  models = ppo.PPOModels(policy=cfg, critic=cfg, reward=cfg)
+  mesh, rules = sharding.make_mesh({"data": -1}), sharding.axis_rules(None)
+  args = (models, optax.adam(1e-3), kl.KLController(init_coef=0.1), 1.0, 0.0, mesh, rules, 0)
+  (full, full_frozen), _ = ppo_trainer.create_models(*args)
+  (state, frozen), _ = ppo_trainer.create_models(*args, loaded={"policy", "reward"})
+  for got, want in ((state.params["policy"], full.params["policy"]),
+                    (frozen.reward, full_frozen.reward)):
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.shape == y.shape
+               and x.sharding == y.sharding for x, y in zip(jax.tree.leaves(got),
+                                                            jax.tree.leaves(want)))
+  for got, want in ((state.params["critic"], full.params["critic"]), (state.opt_state,
+                    full.opt_state), (frozen.reference, full_frozen.reference)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  with pytest.raises(RuntimeError, match="unloaded leaves"):
+    ppo_trainer.check_filled(state, frozen)
+  with pytest.raises(ValueError, match=r"loaded parts \['ema'\]"):
+    ppo_trainer.create_models(*args, loaded={"ema"})
+
+
 def _params_equal(a, b):
   return all(np.array_equal(np.asarray(x), np.asarray(y))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -8,9 +8,8 @@ stage config (configs/<stage>.py) or the pipeline's (configs/pipeline.py) and re
 per problem, "<field> must be ... (got X)"; `validate_or_raise` raises them all in one
 ValueError. launch.run calls it for every run, the pipeline once for every stage it will run.
 
-The trainers keep their own checks (they are the last word, and run on configs built in code);
-these are the ones that can be made from the config alone. A field a config lacks is not
-checked: tests build configs with only the sections their trainer reads.
+The trainers keep their own checks (the last word, and run on configs built in code); these
+are the config's alone. A field a config lacks is not checked (tests build partial configs).
 """
 from __future__ import annotations
 
@@ -356,15 +355,12 @@ def stage_problems(config, prefix: str = "", *, max_len=_MISSING,
 
 
 def _check_by_lang(c: Checks, field: str, langs, **kind) -> None:
-  """A per-language field ('zh:0.1'), where the config has it: config_util.parse_by_lang's
-  checks, reported as the field's problem."""
-  text = c.get(field)
-  if text is _MISSING:
-    return
-  try:
-    parse_by_lang(text, field, langs=tuple(langs), **kind)
-  except ValueError as e:
-    c.problem(field, str(e).removeprefix(f"{field}={text!r}: "))
+  """A per-language field ('zh:0.1'), where the config has it, checked by parse_by_lang."""
+  if (text := c.get(field)) is not _MISSING:
+    try:
+      parse_by_lang(text, field, langs=tuple(langs), **kind)
+    except ValueError as e:
+      c.problem(field, str(e).removeprefix(f"{field}={text!r}: "))
 
 
 def check_pipeline_shared(c: Checks, max_len, stages) -> None:

@@ -29,7 +29,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import util as config_util
@@ -38,11 +37,12 @@ from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.eval import ppo_periodic as evaluation
 from rlhf_jax.infer.rollout import make_rollout_fn
 from rlhf_jax.infer.sampling import SamplingParams
-from rlhf_jax.models import ModelConfig, ScalarModel, Transformer, lora
+from rlhf_jax.models import ModelConfig, lora
 from rlhf_jax.models.transformer import NUMERICS_FIELDS
 from rlhf_jax.rl import iteration, kl, ppo
 from rlhf_jax.rl.iteration import Iteration, NonFiniteRewardError  # noqa: F401 (re-exported)
-from rlhf_jax.rl.weights import load_frozen, load_trainable  # noqa: F401 (re-exported)
+from rlhf_jax.rl.weights import (check_filled, create_models, load_frozen,  # noqa: F401
+                                 load_trainable, loaded_parts)
 from rlhf_jax.text.hf_tokenizer import load_any_tokenizer
 from rlhf_jax.train import inputs as inputs_lib
 from rlhf_jax.train.loop import Composite, Evaluation, resume, run_train_loop
@@ -177,59 +177,6 @@ def make_optimizer(optim_items: tuple, total_updates: int):
   be cached too: several runs in one process (sweeps, notebooks, tests) compile once."""
   import ml_collections
   return optim.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), total_updates)
-
-
-@functools.lru_cache(maxsize=4)
-def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, rules, seed: int,
-                 optimizer: str = "joint", critic_trunk: str = "trained"):
-  """(jitted init, shardings) of the random (PPOState, Frozen); see `create_models`."""
-  k_policy, k_reward, k_state = jax.random.split(jax.random.key(seed), 3)
-
-  def init(_):
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    inputs = (tokens, tokens, jnp.ones_like(tokens))
-    policy = Transformer(models.policy).init(k_policy, *inputs)["params"]
-    critic = ScalarModel(models.critic).init(k_reward, *inputs)["params"]
-    if models.policy.lora_rank:  # adapters (and the critic's head) train; the bases are frozen
-      (policy, base), (critic, _) = lora.split(policy), lora.split(critic)
-    else:
-      base = policy
-    if critic_trunk == "frozen":  # a value head on the RM's trunk: the head alone trains
-      critic = {"head": critic["head"]}
-    params = {"policy": policy, "critic": critic}
-    state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params,
-                         opt_state=ppo.init_opt_state(tx, params, optimizer), ema=None,
-                         kl_coef=controller.initial(),
-                         rng=jax.random.key_data(k_state))
-    reward = ScalarModel(models.reward).init(k_reward, *inputs)["params"]
-    if models.reward.lora_rank:  # a shared base: the RM's trunk is the reference's
-      reward, _ = lora.split(reward)
-    frozen = ppo.Frozen(reference=base, reward=reward,
-                        reward_gain=jnp.ones((), jnp.float32),
-                        reward_bias=jnp.zeros((), jnp.float32))
-    return state, frozen
-
-  # Shardings from the logical axis names of the abstract (boxed) tree; no rules in scope while
-  # tracing, the out_shardings alone place every shard (as sharding.create_sharded does).
-  shardings = sharding.logical_shardings(jax.eval_shape(init, 0), mesh, rules)
-  return jax.jit(lambda x: nn.unbox(init(x)), out_shardings=shardings), shardings
-
-
-def create_models(models: ppo.PPOModels, tx, controller, gain: float, bias: float, mesh,
-                  rules, seed: int, optimizer: str = "joint", critic_trunk: str = "trained"):
-  """((PPOState, Frozen), their shardings): random params laid out on the mesh, in one jit.
-
-  The policy and the reference are drawn with one key, as are the critic and the reward
-  model, so random ones start equal exactly as loaded ones do (and XLA draws each once).
-  """
-  init, (state_shardings, frozen_shardings) = _initializer(models, tx, controller, mesh, rules,
-                                                           seed, optimizer, critic_trunk)
-  with jax.set_mesh(mesh):
-    state, frozen = init(0)
-  frozen = frozen._replace(
-      reward_gain=jax.device_put(np.float32(gain), frozen_shardings.reward_gain),
-      reward_bias=jax.device_put(np.float32(bias), frozen_shardings.reward_bias))
-  return (state, frozen), (state_shardings, frozen_shardings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +327,7 @@ def train(config, workdir: str) -> dict:
                       total * hyper.epochs * hyper.minibatches)
   (state, frozen), (state_shardings, _) = create_models(
       models, tx, controller, sources["gain"], sources["bias"], mesh, rules, config.seed,
-      hyper.optimizer, hyper.critic_trunk)
+      hyper.optimizer, hyper.critic_trunk, loaded_parts(sources, models, hyper))
   prompt_stream = make_prompt_stream(config, tokenizer, langs)
   data = Composite(prompts=prompt_stream, ptx=make_ptx_iterator(config, tokenizer))
   frozen = load_frozen(frozen, sources, models)
@@ -394,6 +341,7 @@ def train(config, workdir: str) -> dict:
   state, start = resume(ckpt, target, data)
   if start is None:
     state = load_trainable(state.replace(ema=None), frozen, state_shardings, sources, hyper)
+  check_filled(state, frozen)
   log.info("PPO: policy %s, critic/RM %s, mesh %s", models.policy, models.critic,
            dict(mesh.shape))
 
