@@ -157,19 +157,23 @@ def test_rm_run_ends_on_the_moving_average_of_its_iterates(rm_params):
   plain_tx = optim.make_optimizer(optim_config, steps)
   plain, _ = run(plain_tx, 0)
   averaged, state = run(optax.chain(plain_tx, optim.param_ema(decay)), steps)
+  # Two compiled programs (with and without the average) round alike only on some CPUs and
+  # XLA settings: the plain steps agree to float32 rounding, relative to how far they moved.
   for k in range(steps - 1):
-    for x, y in zip(jax.tree.leaves(plain[k]), jax.tree.leaves(averaged[k])):
-      np.testing.assert_array_equal(x, y)
+    diff = optax.global_norm(jax.tree.map(jnp.subtract, averaged[k], plain[k]))
+    moved_k = optax.global_norm(jax.tree.map(jnp.subtract, plain[k], rm_params))
+    assert float(diff) < 1e-4 * float(moved_k), (k, float(diff), float(moved_k))
   w = np.array([(1 - decay) * decay ** (steps - 1 - k) for k in range(steps)])
   w /= 1 - decay ** steps
   want = jax.tree.map(lambda *xs: sum(c * np.asarray(x, np.float64) for c, x in zip(w, xs)),
                       *plain)
-  moved = 0.0
-  for got, ref, last in zip(jax.tree.leaves(averaged[-1]), jax.tree.leaves(want),
-                            jax.tree.leaves(plain[-1])):
-    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
-    moved = max(moved, float(np.abs(np.asarray(last) - ref).max()))
-  assert moved > 1e-4  # the average is not the last iterate: the check can fail
+  # Relative to the distance from the start, over all leaves (Adam's step on a near-zero
+  # gradient amplifies a rounding difference in one element to ~1e-4 of the step).
+  norm = lambda a, b: float(optax.global_norm(jax.tree.map(
+      lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)))
+  assert norm(averaged[-1], want) < 1e-4 * norm(want, rm_params)
+  # The average is not the last iterate: the check can fail.
+  assert norm(plain[-1], want) > 1e-2 * norm(want, rm_params)
   assert int(state.step) == steps
 
 
