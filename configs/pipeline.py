@@ -182,7 +182,9 @@ def _use_model(config, arg) -> None:
   # One epoch at 1e-4 left the RM at held-out gold accuracy en 0.67, zh 0.52 (the second run);
   # three at 3e-4 reached 0.73 and 0.60 on the same comparisons (experiments/real_recipe).
   # Twice the prompts (192 a language) at two epochs, a third more steps: en 0.73 -> 0.80,
-  # zh 0.66 -> 0.68 on the fifth run's held-out comparisons (the sixth run).
+  # zh 0.66 -> 0.68 on the fifth run's held-out comparisons (the sixth run). Twice the Chinese
+  # prompts (comparisons.prompts_by_lang='zh:384'): zh 0.716 -> 0.726, inside the draw's noise,
+  # for ~20 more minutes (experiments/real_recipe, "Twice the Chinese comparisons").
   config.rm.data.epochs = 2
   config.rm.data.batch_size = 16
   config.rm.data.seq_len = 80  # prompt (<= 48) + answer (<= 24), padded
