@@ -22,19 +22,10 @@ from rlhf_jax.rl import state as state_lib
 _PARTS = ("policy", "critic", "reference", "reward")
 
 
-def _drop(state: ppo.PPOState, frozen: ppo.Frozen, parts: frozenset):
-  """(state, frozen) with the named parts emptied ({}): what the jitted init returns."""
-  params = {k: ({} if k in parts else v) for k, v in state.params.items()}
-  frozen = frozen._replace(**{k: {} for k in ("reference", "reward") if k in parts})
-  return state.replace(params=params), frozen
-
-
-def _fill(drawn, abstract, parts: frozenset):
-  """`drawn` with the emptied parts put back as `abstract`'s ShapeDtypeStructs."""
-  (state, frozen), (abstract_state, abstract_frozen) = drawn, abstract
-  params = {k: (abstract_state.params[k] if k in parts else v) for k, v in state.params.items()}
-  frozen = frozen._replace(**{k: getattr(abstract_frozen, k) for k in ("reference", "reward")
-                              if k in parts})
+def _with_parts(state: ppo.PPOState, frozen: ppo.Frozen, parts: frozenset, part_fn):
+  """(state, frozen) with each named part replaced by part_fn(name)."""
+  params = {k: (part_fn(k) if k in parts else v) for k, v in state.params.items()}
+  frozen = frozen._replace(**{k: part_fn(k) for k in ("reference", "reward") if k in parts})
   return state.replace(params=params), frozen
 
 
@@ -81,9 +72,13 @@ def _initializer(models: ppo.PPOModels, tx, controller: kl.KLController, mesh, r
   # The loaded parts leave the jitted init's outputs, so XLA drops their random draws (a
   # tiny model's init compiled in ~5 s, mostly those draws' kernels); the optimizer's zeros
   # need only the shapes.
-  drawn = jax.jit(lambda x: _drop(*nn.unbox(init(x)), loaded),
-                  out_shardings=_drop(*shardings, loaded))
-  return (lambda x: _fill(drawn(x), abstract, loaded)), shardings
+  empty = lambda name: {}
+  abstract_state, abstract_frozen = abstract
+  abstract_part = lambda name: (abstract_state.params[name] if name in abstract_state.params
+                                else getattr(abstract_frozen, name))
+  drawn = jax.jit(lambda x: _with_parts(*nn.unbox(init(x)), loaded, empty),
+                  out_shardings=_with_parts(*shardings, loaded, empty))
+  return (lambda x: _with_parts(*drawn(x), loaded, abstract_part)), shardings
 
 
 def create_models(models: ppo.PPOModels, tx, controller, gain: float, bias: float, mesh,
