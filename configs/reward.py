@@ -30,6 +30,10 @@ def get_config(arg=None):
   if arg.model:  # the imported model's shape and its own tokenizer
     sections.use_pretrained_model(config, arg.model)
   config.init_from = ""  # an SFT run's checkpoints/ directory: trunk copied, head fresh
+  # Where the score is read: "last" (the answer's last token) or "mean" (the head's mean over
+  # the answer's own tokens; data.layout="shared_prompt" only). Recorded with the run, so PPO
+  # and every evaluator read it the same way.
+  config.score_pool = "last"
   config.data = stage_sections.comparison_data_section(
       arg.data, sections.batch_for(arg.size, arg.batch), min(arg.seq_len, config.model.max_len),
       max_answers=arg.k)

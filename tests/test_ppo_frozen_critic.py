@@ -71,6 +71,29 @@ def test_one_rm_trunk_pass_gives_the_trained_paths_values_scores_and_advantages(
                              float(ref_metrics["objective/rm_scores"]), rtol=1e-5)
 
 
+def test_a_mean_pooled_rm_scores_each_answer_by_its_values_mean_on_either_path():
+  """An RM with score_pool="mean" scores an episode by its head's mean over the answer's own
+  tokens, on the trained path (`reward_model_scores`) and on the one-pass frozen path alike;
+  the reference is the whole scalar model's values averaged in numpy over the answer columns."""
+  from rlhf_jax.models.heads import ScalarModel
+  ro = _rollout()
+  reward, whole, head = _critics()
+  frozen = S.frozen(S.policy_params(0), reward, GAIN, BIAS)
+  models = dataclasses.replace(S.MODELS, reward=dataclasses.replace(S.CFG, score_pool="mean"))
+  values = np.asarray(ScalarModel(S.CFG).apply({"params": reward}, ro.tokens, ro.positions,
+                                               ro.segment_ids))  # [B, S]
+  mask = np.asarray(ro.answer_mask)  # [B, N]: the answer is the last N columns
+  want = GAIN * (values[:, -N:] * mask).sum(1) / np.maximum(mask.sum(1), 1) + BIAS
+  last = GAIN * values[np.arange(len(mask)), values.shape[1] - N - 1 + mask.sum(1).astype(int)]
+  assert np.max(np.abs(want - (last + BIAS))) > 0.05  # the readouts differ on these numbers
+  for hyper, critic in ((TRAINED, whole), (FROZEN, head)):
+    hyper = dataclasses.replace(hyper, missing_eos_penalty=None)
+    exp, _ = jax.jit(functools.partial(ppo.make_experience, models=models, hyper=hyper))(
+        {"policy": S.policy_params(0), "critic": critic}, frozen, ro, jnp.float32(0.1))
+    np.testing.assert_allclose(np.asarray(exp.scores), want, rtol=1e-5, atol=1e-5,
+                               err_msg=hyper.critic_trunk)
+
+
 def test_the_heads_gradient_is_the_head_part_of_the_whole_models():
   ro = _rollout(8)
   reward, whole, head = _critics()

@@ -256,3 +256,72 @@ def test_shared_prompt_batch_gives_the_answers_layouts_loss_and_gradients(tokeni
   largest = max(np.max(np.abs(b)) for _, b in leaves)
   for a, b in leaves:
     assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(b)), 0.1 * largest)
+
+
+def test_a_mean_score_is_the_mean_of_each_answers_own_values(tokenizer):
+  """score_pool="mean": an answer's score is the mean of the head's values over its own tokens
+  (its <|end|> included), wherever they sit: after render_prompt's tokens in its own row (the
+  reference, from the answers layout's values), in the shared_prompt layout (the tokens all
+  answers start with are among the shared ones: answer_from marks them) and through
+  score_texts, the normalisation's path. The last-token readout is unchanged."""
+  import dataclasses
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.infer import rm_scores
+  from rlhf_jax.models.heads import ScalarModel
+  from rlhf_jax.models.sizes import model_config
+  config = model_config("tiny", vocab_size=tokenizer.vocab_size)
+  mean_config = dataclasses.replace(config, score_pool="mean")
+  record = {"id": "c", "prompt": "what should I cook tonight", "lang": "en",
+            "responses": ["a soup with beans", "a salad", "a pie for two"], "ranking": [1, 0, 2]}
+  rows, _ = encode(tokenizer, [record], seq_len=64)
+  shared, _ = encode_shared(tokenizer, [record], row_len=96)
+  first_own = int(np.argmax(shared["segment_ids"][0] == 2))
+  assert shared["answer_from"][0] < first_own  # the answers' common first token is shared
+  model = ScalarModel(config)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(2), *(jnp.asarray(rows[k][:, 0]) for k in
+                                                            ("tokens", "positions",
+                                                             "segment_ids")))["params"])
+  b, k, t = rows["tokens"].shape
+  values = np.asarray(model.apply({"params": params}, *(
+      jnp.asarray(rows[key].reshape(b * k, t)) for key in ("tokens", "positions", "segment_ids"))))
+  start = len(tokenizer.render_prompt([{"role": "user", "content": record["prompt"]}]))
+  want = []
+  for i, answer in enumerate(record["responses"]):
+    n = int(rows["segment_ids"][0, i].sum())
+    assert rows["tokens"][0, i, n - 1] == tokenizer.end_id and n - start >= 2
+    want.append(values[i, start:n].mean())
+  want = np.asarray(want)
+  scale = np.max(np.abs(want))
+  got = np.asarray(rm_scores.comparison_scores(
+      params, {key: jnp.asarray(shared[key]) for key in rm_inputs.MODEL_KEYS["shared_prompt"]},
+      ScalarModel(mean_config)))[0, :3]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+  texts = rm_scores.score_texts(params, mean_config, tokenizer, [record["prompt"]] * 3,
+                                record["responses"], batch_size=4)
+  np.testing.assert_allclose(texts, want, rtol=1e-5, atol=1e-5 * scale)
+  last = rm_scores.score_texts(params, config, tokenizer, [record["prompt"]] * 3,
+                               record["responses"], batch_size=4)
+  ends = rows["segment_ids"][0, :3].sum(-1) - 1
+  np.testing.assert_allclose(last, values[np.arange(3), ends], rtol=1e-5, atol=1e-5 * scale)
+  assert np.max(np.abs(texts - last)) > 1e-3 * scale  # the two readouts differ
+  with pytest.raises(ValueError, match=r"answers layout does not mark them"):
+    rm_scores.comparison_scores(params, {key: jnp.asarray(rows[key]) for key in
+                                         rm_inputs.MODEL_KEYS["answers"]}, ScalarModel(mean_config))
+
+
+def test_a_mean_score_pool_needs_the_shared_prompt_layout_and_a_known_name():
+  from configs import reward as reward_config
+  from rlhf_jax.models.model_config import ModelConfig
+  from rlhf_jax.train import reward as rm_trainer
+  config = reward_config.get_config("size=tiny")
+  config.score_pool = "mean"
+  with pytest.raises(ValueError, match=r"only data.layout='shared_prompt'.*got data.layout="
+                                       r"'answers'"):
+    rm_trainer.build_model_config(config, 2048)
+  config.data.layout, config.data.row_len = "shared_prompt", 96
+  assert rm_trainer.build_model_config(config, 2048).score_pool == "mean"
+  with pytest.raises(ValueError, match=r"score_pool='max' is not supported; supported: last, "
+                                       r"mean"):
+    ModelConfig(score_pool="max")

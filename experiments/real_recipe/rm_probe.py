@@ -14,8 +14,13 @@ over each answer's own tokens (its prompt left out) in the shared_prompt layout 
 default). Each probe is scored on the held-out comparisons and, less noisily, by 8-fold
 cross-validation over train + held-out, per language. `--features_out F` keeps the features;
 `--features_in F` refits from them without the model.
+
+`--depths 6,12,18` reads the same two features after the first n layers of the trunk instead of
+all of them (the trunk cut there, its final norm kept): where in the model the ordering is most
+linearly readable, and so whether an RM on a shorter trunk could score better.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +38,7 @@ import pipeline as pipeline_config  # noqa: E402  configs/pipeline.py
 from rlhf_jax.eval import reward_model as evaluate_rm  # noqa: E402
 from rlhf_jax.eval.held_out import RewardModelHeldOut  # noqa: E402
 from rlhf_jax.models import losses  # noqa: E402
+from rlhf_jax.models import layer_layout  # noqa: E402
 from rlhf_jax.models.heads import ScalarModel  # noqa: E402
 from rlhf_jax.recipe import stages  # noqa: E402
 from rlhf_jax.recipe.markers import replaced_by_model  # noqa: E402
@@ -142,10 +148,21 @@ def cross_validated(d, feature: str, l2: float, folds: int = 8) -> dict:
   return gold_accuracy(scores, d)
 
 
+def cut_model(model_config, params, depth):
+  """(a scalar model of the trunk's first `depth` layers, its params): the layers past depth
+  dropped, embedding, final norm and head kept."""
+  cfg = dataclasses.replace(model_config, n_layers=depth, scan_layers=False,
+                            local_layers=tuple(i for i in model_config.local_layers if i < depth))
+  unrolled = layer_layout.to_layout(params, False)
+  trunk = {k: v for k, v in unrolled["trunk"].items()
+           if not (k.startswith("layer_") and int(k[len("layer_"):]) >= depth)}
+  return ScalarModel(cfg), {**unrolled, "trunk": trunk}
+
+
 def probe_table(train, held) -> list:
   rows = []
   both = {k: np.concatenate([train[k], held[k]]) for k in train}
-  for feature in ("last", "mean"):
+  for feature in sorted(k for k in train if k.startswith(("last", "mean"))):
     for l2 in (1e-3, 1e-2, 1e-1):
       head = fit_head(train[feature], train["prefer"], train["valid"], l2)
       row = {"feature": feature, "l2": l2, "train_gold": gold_accuracy(head(train[feature]), train),
@@ -174,6 +191,7 @@ def main():
   parser.add_argument("--json_out", default="")
   parser.add_argument("--features_out", default="")
   parser.add_argument("--features_in", default="", help="refit from a --features_out file")
+  parser.add_argument("--depths", default="", help="e.g. 6,12,18: features after these layers")
   args = parser.parse_args()
   if args.features_in:
     splits = read_features(args.features_in)
@@ -200,7 +218,9 @@ def main():
                                               data_iter, mesh, rules)
   params = state.full_params(state.params)
   shared = config.data.get("layout", "answers") == "shared_prompt"
-  features = features_fn(model, shared)
+  depths = [int(d) for d in args.depths.split(",")] if args.depths else [model_config.n_layers]
+  cuts = {d: cut_model(model_config, params, d) for d in depths}
+  features = {d: features_fn(m, shared) for d, (m, _) in cuts.items()}
   keys = ("tokens", "positions", "segment_ids") + (("prefix_ids", "score_at") if shared else ())
   t0 = time.time()
   splits = {}
@@ -212,13 +232,15 @@ def main():
                               shardings.eval_params())
     out = {k: held.arrays[k][:held.n] for k in ("prefer", "valid", "lang")}
     out["gold"] = held.gold
-    feats = {"last": [], "mean": []}
+    name = (lambda f, d: f) if len(depths) == 1 else (lambda f, d: f"{f}@{d}")
+    feats = {name(f, d): [] for d in depths for f in ("last", "mean")}
     bs = config.data.batch_size
     for start in range(0, held.n, bs):
       chunk = [held.arrays[k][start:start + bs] for k in keys]
-      last, mean = features(params, *chunk)
-      feats["last"].append(np.asarray(last))
-      feats["mean"].append(np.asarray(mean))
+      for d, (_, cut_params) in cuts.items():
+        last, mean = features[d](cut_params, *chunk)
+        feats[name("last", d)].append(np.asarray(last))
+        feats[name("mean", d)].append(np.asarray(mean))
       print(f"{split}: {start + bs} of {held.n}, {time.time() - t0:.0f} s", flush=True)
     out.update({k: np.concatenate(v)[:held.n] for k, v in feats.items()})
     splits[split] = out

@@ -22,6 +22,9 @@ one whose answers alone do not fit is an error naming it.
   tokens, positions, segment_ids, prefix_ids  [B, R] int32   segment 1 the shared tokens,
                                                              2 + i answer i; prefix 1 there
   score_at                                    [B, K] int32   each answer's last slot
+  answer_from                                 [B] int32      where the answers begin: tokens
+                                                             all K answers start with sit in
+                                                             the shared ones, from here on
 
 Where pairs come from: a ranking gives all K(K-1)/2 pairs; grades (0 good, 1 average, 2 poor)
 a pair for every two answers of different grade. `unit="pair"` makes every (better, worse)
@@ -47,7 +50,7 @@ import grain
 import numpy as np
 
 from rlhf_jax.core.langs import LANGS
-from rlhf_jax.infer.rm_scores import encode_answer
+from rlhf_jax.infer.rm_scores import encode_answer, encode_scored
 from rlhf_jax.data.builders import comparison_pairs
 from rlhf_jax.data.pipeline import decode_record, load_source
 
@@ -57,7 +60,8 @@ UNITS = ("comparison", "pair")
 LAYOUTS = ("answers", "shared_prompt")
 # What the model reads of a batch, per layout (rm_scores.comparison_scores).
 MODEL_KEYS = {"answers": ("tokens", "positions", "segment_ids"),
-              "shared_prompt": ("tokens", "positions", "segment_ids", "prefix_ids", "score_at")}
+              "shared_prompt": ("tokens", "positions", "segment_ids", "prefix_ids", "score_at",
+                                "answer_from")}
 STAT_KEYS = ("elements", "skipped_no_pairs", "identical_pairs", "truncated_answers")
 _WARN_SKIPS = 3  # skipped records named in the log, per process; the rest are only counted
 _WHOLE = 1 << 30  # no cut: the shared_prompt layout cuts the shared prompt itself
@@ -111,7 +115,8 @@ class Encoder:
               "positions": np.zeros((n, r), np.int32),
               "segment_ids": np.zeros((n, r), np.int32),
               "prefix_ids": np.zeros((n, r), np.int32),
-              "score_at": np.zeros((n, k), np.int32)}
+              "score_at": np.zeros((n, k), np.int32),
+              "answer_from": np.zeros((n,), np.int32)}
     else:
       rows = {"tokens": np.full((n, k, t), self.tokenizer.pad_id, np.int32),
               "positions": np.zeros((n, k, t), np.int32),
@@ -160,9 +165,11 @@ class Encoder:
                       "and counted in data/skipped_no_pairs", record.get("id"))
         return
     if self.layout == "shared_prompt":  # whole rows; the prompt is cut once, to fit row_len
-      rendered = [encode_answer(self.tokenizer, record["prompt"], r, _WHOLE)[0]
-                  for r in responses]
-      cut = self._write_shared(out, row, rendered, record.get("id"))
+      encoded = [encode_scored(self.tokenizer, record["prompt"], r, _WHOLE) for r in responses]
+      rendered = [ids for ids, _, _ in encoded]
+      # Where the answer begins in every row (the rows render one prompt alike).
+      start = max(int(np.argmax(m)) if m.any() else len(m) for _, m, _ in encoded)
+      cut = self._write_shared(out, row, rendered, record.get("id"), start)
       stats[STAT_KEYS.index("truncated_answers")] += cut
     else:
       rendered = [encode_answer(self.tokenizer, record["prompt"], r, self.seq_len)
@@ -181,9 +188,11 @@ class Encoder:
     lang = record.get("lang", "")
     out["lang"][row] = LANGS.index(lang) if lang in LANGS else -1
 
-  def _write_shared(self, out, row: int, rows: list[np.ndarray], record_id) -> int:
-    """Writes the rendered answers `rows` as one shared_prompt row; returns how many answers'
-    prompts lost tokens to fit row_len (the oldest after the first, as `encode_answer` cuts)."""
+  def _write_shared(self, out, row: int, rows: list[np.ndarray], record_id,
+                    answer_start: int) -> int:
+    """Writes the rendered answers `rows` (each answer from index answer_start) as one
+    shared_prompt row; returns how many answers' prompts lost tokens to fit row_len (the oldest
+    after the first, as `encode_answer` cuts)."""
     shared = _common_prefix_len(rows)
     suffixes = [ids[shared:] for ids in rows]
     prefix = rows[0][:shared]
@@ -197,6 +206,7 @@ class Encoder:
             f"than data.row_len={self.row_len} of the shared_prompt layout; raise data.row_len")
       prefix = np.concatenate([prefix[:1], prefix[1 + over:]])
       cut = len(rows)
+    out["answer_from"][row] = max(1, answer_start - max(over, 0))
     n = len(prefix)
     out["tokens"][row, :n] = prefix
     out["positions"][row, :n] = np.arange(n)

@@ -1,7 +1,9 @@
 """The reward model as a function: score prompt + answer rows, and load a trained RM.
 
 A score is the scalar head read at the last real token of prompt + answer (the <|end|> that
-closes the answer), so a row may be left- or right-padded: only `mask` says where it ends.
+closes the answer), so a row may be left- or right-padded: only `mask` says where it ends; or,
+for an RM trained with `score_pool="mean"` (its ModelConfig), the head's mean over the
+answer's own tokens (`answer_mask`).
 Training only pins score differences (the Bradley-Terry loss is shift-invariant), so after
 training the RM is normalised: `gain * raw + bias` gives the SFT policy's own answers mean 0 and
 std 1, which fixes the scale PPO's KL coefficient is measured against. The pair is stored in
@@ -24,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.core import metrics as metrics_lib
-from rlhf_jax.models.heads import ScalarModel, last_token_value
+from rlhf_jax.models.heads import (ScalarModel, answer_mean_value, last_token_value,
+                                   pooled_score)
 from rlhf_jax.models.transformer import ModelConfig
 from rlhf_jax.core import run_folder
 
@@ -34,13 +37,14 @@ NORMALIZATION_FILE = "normalization.json"
 
 
 def score_sequences(params, tokens, positions, segment_ids, mask, *, model_config: ModelConfig,
-                    gain=1.0, bias=0.0):
+                    gain=1.0, bias=0.0, answer_mask=None):
   """Scores [B] of rows tokens/positions/segment_ids/mask [B, T]: gain * r + bias, where r is
-  the ScalarModel value at the row's last real token (the right-most 1 of mask). Pure and
-  jittable; `params` is the RM's {'trunk', 'head'} tree."""
+  the ScalarModel value at the row's last real token (the right-most 1 of mask), or its mean
+  over answer_mask [B, T] under model_config.score_pool="mean". Pure and jittable; `params` is
+  the RM's {'trunk', 'head'} tree."""
   values = ScalarModel(model_config).apply({"params": params}, tokens, positions,
                                            segment_ids)  # [B, T]
-  return gain * last_token_value(values, mask) + bias  # [B]
+  return gain * pooled_score(values, mask, answer_mask, model_config.score_pool) + bias  # [B]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,11 +112,20 @@ def comparison_scores(params, batch, model: ScalarModel, rngs=None):
   prompt once and each answer after it seeing the prompt (data/rm_batches.py). rngs: a
   training forward's (LoRA dropout, train/state.dropout_rngs); None: deterministic."""
   rngs = rngs or {}
+  pool = model.config.score_pool
   if "score_at" in batch:
     values = model.apply({"params": params}, batch["tokens"], batch["positions"],
                          batch["segment_ids"], prefix_ids=batch["prefix_ids"],
                          rngs=rngs)  # [B, T]
+    if pool == "mean":  # answer i: segment 2 + i, and the shared tokens from answer_from on
+      k, seg = batch["score_at"].shape[1], batch["segment_ids"]
+      common = (seg == 1) & (jnp.arange(seg.shape[1])[None, :] >= batch["answer_from"][:, None])
+      own = (seg[:, None, :] == 2 + jnp.arange(k)[None, :, None]) | common[:, None, :]
+      return answer_mean_value(values[:, None, :], own)  # [B, K]
     return jnp.take_along_axis(values, batch["score_at"], axis=1)  # [B, K]
+  if pool != "last":
+    raise ValueError(f"score_pool={pool!r} reads each answer's own tokens: the answers layout "
+                     "does not mark them; use data.layout='shared_prompt'")
   b, k, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * k, t)  # noqa: E731
   values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),
@@ -134,15 +147,30 @@ def encode_answer(tokenizer, prompt, answer: str, seq_len: int) -> tuple[np.ndar
   """(ids [L <= seq_len], truncated) of prompt + answer in the chat template, ending on the
   answer's <|end|>. Too long: the prompt loses its oldest tokens (BOS is kept), so the answer,
   and the token the score is read at, survive."""
-  ids, _ = tokenizer.render_chat(_messages(prompt) + [{"role": "assistant", "content": answer}])
+  ids, _, truncated = encode_scored(tokenizer, prompt, answer, seq_len)
+  return ids, truncated
+
+
+def encode_scored(tokenizer, prompt, answer: str, seq_len: int):
+  """(ids [L], answer_mask [L] int32, truncated): `encode_answer`'s ids and which of them are
+  the answer's own (the chat's last run of assistant-loss tokens)."""
+  ids, loss_mask = tokenizer.render_chat(_messages(prompt)
+                                         + [{"role": "assistant", "content": answer}])
+  zeros = np.flatnonzero(loss_mask == 0)
+  answer_mask = np.zeros_like(ids)
+  answer_mask[(zeros[-1] + 1 if len(zeros) else 0):] = 1
+  answer_mask *= loss_mask.astype(answer_mask.dtype)
   if len(ids) <= seq_len:
-    return ids, False
-  return np.concatenate([ids[:1], ids[len(ids) - seq_len + 1:]]).astype(np.int32), True
+    return ids, answer_mask, False
+  keep = lambda x: np.concatenate([x[:1], x[len(x) - seq_len + 1:]]).astype(np.int32)  # noqa: E731
+  return keep(ids), keep(answer_mask), True
 
 
-def pad_rows(rows: Sequence[np.ndarray], seq_len: int, pad_id: int, n_rows: int | None = None):
-  """Right-padded [N, seq_len] tokens, positions, segment_ids and mask (int32) of id rows;
-  n_rows > len(rows) adds all-padding rows (mask 0)."""
+def pad_rows(rows: Sequence[np.ndarray], seq_len: int, pad_id: int, n_rows: int | None = None,
+             answer_masks: Sequence[np.ndarray] | None = None):
+  """Right-padded [N, seq_len] tokens, positions, segment_ids and mask (int32) of id rows, and
+  answer_mask where `answer_masks` are given; n_rows > len(rows) adds all-padding rows
+  (mask 0)."""
   n = n_rows or len(rows)
   tokens = np.full((n, seq_len), pad_id, np.int32)
   mask = np.zeros((n, seq_len), np.int32)
@@ -150,7 +178,12 @@ def pad_rows(rows: Sequence[np.ndarray], seq_len: int, pad_id: int, n_rows: int 
     tokens[i, :len(row)] = row
     mask[i, :len(row)] = 1
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-  return {"tokens": tokens, "positions": positions, "segment_ids": mask.copy(), "mask": mask}
+  out = {"tokens": tokens, "positions": positions, "segment_ids": mask.copy(), "mask": mask}
+  if answer_masks is not None:
+    out["answer_mask"] = np.zeros((n, seq_len), np.int32)
+    for i, row in enumerate(answer_masks):
+      out["answer_mask"][i, :len(row)] = row
+  return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,12 +205,15 @@ def score_texts(params, model_config: ModelConfig, tokenizer, prompts, answers, 
   fn = jitted_score(model_config)
   out = []
   for start in range(0, len(answers), batch_size):
-    rows = [encode_answer(tokenizer, p, a, seq_len)[0]
-            for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+    encoded = [encode_scored(tokenizer, p, a, seq_len) for p, a in
+               zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+    rows = [ids for ids, _, _ in encoded]
     width = min(seq_len, -(-max(len(r) for r in rows) // 16) * 16)
-    batch = pad_rows(rows, width, tokenizer.pad_id, n_rows=batch_size)
+    batch = pad_rows(rows, width, tokenizer.pad_id, n_rows=batch_size,
+                     answer_masks=[m for _, m, _ in encoded])
     scores = fn(params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                batch["mask"], gain=jnp.float32(gain), bias=jnp.float32(bias))
+                batch["mask"], gain=jnp.float32(gain), bias=jnp.float32(bias),
+                answer_mask=batch["answer_mask"])
     out.append(np.asarray(jax.device_get(scores))[:len(rows)])
   return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
 

@@ -44,6 +44,12 @@ class Rollout(NamedTuple):
     return self.tokens[:, -self.answer_mask.shape[1]:]
 
   @property
+  def row_answer_mask(self) -> Array:  # [B, S]: answer_mask where the answer sits in each row
+    prompt = jnp.zeros((self.tokens.shape[0], self.tokens.shape[1] - self.answer_mask.shape[1]),
+                       self.answer_mask.dtype)
+    return jnp.concatenate([prompt, self.answer_mask], axis=1)
+
+  @property
   def lengths(self) -> Array:  # [B]
     return jnp.sum(self.answer_mask, axis=-1)
 

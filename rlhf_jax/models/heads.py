@@ -55,3 +55,24 @@ def last_token_value(values, mask):
   t = mask.shape[1]
   last = t - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=1)
   return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+
+
+def answer_mean_value(values, answer_mask):
+  """Values [..., T] averaged over the positions answer_mask [..., T] marks; 0 where it marks
+  none."""
+  answer_mask = answer_mask.astype(values.dtype)
+  total = jnp.sum(values * answer_mask, axis=-1)
+  return total / jnp.maximum(jnp.sum(answer_mask, axis=-1), 1.0)
+
+
+def pooled_score(values, mask, answer_mask, pool: str):
+  """A scalar model's raw scores [B] from its values [B, T] (ModelConfig.score_pool): at each
+  row's last real token (mask [B, T]), or the mean over its answer's tokens (answer_mask
+  [B, T]). Why a mean: a linear head on Gemma 3 270M's SFT trunk ordered held-out Chinese
+  answers 0.667 of the time from the answer's mean hidden state against 0.637 from its last
+  token (English 0.694 against 0.700; experiments/real_recipe, "Where the RM reads")."""
+  if pool == "last":
+    return last_token_value(values, mask)
+  if answer_mask is None:
+    raise ValueError("score_pool='mean' needs the answer's positions (answer_mask)")
+  return answer_mean_value(values, answer_mask)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+SCORE_POOLS = ("last", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,10 @@ class ModelConfig:
   vocab_chunk: int = 0
   remat: bool = False
   scan_layers: bool = False
+  # A scalar model's (models/heads.ScalarModel) score: its value at the answer's last token
+  # ("last", InstructGPT's readout), or the mean of its values over the answer's own tokens
+  # ("mean"). Recorded with the RM's run, so every reader of the RM reads it the same way.
+  score_pool: str = "last"
 
   def __post_init__(self):
     # A config read back from JSON holds a list: keep the dataclass hashable (jit's static arg).
@@ -105,6 +110,9 @@ class ModelConfig:
     if self.mlp_activation not in MLP_ACTIVATIONS:
       raise ValueError(f"mlp_activation={self.mlp_activation!r} is not supported; supported: "
                        f"{', '.join(MLP_ACTIVATIONS)}")
+    if self.score_pool not in SCORE_POOLS:
+      raise ValueError(f"score_pool={self.score_pool!r} is not supported; supported: "
+                       f"{', '.join(SCORE_POOLS)}")
     outside = [i for i in self.local_layers if not 0 <= i < self.n_layers]
     if outside:
       raise ValueError(f"local_layers {outside} are not layers of a {self.n_layers}-layer model")

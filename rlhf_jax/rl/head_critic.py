@@ -2,7 +2,7 @@
 
 The RM's trunk already reads every prefix of an episode; a linear head on its final hidden
 states is the cheapest critic there is. One trunk pass over a rollout then gives the RM's score
-(its own head at the last real token) and every value (the critic's head before each answer
+(its own head at the last real token, or over the answer) and every value (the critic's head before each answer
 token), and the features are kept for the update, which trains the head on them and runs no
 trunk at all. What is given up: the value function is linear in features the RM learnt for
 ranking, where a trained critic also fits its trunk (rl/ppo.py, the default).
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.infer.rollout import Rollout
-from rlhf_jax.models.heads import ScalarHead
+from rlhf_jax.models.heads import ScalarHead, answer_mean_value
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl.state import Frozen, reward_params
 
@@ -41,7 +41,14 @@ def head_values(head_params, features: Array) -> Array:
 def scores_from_features(frozen: Frozen, rollout: Rollout, features: Array, *,
                          model_config: ModelConfig) -> Array:
   """Normalised RM scores [B] from `reward_trunk_features`: its head at index len (the last
-  real token; the prompt's last one for an empty answer), as `reward_model_scores` reads it."""
+  real token; the prompt's last one for an empty answer), or its mean over indices 1 .. len
+  (answer token t sits at index t + 1) under score_pool="mean", as `reward_model_scores`
+  reads it."""
   raw = head_values(reward_params(frozen, model_config), features)  # [B, N + 1]
-  last = rollout.lengths.astype(jnp.int32)[:, None]  # [B, 1]
-  return frozen.reward_gain * jnp.take_along_axis(raw, last, axis=1)[:, 0] + frozen.reward_bias
+  if model_config.score_pool == "mean":
+    answer = jnp.pad(rollout.answer_mask, ((0, 0), (1, 0)))  # [B, N + 1]
+    pooled = answer_mean_value(raw, answer)
+  else:
+    last = rollout.lengths.astype(jnp.int32)[:, None]  # [B, 1]
+    pooled = jnp.take_along_axis(raw, last, axis=1)[:, 0]
+  return frozen.reward_gain * pooled + frozen.reward_bias

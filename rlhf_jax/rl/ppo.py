@@ -90,12 +90,13 @@ def answer_values(params, rollout: Rollout, *, model_config: ModelConfig) -> Arr
 
 
 def reward_model_scores(frozen: Frozen, rollout: Rollout, *, model_config: ModelConfig) -> Array:
-  """Normalised RM scores [B]: the scalar head at each episode's last real token."""
+  """Normalised RM scores [B]: the scalar head at each episode's last real token (or over its
+  answer, model_config.score_pool)."""
   return reward.score_sequences(reward_params(frozen, model_config), rollout.tokens,
                                 rollout.positions,
                                 rollout.segment_ids, rollout.segment_ids,
                                 model_config=model_config, gain=frozen.reward_gain,
-                                bias=frozen.reward_bias)
+                                bias=frozen.reward_bias, answer_mask=rollout.row_answer_mask)
 
 
 # A reward function maps (frozen models, rollout) to one score per episode [B]. The default

@@ -56,8 +56,9 @@ LOSSES = {
     "pairwise": ("ranking", "pair", "pair"),
     "binary": ("binary", None, "comparison"),
 }
+# The last three: the shared_prompt layout only.
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "valid", "prefer", "margin", "label",
-              "labeled", "lang", "prefix_ids", "score_at")  # the last two: shared_prompt only
+              "labeled", "lang", "prefix_ids", "score_at", "answer_from")
 
 
 def resolve_loss(name: str, data_name: str) -> str:
@@ -183,7 +184,12 @@ def make_jitted_step(model, tx, schedule, kind, reduction, grad_accum, state_sha
 
 def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   fields = {k: v for k, v in config.model.to_dict().items() if k != "size"}
-  return ModelConfig(**{**fields, "vocab_size": vocab_size,
+  pool = config.get("score_pool", "last")
+  if pool == "mean" and config.data.get("layout", "answers") != "shared_prompt":
+    raise ValueError("score_pool='mean' averages each answer's own tokens, which only "
+                     "data.layout='shared_prompt' marks; got data.layout="
+                     f"{config.data.get('layout', 'answers')!r}")
+  return ModelConfig(**{**fields, "vocab_size": vocab_size, "score_pool": pool,
                         **lora.model_fields(config.get("lora"))})
 
 
