@@ -96,7 +96,9 @@ def reward_model_scores(frozen: Frozen, rollout: Rollout, *, model_config: Model
                                 rollout.positions,
                                 rollout.segment_ids, rollout.segment_ids,
                                 model_config=model_config, gain=frozen.reward_gain,
-                                bias=frozen.reward_bias, answer_mask=rollout.row_answer_mask)
+                                bias=frozen.reward_bias,
+                                answer_mask=(rollout.row_answer_mask
+                                             if model_config.score_pool == "mean" else None))
 
 
 # A reward function maps (frozen models, rollout) to one score per episode [B]. The default
