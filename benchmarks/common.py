@@ -152,13 +152,13 @@ def machine_info() -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def memory_gib() -> dict:
-  """{"rss", "peak"}: this process's resident memory now and its high-water mark so far, GiB
-  (Linux /proc/self/status VmRSS / VmHWM; NaN elsewhere). Read after each phase of a step, the
-  high-water mark says which phase set the process's peak."""
+def memory_gib(pid="self") -> dict:
+  """{"rss", "peak"}: a process's (this one's by default) resident memory now and its
+  high-water mark so far, GiB (Linux /proc/PID/status VmRSS / VmHWM; NaN elsewhere). Read after
+  each phase of a step, the high-water mark says which phase set the process's peak."""
   out = {"rss": float("nan"), "peak": float("nan")}
   try:
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
       for line in f:
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
