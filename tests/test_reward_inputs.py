@@ -325,3 +325,29 @@ def test_a_mean_score_pool_needs_the_shared_prompt_layout_and_a_known_name():
   with pytest.raises(ValueError, match=r"score_pool='max' is not supported; supported: last, "
                                        r"mean"):
     ModelConfig(score_pool="max")
+
+
+def test_the_answer_is_the_last_run_of_loss_tokens_where_the_template_closes_outside_it():
+  """Gemma 3's rendering of [user 'hi there', assistant 'hello friend'] (ids and loss mask as
+  its tokenizer gives them): the turn closes with <end_of_turn> (106) in the loss and a newline
+  (107) outside it. The answer is 'hello friend' + <end_of_turn>: ids 11-13, not the newline,
+  and an earlier assistant turn's loss tokens are not part of it."""
+  from rlhf_jax.infer.rm_scores import encode_scored
+
+  class Template:
+    def __init__(self, ids, mask):
+      self.out = (np.asarray(ids, np.int32), np.asarray(mask, np.int32))
+
+    def render_chat(self, messages):
+      return self.out
+
+  ids = [2, 105, 2364, 107, 2202, 993, 106, 107, 105, 4368, 107, 23391, 4389, 106, 107]
+  mask = [0] * 11 + [1, 1, 1, 0]
+  got_ids, answer, cut = encode_scored(Template(ids, mask), "hi there", "hello friend", 64)
+  assert not cut and got_ids.tolist() == ids
+  assert np.flatnonzero(answer).tolist() == [11, 12, 13]
+  two_turns = [0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0]  # a first assistant turn at 2-3
+  _, answer, _ = encode_scored(Template(ids[:11], two_turns), "p", "a", 64)
+  assert np.flatnonzero(answer).tolist() == [7, 8, 9]
+  _, answer, cut = encode_scored(Template(ids[:11], two_turns), "p", "a", 6)  # BOS + last 5
+  assert cut and answer.tolist() == [0, 0, 1, 1, 1, 0]

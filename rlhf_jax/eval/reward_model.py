@@ -184,11 +184,11 @@ def gold_scores(records: Sequence[dict], max_answers: int, scorer: str = "gold")
   return out
 
 
-def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *, seq_len: int,
-                     max_answers: int, scorer: str = "gold", batch_size: int = 16,
-                     bins: int = 10, layout: str = "answers",
-                     row_len: int = 0) -> tuple[dict[str, float], list[dict]]:
-  """Scores every answer of `records` with the RM (one device) and computes the metrics.
+def score_records(params, model_config, tokenizer, records: Sequence[dict], *, seq_len: int,
+                  max_answers: int, batch_size: int = 16, layout: str = "answers",
+                  row_len: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(the encoded comparisons with the RM's raw `scores` [N, K], the encoder's STAT_KEYS
+  counts): every answer of `records` scored on one device, as the RM's data encodes them.
 
   layout / row_len: the RM data's (data/rm_batches.py), so a run is read as it was trained
   and evaluated: in 'shared_prompt' a comparison's prompt is written once, where 'answers'
@@ -209,7 +209,18 @@ def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *
     scores = fn(params, {key: batch[key] for key in MODEL_KEYS[layout]})  # [B, K]
     batch["scores"] = np.asarray(jax.device_get(scores))
     parts.append({key: v[:len(chunk)] for key, v in batch.items()})
-  cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+  return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, stats
+
+
+def evaluate_records(params, model_config, tokenizer, records: Sequence[dict], *, seq_len: int,
+                     max_answers: int, scorer: str = "gold", batch_size: int = 16,
+                     bins: int = 10, layout: str = "answers",
+                     row_len: int = 0) -> tuple[dict[str, float], list[dict]]:
+  """The RM's metrics on `records` (score_records, then comparison_metrics against the
+  `scorer`'s gold ordering; '' for none)."""
+  cat, stats = score_records(params, model_config, tokenizer, records, seq_len=seq_len,
+                             max_answers=max_answers, batch_size=batch_size, layout=layout,
+                             row_len=row_len)
   gold = gold_scores(records, max_answers, scorer) if scorer else None
   metrics, table = comparison_metrics(cat["scores"], cat["valid"], cat["prefer"], cat["lang"],
                                       gold, cat["label"], cat["labeled"], bins)

@@ -153,13 +153,16 @@ def encode_answer(tokenizer, prompt, answer: str, seq_len: int) -> tuple[np.ndar
 
 def encode_scored(tokenizer, prompt, answer: str, seq_len: int):
   """(ids [L], answer_mask [L] int32, truncated): `encode_answer`'s ids and which of them are
-  the answer's own (the chat's last run of assistant-loss tokens)."""
+  the answer's own: the chat's last run of assistant-loss tokens (a template may close the turn
+  with tokens outside the loss, as Gemma 3's newline after <end_of_turn>)."""
   ids, loss_mask = tokenizer.render_chat(_messages(prompt)
                                          + [{"role": "assistant", "content": answer}])
-  zeros = np.flatnonzero(loss_mask == 0)
   answer_mask = np.zeros_like(ids)
-  answer_mask[(zeros[-1] + 1 if len(zeros) else 0):] = 1
-  answer_mask *= loss_mask.astype(answer_mask.dtype)
+  ones = np.flatnonzero(loss_mask)
+  if len(ones):
+    end = ones[-1] + 1
+    zeros = np.flatnonzero(loss_mask[:end] == 0)
+    answer_mask[(zeros[-1] + 1 if len(zeros) else 0):end] = 1
   if len(ids) <= seq_len:
     return ids, answer_mask, False
   keep = lambda x: np.concatenate([x[:1], x[len(x) - seq_len + 1:]]).astype(np.int32)  # noqa: E731
