@@ -262,7 +262,7 @@ def test_a_mean_score_is_the_mean_of_each_answers_own_values(tokenizer):
   """score_pool="mean": an answer's score is the mean of the head's values over its own tokens
   (its <|end|> included), wherever they sit: after render_prompt's tokens in its own row (the
   reference, from the answers layout's values), in the shared_prompt layout (the tokens all
-  answers start with are among the shared ones: answer_from marks them) and through
+  answers start with are among the shared ones: answer_mask marks them) and through
   score_texts, the normalisation's path. The last-token readout is unchanged."""
   import dataclasses
   import flax.linen as nn
@@ -277,8 +277,8 @@ def test_a_mean_score_is_the_mean_of_each_answers_own_values(tokenizer):
             "responses": ["a soup with beans", "a salad", "a pie for two"], "ranking": [1, 0, 2]}
   rows, _ = encode(tokenizer, [record], seq_len=64)
   shared, _ = encode_shared(tokenizer, [record], row_len=96)
-  first_own = int(np.argmax(shared["segment_ids"][0] == 2))
-  assert shared["answer_from"][0] < first_own  # the answers' common first token is shared
+  seg = shared["segment_ids"][0]
+  assert shared["answer_mask"][0][seg == 1].any()  # the answers' common first token is shared
   model = ScalarModel(config)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(2), *(jnp.asarray(rows[k][:, 0]) for k in
                                                             ("tokens", "positions",

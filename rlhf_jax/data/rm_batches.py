@@ -22,9 +22,10 @@ one whose answers alone do not fit is an error naming it.
   tokens, positions, segment_ids, prefix_ids  [B, R] int32   segment 1 the shared tokens,
                                                              2 + i answer i; prefix 1 there
   score_at                                    [B, K] int32   each answer's last slot
-  answer_from                                 [B] int32      where the answers begin: tokens
-                                                             all K answers start with sit in
-                                                             the shared ones, from here on
+  answer_mask                                 [B, R] int32   1 on answer tokens (the chat's
+                                                             last loss run, rm_scores.
+                                                             encode_scored); tokens all K
+                                                             answers start with are shared ones
 
 Where pairs come from: a ranking gives all K(K-1)/2 pairs; grades (0 good, 1 average, 2 poor)
 a pair for every two answers of different grade. `unit="pair"` makes every (better, worse)
@@ -61,7 +62,7 @@ LAYOUTS = ("answers", "shared_prompt")
 # What the model reads of a batch, per layout (rm_scores.comparison_scores).
 MODEL_KEYS = {"answers": ("tokens", "positions", "segment_ids"),
               "shared_prompt": ("tokens", "positions", "segment_ids", "prefix_ids", "score_at",
-                                "answer_from")}
+                                "answer_mask")}
 STAT_KEYS = ("elements", "skipped_no_pairs", "identical_pairs", "truncated_answers")
 _WARN_SKIPS = 3  # skipped records named in the log, per process; the rest are only counted
 _WHOLE = 1 << 30  # no cut: the shared_prompt layout cuts the shared prompt itself
@@ -116,7 +117,7 @@ class Encoder:
               "segment_ids": np.zeros((n, r), np.int32),
               "prefix_ids": np.zeros((n, r), np.int32),
               "score_at": np.zeros((n, k), np.int32),
-              "answer_from": np.zeros((n,), np.int32)}
+              "answer_mask": np.zeros((n, r), np.int32)}
     else:
       rows = {"tokens": np.full((n, k, t), self.tokenizer.pad_id, np.int32),
               "positions": np.zeros((n, k, t), np.int32),
@@ -166,10 +167,8 @@ class Encoder:
         return
     if self.layout == "shared_prompt":  # whole rows; the prompt is cut once, to fit row_len
       encoded = [encode_scored(self.tokenizer, record["prompt"], r, _WHOLE) for r in responses]
-      rendered = [ids for ids, _, _ in encoded]
-      # Where the answer begins in every row (the rows render one prompt alike).
-      start = max(int(np.argmax(m)) if m.any() else len(m) for _, m, _ in encoded)
-      cut = self._write_shared(out, row, rendered, record.get("id"), start)
+      cut = self._write_shared(out, row, [ids for ids, _, _ in encoded], record.get("id"),
+                               [m for _, m, _ in encoded])
       stats[STAT_KEYS.index("truncated_answers")] += cut
     else:
       rendered = [encode_answer(self.tokenizer, record["prompt"], r, self.seq_len)
@@ -189,13 +188,13 @@ class Encoder:
     out["lang"][row] = LANGS.index(lang) if lang in LANGS else -1
 
   def _write_shared(self, out, row: int, rows: list[np.ndarray], record_id,
-                    answer_start: int) -> int:
-    """Writes the rendered answers `rows` (each answer from index answer_start) as one
+                    answer_masks: list[np.ndarray]) -> int:
+    """Writes the rendered answers `rows` (their answer tokens marked by `answer_masks`) as one
     shared_prompt row; returns how many answers' prompts lost tokens to fit row_len (the oldest
     after the first, as `encode_answer` cuts)."""
     shared = _common_prefix_len(rows)
     suffixes = [ids[shared:] for ids in rows]
-    prefix = rows[0][:shared]
+    prefix, prefix_mask = rows[0][:shared], answer_masks[0][:shared]
     over = shared + sum(len(x) for x in suffixes) - self.row_len
     cut = 0
     if over > 0:
@@ -205,9 +204,10 @@ class Encoder:
             f"{sum(len(x) for x in suffixes) + 1} positions with the first prompt token, more "
             f"than data.row_len={self.row_len} of the shared_prompt layout; raise data.row_len")
       prefix = np.concatenate([prefix[:1], prefix[1 + over:]])
+      prefix_mask = np.concatenate([prefix_mask[:1], prefix_mask[1 + over:]])
       cut = len(rows)
-    out["answer_from"][row] = max(1, answer_start - max(over, 0))
     n = len(prefix)
+    out["answer_mask"][row, :n] = prefix_mask
     out["tokens"][row, :n] = prefix
     out["positions"][row, :n] = np.arange(n)
     out["segment_ids"][row, :n] = 1
@@ -217,6 +217,7 @@ class Encoder:
       out["tokens"][row, slot:end] = suffix
       out["positions"][row, slot:end] = np.arange(n, n + len(suffix))
       out["segment_ids"][row, slot:end] = 2 + i
+      out["answer_mask"][row, slot:end] = answer_masks[i][shared:]
       out["prefix_ids"][row, slot:end] = 1
       out["score_at"][row, i] = end - 1
       slot = end

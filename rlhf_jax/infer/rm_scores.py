@@ -117,10 +117,10 @@ def comparison_scores(params, batch, model: ScalarModel, rngs=None):
     values = model.apply({"params": params}, batch["tokens"], batch["positions"],
                          batch["segment_ids"], prefix_ids=batch["prefix_ids"],
                          rngs=rngs)  # [B, T]
-    if pool == "mean":  # answer i: segment 2 + i, and the shared tokens from answer_from on
+    if pool == "mean":  # answer i's tokens: in segment 2 + i or shared (segment 1)
       k, seg = batch["score_at"].shape[1], batch["segment_ids"]
-      common = (seg == 1) & (jnp.arange(seg.shape[1])[None, :] >= batch["answer_from"][:, None])
-      own = (seg[:, None, :] == 2 + jnp.arange(k)[None, :, None]) | common[:, None, :]
+      mine = (seg[:, None, :] == 2 + jnp.arange(k)[None, :, None]) | (seg == 1)[:, None, :]
+      own = mine & (batch["answer_mask"] > 0)[:, None, :]  # [B, K, T]
       return answer_mean_value(values[:, None, :], own)  # [B, K]
     return jnp.take_along_axis(values, batch["score_at"], axis=1)  # [B, K]
   if pool != "last":

@@ -58,7 +58,7 @@ LOSSES = {
 }
 # The last three: the shared_prompt layout only.
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "valid", "prefer", "margin", "label",
-              "labeled", "lang", "prefix_ids", "score_at", "answer_from")
+              "labeled", "lang", "prefix_ids", "score_at", "answer_mask")
 
 
 def resolve_loss(name: str, data_name: str) -> str:
