@@ -2,10 +2,10 @@
 
 The RM's trunk already reads every prefix of an episode; a linear head on its final hidden
 states is the cheapest critic there is. One trunk pass over a rollout then gives the RM's score
-(its own head at the last real token, or over the answer) and every value (the critic's head before each answer
-token), and the features are kept for the update, which trains the head on them and runs no
-trunk at all. What is given up: the value function is linear in features the RM learnt for
-ranking, where a trained critic also fits its trunk (rl/ppo.py, the default).
+(its own head at the last real token, or over the answer) and every value (the critic's head
+before each answer token), and the features are kept for the update, which trains the head on
+them and runs no trunk at all. What is given up: the value function is linear in features the
+RM learnt for ranking, where a trained critic also fits its trunk (rl/ppo.py, the default).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.infer.rollout import Rollout
-from rlhf_jax.models.heads import ScalarHead, answer_mean_value
+from rlhf_jax.models.heads import ScalarHead, pooled_score
 from rlhf_jax.models.transformer import ModelConfig, Transformer
 from rlhf_jax.rl.state import Frozen, reward_params
 
@@ -45,10 +45,7 @@ def scores_from_features(frozen: Frozen, rollout: Rollout, features: Array, *,
   (answer token t sits at index t + 1) under score_pool="mean", as `reward_model_scores`
   reads it."""
   raw = head_values(reward_params(frozen, model_config), features)  # [B, N + 1]
-  if model_config.score_pool == "mean":
-    answer = jnp.pad(rollout.answer_mask, ((0, 0), (1, 0)))  # [B, N + 1]
-    pooled = answer_mean_value(raw, answer)
-  else:
-    last = rollout.lengths.astype(jnp.int32)[:, None]  # [B, 1]
-    pooled = jnp.take_along_axis(raw, last, axis=1)[:, 0]
+  answer = jnp.pad(rollout.answer_mask, ((0, 0), (1, 0)))  # [B, N + 1]
+  real = answer.at[:, 0].set(1)  # index 0 (the prompt's last token) and the answer's
+  pooled = pooled_score(raw, real, answer, model_config.score_pool)  # [B]
   return frozen.reward_gain * pooled + frozen.reward_bias
