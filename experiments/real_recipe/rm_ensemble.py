@@ -6,7 +6,8 @@ normalisation: `gain * raw + bias` puts every RM on its SFT answers' mean 0, std
 scores add), then reports the gold accuracy per language of each RM and of the mean of every
 subset of two or more.
 
-  python experiments/real_recipe/rm_ensemble.py --rms workdirs/real-s16-head/rm,workdirs/s20-mean/rm \
+  python experiments/real_recipe/rm_ensemble.py \
+      --rms workdirs/real-s16-head/rm,workdirs/s20-mean/rm \
       --data_dir workdirs/real-s16-head/comparisons/tfds --split validation
 """
 import argparse
