@@ -225,6 +225,44 @@ def test_read_columns_equal_the_full_pass_sliced(tiny_params, variant):
       x, y, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(y)))), g_part, g_full)
 
 
+@pytest.mark.parametrize("variant", ["plain", "remat", "scan", "local"])
+def test_read_positions_equal_the_full_pass_gathered(tiny_params, variant):
+  """hidden_states(columns=[B, N] positions), each row its own (a reward model's last tokens
+  of right-padded rows): the last layer runs there only; values and gradients equal the full
+  pass gathered with numpy's indexing (remat: the gather inside the rematerialised block;
+  scan: gathered after; local: a sliding-window last layer whose window binds)."""
+  extra = dict(remat=variant == "remat", scan_layers=variant == "scan")
+  if variant == "local":
+    extra.update(local_layers=(1,), sliding_window=3, rope_local_theta=10000.0)
+  cfg = model_config("tiny", vocab_size=V, **extra)
+  params = _stack_layers(tiny_params, cfg.n_layers) if variant == "scan" else tiny_params
+  rng = np.random.RandomState(9)
+  lengths = [12, 5, 9]
+  mask = (np.arange(12)[None] < np.asarray(lengths)[:, None]).astype(np.int32)  # right-padded
+  tokens = jnp.asarray(rng.randint(1, V, (3, 12)) * mask, jnp.int32)
+  positions = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0), jnp.int32)
+  read = np.asarray([[11, 3], [4, 0], [8, 8]], np.int32)  # [B, N]: any order, repeats too
+  model = Transformer(cfg)
+  weights = jnp.asarray(rng.normal(size=(cfg.d_model,)), jnp.float32)
+
+  def loss(p, gathered):
+    hidden, _ = model.apply(p, tokens, positions, jnp.asarray(mask),
+                            columns=jnp.asarray(read) if gathered else None,
+                            method=Transformer.hidden_states)
+    if not gathered:
+      hidden = hidden[np.arange(3)[:, None], read]  # numpy's advanced indexing: [B, N, D]
+    return jnp.sum(jnp.tanh(hidden @ weights)), hidden
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (full, h_full), g_full = value_and_grad(params, False)
+  (part, h_part), g_part = value_and_grad(params, True)
+  assert h_part.shape == (3, 2, cfg.d_model)
+  np.testing.assert_allclose(h_part, h_full, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(part, full, rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      x, y, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(y)))), g_part, g_full)
+
+
 def test_read_columns_with_a_cache_fill_the_same_cache(tiny_params):
   """A prefill that reads only the last column writes every column's keys and values."""
   tokens, mask = _left_padded(np.random.RandomState(8), [9, 4], 9)

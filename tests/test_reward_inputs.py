@@ -258,6 +258,44 @@ def test_shared_prompt_batch_gives_the_answers_layouts_loss_and_gradients(tokeni
     assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(b)), 0.1 * largest)
 
 
+def test_last_token_scores_are_the_full_passs_values_at_each_answers_last_token(tokenizer):
+  """comparison_scores (both layouts) and score_sequences run the RM's last layer at the scored
+  tokens only; each score equals the full pass's value [.., T] read with numpy at the answer's
+  last real token (answers layout: right-most nonzero segment; shared_prompt: score_at)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.models.heads import ScalarModel
+  from rlhf_jax.models.sizes import model_config
+  model = ScalarModel(model_config("tiny", vocab_size=tokenizer.vocab_size))
+  records = [SHARED, {"id": "t", "prompt": "what should I cook tonight", "lang": "en",
+                      "responses": ["pasta", "a soup with beans", "nothing", "eggs"],
+                      "ranking": [1, 0, 3, 2]}]
+  rows, _ = encode(tokenizer, records, seq_len=64)
+  shared, _ = encode_shared(tokenizer, records, row_len=96)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(2), *(jnp.asarray(rows[k][:, 0]) for k in
+                                                            ("tokens", "positions",
+                                                             "segment_ids")))["params"])
+  full = lambda b, **kw: np.asarray(model.apply(  # noqa: E731
+      {"params": params}, b["tokens"], b["positions"], b["segment_ids"], **kw))  # [B, T]
+  # Answers layout: [B, K, T] rows, each read at its right-most real token.
+  b, k, t = rows["tokens"].shape
+  flat = {key: rows[key].reshape(b * k, t) for key in ("tokens", "positions", "segment_ids")}
+  last = np.asarray([(np.nonzero(row)[0].tolist() or [t - 1])[-1]  # an empty row: T - 1
+                     for row in flat["segment_ids"]])
+  want = full(flat)[np.arange(b * k), last].reshape(b, k)
+  got = np.asarray(jax.jit(lambda p, x: reward.comparison_scores(p, x, model))(params, rows))
+  scale = np.max(np.abs(want))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+  got = reward.score_sequences(params, flat["tokens"], flat["positions"], flat["segment_ids"],
+                               flat["segment_ids"], model_config=model.config, gain=2.0, bias=1.0)
+  np.testing.assert_allclose(got, 2.0 * want.reshape(-1) + 1.0, rtol=1e-5, atol=3e-5 * scale)
+  # Shared-prompt layout: one row per comparison, the answers' last slots in score_at [B, K].
+  want = np.take_along_axis(full(shared, prefix_ids=shared["prefix_ids"]), shared["score_at"], 1)
+  got = np.asarray(jax.jit(lambda p, x: reward.comparison_scores(p, x, model))(params, shared))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+
+
 def test_a_mean_score_is_the_mean_of_each_answers_own_values(tokenizer):
   """score_pool="mean": an answer's score is the mean of the head's values over its own tokens
   (its <|end|> included), wherever they sit: after render_prompt's tokens in its own row (the

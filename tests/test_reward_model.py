@@ -104,9 +104,9 @@ def test_kwise_runs_one_forward_pass_per_answer(rm_params, monkeypatch):
   calls = []
   original = ScalarModel.__call__
 
-  def counting(self, tokens, positions, segment_ids):
+  def counting(self, tokens, positions, segment_ids, **kwargs):
     calls.append(tokens.shape)
-    return original(self, tokens, positions, segment_ids)
+    return original(self, tokens, positions, segment_ids, **kwargs)
 
   monkeypatch.setattr(ScalarModel, "__call__", counting)
   loss_fn = jax.jit(lambda p, bt: rm_trainer.rm_loss(p, bt, model=model, kind="ranking",
@@ -116,9 +116,11 @@ def test_kwise_runs_one_forward_pass_per_answer(rm_params, monkeypatch):
   monkeypatch.setattr(ScalarModel, "__call__", original)
 
   # FLOPs: the K-wise loss costs what scoring its B*K rows costs; scoring the two answers of
-  # each of the C(4, 2) = 6 pairs on their own would cost 2 * 6 / 4 = 3 times as much.
+  # each of the C(4, 2) = 6 pairs on their own would cost 2 * 6 / 4 = 3 times as much. (Each
+  # row's last layer runs at its scored token only, here the last column.)
   kwise_flops = lowered.cost_analysis()["flops"]
-  one_pass = jax.jit(lambda p, x, s: model.apply({"params": p}, x, x, s))
+  one_pass = jax.jit(lambda p, x, s: model.apply({"params": p}, x, x, s, columns=jnp.full(
+      (x.shape[0], 1), t - 1)))
   rows = one_pass.lower(rm_params, jnp.zeros((b * k, t), jnp.int32),
                         jnp.ones((b * k, t), jnp.int32)).cost_analysis()["flops"]
   pairs = one_pass.lower(rm_params, jnp.zeros((b * 2 * 6, t), jnp.int32),

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.core import metrics as metrics_lib
-from rlhf_jax.models.heads import (ScalarModel, answer_mean_value, last_token_value,
+from rlhf_jax.models.heads import (ScalarModel, answer_mean_value, last_position,
                                    pooled_score)
 from rlhf_jax.models.transformer import ModelConfig
 from rlhf_jax.core import run_folder
@@ -42,8 +42,12 @@ def score_sequences(params, tokens, positions, segment_ids, mask, *, model_confi
   the ScalarModel value at the row's last real token (the right-most 1 of mask), or its mean
   over answer_mask [B, T] under model_config.score_pool="mean". Pure and jittable; `params` is
   the RM's {'trunk', 'head'} tree."""
-  values = ScalarModel(model_config).apply({"params": params}, tokens, positions,
-                                           segment_ids)  # [B, T]
+  model = ScalarModel(model_config)
+  if model_config.score_pool == "last":  # the last layer runs at that token only
+    last = last_position(mask)[:, None]  # [B, 1]
+    values = model.apply({"params": params}, tokens, positions, segment_ids, columns=last)
+    return gain * values[:, 0] + bias  # [B]
+  values = model.apply({"params": params}, tokens, positions, segment_ids)  # [B, T]
   return gain * pooled_score(values, mask, answer_mask, model_config.score_pool) + bias  # [B]
 
 
@@ -114,23 +118,25 @@ def comparison_scores(params, batch, model: ScalarModel, rngs=None):
   rngs = rngs or {}
   pool = model.config.score_pool
   if "score_at" in batch:
+    # "last": the last layer runs at the K scored slots only (Transformer.hidden_states).
     values = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                         batch["segment_ids"], prefix_ids=batch["prefix_ids"],
-                         rngs=rngs)  # [B, T]
-    if pool == "mean":  # answer i's tokens: in segment 2 + i or shared (segment 1)
+                         batch["segment_ids"], prefix_ids=batch["prefix_ids"], rngs=rngs,
+                         columns=batch["score_at"] if pool == "last" else None)
+    if pool == "mean":  # values [B, T]; answer i's tokens: in segment 2 + i or shared (segment 1)
       k, seg = batch["score_at"].shape[1], batch["segment_ids"]
       mine = (seg[:, None, :] == 2 + jnp.arange(k)[None, :, None]) | (seg == 1)[:, None, :]
       own = mine & (batch["answer_mask"] > 0)[:, None, :]  # [B, K, T]
       return answer_mean_value(values[:, None, :], own)  # [B, K]
-    return jnp.take_along_axis(values, batch["score_at"], axis=1)  # [B, K]
+    return values  # [B, K]
   if pool != "last":
     raise ValueError(f"score_pool={pool!r} reads each answer's own tokens: the answers layout "
                      "does not mark them; use data.layout='shared_prompt'")
   b, k, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * k, t)  # noqa: E731
+  last = last_position(flat(batch["segment_ids"]))[:, None]  # [B*K, 1]
   values = model.apply({"params": params}, flat(batch["tokens"]), flat(batch["positions"]),
-                       flat(batch["segment_ids"]), rngs=rngs)  # [B*K, T]
-  return last_token_value(values, flat(batch["segment_ids"])).reshape(b, k)  # [B, K]
+                       flat(batch["segment_ids"]), columns=last, rngs=rngs)  # [B*K, 1]
+  return values.reshape(b, k)  # [B, K]
 
 
 # ---------------------------------------------------------------------------------------------

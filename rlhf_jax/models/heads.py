@@ -38,7 +38,8 @@ class ScalarModel(nn.Module):
     self.head = ScalarHead()
 
   def __call__(self, tokens, positions, segment_ids, columns=None, prefix_ids=None):
-    """columns: None, or a static (start, stop): values there only, [B, stop - start].
+    """columns: None, a static (start, stop) or positions [B, N]: values there only, [B, N]
+    (Transformer.hidden_states: the last layer runs there only).
     prefix_ids: as `Transformer.hidden_states`'s (answers that share their prompt)."""
     hidden, _ = self.trunk.hidden_states(tokens, positions, segment_ids, columns=columns,
                                          prefix_ids=prefix_ids)
@@ -50,11 +51,16 @@ def trunk_of(policy_params) -> dict:
   return {k: v for k, v in policy_params.items() if k != "lm_head"}
 
 
+def last_position(mask):
+  """[B] int: each row's last real token (mask [B, T], its right-most nonzero; T - 1 in a row
+  with none)."""
+  t = mask.shape[1]
+  return t - 1 - jnp.argmax((mask[:, ::-1] != 0).astype(jnp.int32), axis=1)
+
+
 def last_token_value(values, mask):
   """Values [B, T] read at the last real token of each row (mask [B, T], right-most 1)."""
-  t = mask.shape[1]
-  last = t - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=1)
-  return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+  return jnp.take_along_axis(values, last_position(mask)[:, None], axis=1)[:, 0]
 
 
 def answer_mean_value(values, answer_mask):
