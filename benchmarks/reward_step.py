@@ -13,7 +13,9 @@ AdamW, the trainer's optimizer defaults), each on full-length rows:
 the pipeline's LoRA.
 Model FLOPs per step are 3x the forward matmul FLOPs of every answer row with no vocabulary
 projection (the RM has none); MFU divides their rate by the f32 (or bf16) matmul rate measured
-here, so it means the same on a loaded machine.
+here, so it means the same on a loaded machine. These are the workload's FLOPs: the shared
+layout and the last layer at the scored tokens only execute fewer, so MFU reads above the
+cores' own rate (past 100% when the peak's reading is low).
 
   XLA_FLAGS= .venv/bin/python benchmarks/reward_step.py [--size small] [--dtypes float32,bfloat16]
       [--peer_json TORCH.json]
