@@ -114,9 +114,8 @@ def attention_mask(q_segment, q_slot, k_segment, window: int = 0, q_prefix=None,
 
 
 def read_columns(x: Array, columns) -> Array:
-  """x [B, T, ...] at the columns whose outputs are read: a static (start, stop) slice, or an
-  int array [B, N] of each row's own positions (a comparison's answers end at different
-  slots), gathered -> [B, N, ...]."""
+  """x [B, T, ...] at the read columns: a static (start, stop) slice, or the gather of an int
+  array [B, N] of each row's own positions (a comparison's answers end apart) -> [B, N, ...]."""
   if isinstance(columns, tuple):
     return x[:, columns[0]:columns[1]]
   x = jnp.broadcast_to(x, columns.shape[:1] + x.shape[1:])  # rope tables may have batch 1
@@ -289,8 +288,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, angles, mask, layer_cache, cache_index, columns=None, local=None,
                cache_layer=None):
-    """columns: None, a static (start, stop) or positions [B, N]: the block's output only there
-    (see Attention).
+    """columns: None, a static (start, stop) or positions [B, N]: the output there (Attention).
     local: None, or whether this is a sliding-window layer; mask and angles are then the pairs
     (global, sliding-window). cache_layer: as Attention's."""
     cfg = self.config
@@ -367,9 +365,8 @@ class Transformer(nn.Module):
     columns: when only some columns' outputs are read, a static (start, stop) (a policy's
     answer positions, a prompt's last token) or an int array [B, N] of each row's positions
     (the last tokens a reward model scores): the result is then [B, N, D], and the last layer
-    asks queries and runs its MLP at those columns only, which saves that share of the layer's
-    work (~20% of a 4-layer RM's step). Earlier layers still run everywhere (later keys need
-    them); scanned layers run the last one everywhere too and the result is gathered after.
+    asks queries and runs its MLP there only (~20% of a 4-layer RM's step). Earlier layers run
+    everywhere (later keys need them); scanned layers run the last one everywhere too.
     """
     cfg = self.config
     x = self.embed(tokens)  # [B, T, D]
@@ -418,8 +415,7 @@ class Transformer(nn.Module):
     news, sliced = [], False
     for i, layer in enumerate(self.layers):
       # The last layer runs on the read columns only; a rematerialised block takes no static
-      # arguments, so with a static slice it runs on all of them and hidden_states slices its
-      # output (an index array is an ordinary argument).
+      # arguments: given a static slice, it runs everywhere and hidden_states slices after.
       static = isinstance(columns, tuple)
       cols = columns if i == cfg.n_layers - 1 and not (cfg.remat and static) else None
       local = (i in cfg.local_layers,) if cfg.local_layers else ()
