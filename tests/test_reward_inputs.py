@@ -276,8 +276,10 @@ def test_last_token_scores_are_the_full_passs_values_at_each_answers_last_token(
   params = nn.unbox(jax.jit(model.init)(jax.random.key(2), *(jnp.asarray(rows[k][:, 0]) for k in
                                                             ("tokens", "positions",
                                                              "segment_ids")))["params"])
-  full = lambda b, **kw: np.asarray(model.apply(  # noqa: E731
-      {"params": params}, b["tokens"], b["positions"], b["segment_ids"], **kw))  # [B, T]
+  apply = jax.jit(lambda p, t, x, s, prefix: model.apply({"params": p}, t, x, s,
+                                                         prefix_ids=prefix))  # [B, T]
+  full = lambda b, prefix_ids=None: np.asarray(apply(  # noqa: E731
+      params, b["tokens"], b["positions"], b["segment_ids"], prefix_ids))
   # Answers layout: [B, K, T] rows, each read at its right-most real token.
   b, k, t = rows["tokens"].shape
   flat = {key: rows[key].reshape(b * k, t) for key in ("tokens", "positions", "segment_ids")}
@@ -287,8 +289,9 @@ def test_last_token_scores_are_the_full_passs_values_at_each_answers_last_token(
   got = np.asarray(jax.jit(lambda p, x: reward.comparison_scores(p, x, model))(params, rows))
   scale = np.max(np.abs(want))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
-  got = reward.score_sequences(params, flat["tokens"], flat["positions"], flat["segment_ids"],
-                               flat["segment_ids"], model_config=model.config, gain=2.0, bias=1.0)
+  got = jax.jit(lambda p, x: reward.score_sequences(
+      p, x["tokens"], x["positions"], x["segment_ids"], x["segment_ids"],
+      model_config=model.config, gain=2.0, bias=1.0))(params, flat)
   np.testing.assert_allclose(got, 2.0 * want.reshape(-1) + 1.0, rtol=1e-5, atol=3e-5 * scale)
   # Shared-prompt layout: one row per comparison, the answers' last slots in score_at [B, K].
   want = np.take_along_axis(full(shared, prefix_ids=shared["prefix_ids"]), shared["score_at"], 1)
