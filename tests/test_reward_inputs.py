@@ -211,6 +211,24 @@ def test_unknown_layout_and_missing_row_len_are_refused(tokenizer):
     rm_inputs.Encoder(tokenizer, seq_len=48, max_answers=4, layout="shared_prompt")
 
 
+def tiny_rm_and_batches(tokenizer, config, seed: int):
+  """(a tiny random ScalarModel, its params, two comparisons in the answers layout, the same
+  in the shared_prompt layout)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.models.heads import ScalarModel
+  model = ScalarModel(config)
+  records = [SHARED, {"id": "t", "prompt": "what should I cook tonight", "lang": "en",
+                      "responses": ["pasta", "a soup with beans", "nothing", "eggs"],
+                      "ranking": [1, 0, 3, 2]}]
+  rows, _ = encode(tokenizer, records, seq_len=64)
+  shared, _ = encode_shared(tokenizer, records, row_len=96)
+  first = (jnp.asarray(rows[k][:, 0]) for k in ("tokens", "positions", "segment_ids"))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), *first)["params"])
+  return model, params, rows, shared
+
+
 @pytest.mark.parametrize("local", [False, True])
 def test_shared_prompt_batch_gives_the_answers_layouts_loss_and_gradients(tokenizer, local):
   """The RM's loss and every gradient from a batch of comparisons in the shared_prompt layout
@@ -218,25 +236,14 @@ def test_shared_prompt_batch_gives_the_answers_layouts_loss_and_gradients(tokeni
   another order). `local`: with a sliding-window layer too, its window (12) shorter than the
   prompt and answers, so it binds, counted in positions across the shared prompt."""
   import dataclasses
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
-  from rlhf_jax.models.heads import ScalarModel
   from rlhf_jax.models.sizes import model_config
   from rlhf_jax.train import reward as rm_trainer
   config = model_config("tiny", vocab_size=tokenizer.vocab_size)
   if local:
     config = dataclasses.replace(config, local_layers=(0,), sliding_window=12,
                                  rope_local_theta=10000.0)
-  model = ScalarModel(config)
-  records = [SHARED, {"id": "t", "prompt": "what should I cook tonight", "lang": "en",
-                      "responses": ["pasta", "a soup with beans", "nothing", "eggs"],
-                      "ranking": [1, 0, 3, 2]}]
-  rows, _ = encode(tokenizer, records, seq_len=64)
-  shared, _ = encode_shared(tokenizer, records, row_len=96)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), *(jnp.asarray(rows[k][:, 0]) for k in
-                                                            ("tokens", "positions",
-                                                             "segment_ids")))["params"])
+  model, params, rows, shared = tiny_rm_and_batches(tokenizer, config, seed=1)
   out = {}
   for name, batch in (("answers", rows), ("shared", shared)):
     fn = lambda p, b=batch: rm_trainer.rm_loss(p, b, model=model, kind="ranking",  # noqa: E731
@@ -262,20 +269,10 @@ def test_last_token_scores_are_the_full_passs_values_at_each_answers_last_token(
   """comparison_scores (both layouts) and score_sequences run the RM's last layer at the scored
   tokens only; each score equals the full pass's value [.., T] read with numpy at the answer's
   last real token (answers layout: right-most nonzero segment; shared_prompt: score_at)."""
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
-  from rlhf_jax.models.heads import ScalarModel
   from rlhf_jax.models.sizes import model_config
-  model = ScalarModel(model_config("tiny", vocab_size=tokenizer.vocab_size))
-  records = [SHARED, {"id": "t", "prompt": "what should I cook tonight", "lang": "en",
-                      "responses": ["pasta", "a soup with beans", "nothing", "eggs"],
-                      "ranking": [1, 0, 3, 2]}]
-  rows, _ = encode(tokenizer, records, seq_len=64)
-  shared, _ = encode_shared(tokenizer, records, row_len=96)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(2), *(jnp.asarray(rows[k][:, 0]) for k in
-                                                            ("tokens", "positions",
-                                                             "segment_ids")))["params"])
+  model, params, rows, shared = tiny_rm_and_batches(
+      tokenizer, model_config("tiny", vocab_size=tokenizer.vocab_size), seed=2)
   apply = jax.jit(lambda p, t, x, s, prefix: model.apply({"params": p}, t, x, s,
                                                          prefix_ids=prefix))  # [B, T]
   full = lambda b, prefix_ids=None: np.asarray(apply(  # noqa: E731
