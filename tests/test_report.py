@@ -158,3 +158,17 @@ def test_rm_section_shows_gold_accuracy_by_gold_gap(tmp_path):
   assert ("| en | 0.550 / 0.600 (gap <= 0.050) | 0.700 / 0.800 (gap <= 0.200) "
           "| 0.900 / 0.950 (gap <= 1.100) |") in text
   assert "| zh |" not in text.split("clearest third |")[1].split("\n\n")[0]  # no zh evaluation
+
+
+def test_rm_section_shows_best_of_n_at_the_last_evaluation(tmp_path):
+  """Best-of-n gold win rates per language, the last evaluation's, with each n's KL."""
+  w = _workdir(tmp_path, _results(with_diagnostics=True))
+  (w / "rm").mkdir()
+  first = {"step": 6, "eval/rm/gold_bon2_win/en": 0.51, "eval/rm/gold_bon7_win/en": 0.52}
+  final = {"step": 12, "eval/rm/gold_bon2_win/en": 0.56, "eval/rm/gold_bon7_win/en": 0.63,
+           "eval/rm/gold_bon2_win/zh": 0.54, "eval/rm/gold_bon7_win/zh": 0.58}
+  (w / "rm" / "metrics.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(final) + "\n")
+  text = open(report.write_report(str(w)), encoding="utf-8").read()
+  # KL of best-of-n, log n - (n - 1) / n: n = 2 -> 0.693 - 0.5 = 0.19; n = 7 -> 1.946 - 0.857
+  assert "| language | n = 2 (KL 0.19) | n = 7 (KL 1.09) |" in text
+  assert "| en | 0.560 | 0.630 |" in text and "| zh | 0.540 | 0.580 |" in text

@@ -1,5 +1,7 @@
 """Held-out RM metrics against hand-counted references: label and gold accuracy per language,
 margin, thumbs, and a calibration table that accounts for every pair."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,64 @@ def test_gold_gap_thirds_match_a_python_loop():
   row = next(line for line in table if line.startswith("| zh |") and "gap <=" in line)
   assert row.split(" | ")[3].startswith(f"{m['gold_gap3_accuracy/zh']:.3f} / "
                                         f"{m['gold_gap3_labels/zh']:.3f}")
+
+
+def _best_of_n_by_enumeration(scores, gold, valid, n):
+  """Every n-subset of a prompt's usable answers and every comparator outside it, listed."""
+  out = []
+  for row in range(len(scores)):
+    usable = [i for i in range(scores.shape[1]) if valid[row, i] and np.isfinite(gold[row, i])]
+    draws = []
+    for subset in itertools.combinations(usable, n):
+      # the RM's pick: highest score, the earlier position on a tie (as a stable sort)
+      pick = max(subset, key=lambda i: (scores[row, i], -i))
+      for c in usable:
+        if c not in subset:
+          g, h = gold[row, pick], gold[row, c]
+          draws.append(1.0 if g > h else 0.5 if g == h else 0.0)
+    out.append(np.mean(draws) if draws else np.nan)
+  return np.array(out)
+
+
+def test_best_of_n_win_equals_the_enumeration_of_every_subset_and_comparator():
+  rng = np.random.default_rng(1)
+  n_rows, k = 9, 6
+  scores = rng.normal(size=(n_rows, k))
+  scores[0, 3] = scores[0, 1]  # an RM tie
+  gold = rng.integers(0, 4, size=(n_rows, k)).astype(float)  # few levels: many gold ties
+  gold[1, 2] = np.nan  # unknown gold: left out
+  valid = np.ones((n_rows, k))
+  valid[2, 4:] = 0  # padding: 4 usable answers
+  valid[3, 2:] = 0  # 2 usable: too few for n >= 2
+  for n in (1, 2, 3, 5):
+    got = evaluate_rm.best_of_n_win(scores, gold, valid, n)
+    want = _best_of_n_by_enumeration(scores, gold, valid, n)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert np.isnan(got[3]) == (n >= 2)
+  # n = 1 is a random answer against another: one half exactly, whatever the scores.
+  np.testing.assert_allclose(evaluate_rm.best_of_n_win(scores, gold, valid, 1)[4:], 0.5)
+  # An RM that orders as gold does (no gold ties) picks the best of n: with n = k - 1 the pick
+  # loses only when the comparator is the best answer, which happens 1 time in k.
+  exact = rng.permutation(k).astype(float)[None]
+  assert evaluate_rm.best_of_n_win(exact, exact, np.ones((1, k)), k - 1)[0] == pytest.approx(
+      1 - 1 / k)
+
+
+def test_best_of_n_reported_per_language_with_its_kl():
+  rng = np.random.default_rng(2)
+  n_rows, k = 8, 8
+  scores, gold = rng.normal(size=(n_rows, k)), rng.random((n_rows, k))
+  lang = np.array([0, 1] * (n_rows // 2))
+  m, _ = evaluate_rm.comparison_metrics(scores, np.ones((n_rows, k)), np.zeros((n_rows, k, k)),
+                                        lang, gold)
+  assert evaluate_rm.best_of_n_sizes(k) == [2, 4, 7]
+  for li, name in enumerate(["en", "zh"]):
+    for n in (2, 4, 7):
+      rows = lang == li
+      want = _best_of_n_by_enumeration(scores[rows], gold[rows], np.ones((4, k)), n).mean()
+      assert m[f"gold_bon{n}_win/{name}"] == pytest.approx(want)
+  assert "gold_bon2_win" not in m  # per language only
+  assert evaluate_rm.best_of_n_kl(7) == pytest.approx(np.log(7) - 6 / 7)
+  table = evaluate_rm.markdown_table(m)
+  assert f"n=7 (KL {np.log(7) - 6 / 7:.2f})" in table
+  assert f" {m['gold_bon7_win/zh']:.3f} |" in table.split("zh: the RM's best of n")[1]

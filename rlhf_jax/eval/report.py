@@ -17,8 +17,10 @@ import platform
 import sys
 
 from rlhf_jax.eval import report_plots, report_verdicts
+from rlhf_jax.eval.reward_model import best_of_n_kl
 from rlhf_jax.eval.report_run import (HUMAN_AGREEMENT, LOSS_KEYS, Run, finite, fmt, one_line,
-                                      ppo_curve, rm_accuracy, rm_gold_gaps, series)
+                                      ppo_curve, rm_accuracy, rm_best_of_n, rm_gold_gaps,
+                                      series)
 
 PLOTS = tuple(report_plots.PLOTTERS)
 
@@ -145,6 +147,18 @@ def _rm_section(run: Run) -> list[str]:
     for lang, thirds in gaps.items():
       cells = [f"{fmt(acc)} / {fmt(labels)} (gap <= {fmt(hi)})" for acc, labels, hi in thirds]
       out.append(f"| {lang} | " + " | ".join(cells) + " |")
+  bon = rm_best_of_n(run)
+  if bon:
+    sizes = sorted({n for wins in bon.values() for n, _ in wins})
+    out += ["", "What the RM buys without training: of n SFT answers to a held-out prompt, the "
+            "one the RM scores highest against one more SFT answer, gold win rate (0.5 at n = "
+            "1). Best-of-n sits log n - (n-1)/n nats from SFT; PPO's gold win against SFT, in "
+            "the verdicts, is the same kind of number at its own KL.", "",
+            "| language | " + " | ".join(f"n = {n} (KL {best_of_n_kl(n):.2f})" for n in sizes)
+            + " |", "|---" * (len(sizes) + 1) + "|"]
+    for lang, wins in bon.items():
+      got = dict(wins)
+      out.append(f"| {lang} | " + " | ".join(fmt(got.get(n)) for n in sizes) + " |")
   out += ["", "![reward model accuracy](plots/rm_accuracy.png)"]
   return out
 

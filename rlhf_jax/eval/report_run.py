@@ -95,6 +95,21 @@ def rm_gold_gaps(run: Run) -> dict:
   return out
 
 
+def rm_best_of_n(run: Run) -> dict:
+  """{lang: [(n, gold win of the RM's best of n SFT answers against another)]}, n ascending,
+  at the RM's last held-out evaluation (eval/reward_model.py `best_of_n_win`); {} if none."""
+  records = run.metrics["rm"]
+  out = {}
+  for lang in run.langs:
+    keys = {k for r in records for k in r
+            if k.startswith("eval/rm/gold_bon") and k.endswith(f"_win/{lang}")}
+    sizes = sorted(int(k[len("eval/rm/gold_bon"):-len(f"_win/{lang}")]) for k in keys)
+    wins = [(n, last(records, f"eval/rm/gold_bon{n}_win/{lang}")) for n in sizes]
+    if wins:
+      out[lang] = wins
+  return out
+
+
 def ppo_curve(run: Run, lang: str) -> list[dict]:
   """Held-out evaluations of PPO: {step, sqrt_kl, gold, proxy, gold_sft} per evaluation."""
   out = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Sequence
 
@@ -107,6 +108,70 @@ def gold_gap_bins(diff: np.ndarray, gold: np.ndarray, gold_mask: np.ndarray,
   return out
 
 
+def best_of_n_sizes(k: int) -> list[int]:
+  """The n at which best-of-n is reported with K answers a prompt: powers of two below K - 1,
+  then K - 1 (one answer must stay out of the subset to be the comparator)."""
+  sizes = [n for n in (2, 4, 8, 16, 32) if n < k - 1]
+  return sizes + [k - 1] if k > 2 else []
+
+
+def best_of_n_kl(n: int) -> float:
+  """KL(best-of-n || the sampler) in nats, log n - (n - 1) / n: the closed form for picking
+  the top of n independent samples by a score without ties."""
+  return float(np.log(n) - (n - 1) / n)
+
+
+def best_of_n_win(scores, gold, valid, n: int) -> np.ndarray:
+  """[N] per prompt: how often the RM's pick of n answers beats one more answer on gold.
+
+  Over every uniformly random n-subset of a prompt's answers (valid, gold known) and one
+  comparator drawn from the answers left out, the answer the RM scores highest in the subset
+  against the comparator on the gold score (a tie counts half), averaged exactly: the answer
+  ranked r-th by the RM (0 the best, ties in RM score broken by position) is the pick with
+  C(below, n-1) subsets, below the number of answers the RM ranks under it (less one if the
+  comparator is among them), of C(k, n) * (k - n) draws. NaN where a prompt has fewer than
+  n + 1 such answers.
+
+  Why: the held-out comparisons' answers are samples of the SFT policy, so this is what
+  reranking SFT's own samples with the RM wins against SFT on gold, without training, at a KL
+  of best_of_n_kl(n) from SFT: the RM's signal as PPO's gold win rate against SFT measures it.
+  n = 1 gives 0.5 whatever the scores.
+  """
+  scores, gold = np.asarray(scores, np.float64), np.asarray(gold, np.float64)
+  usable = np.asarray(valid) > 0
+  usable &= np.isfinite(gold)
+  out = np.full(len(scores), np.nan)
+  for row in range(len(scores)):
+    idx = np.flatnonzero(usable[row])
+    k = len(idx)
+    if k < n + 1:
+      continue
+    order = idx[np.argsort(-scores[row, idx], kind="stable")]  # the RM's ranking
+    g = gold[row, order]  # [k], the RM's best first
+    wins = (g[:, None] > g[None, :]) + 0.5 * (g[:, None] == g[None, :])  # [pick, comparator]
+    below = k - 1 - np.arange(k)  # answers the RM ranks under each
+    comparator_below = np.arange(k)[None, :] > np.arange(k)[:, None]
+    ways = np.vectorize(math.comb)(below[:, None] - comparator_below, n - 1).astype(np.float64)
+    np.fill_diagonal(ways, 0.0)
+    out[row] = float((ways * wins).sum() / (math.comb(k, n) * (k - n)))
+  return out
+
+
+def _gold_breakdown(scores, gold, valid, prefer, gold_mask, suffix: str) -> dict[str, float]:
+  """One language's gold accuracy in thirds by gold gap and its best-of-n gold win rates."""
+  out = {}
+  diff = scores[:, :, None] - scores[:, None, :]
+  for b, row in enumerate(gold_gap_bins(diff, gold, gold_mask, prefer), 1):
+    out.update({f"gold_gap{b}_accuracy{suffix}": row["accuracy"],
+                f"gold_gap{b}_labels{suffix}": row["labels"],
+                f"gold_gap{b}_hi{suffix}": row["gap_hi"]})
+  for n in best_of_n_sizes(scores.shape[1]):
+    wins = best_of_n_win(scores, gold, valid, n)
+    if np.isfinite(wins).any():
+      out[f"gold_bon{n}_win{suffix}"] = float(np.nanmean(wins))
+  return out
+
+
 def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, labeled=None,
                        bins: int = 10) -> tuple[dict[str, float], list[dict]]:
   """Metrics of raw RM scores [N, K] on held-out comparisons, and the calibration table.
@@ -116,7 +181,8 @@ def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, label
   Keys: loss, accuracy, margin, pairs, ece, gold_accuracy, gold_pairs, thumbs_accuracy, each
   also per language as '<key>/<lang>' where that language has pairs; per language only,
   gold_gap{b}_{accuracy,labels,hi}/<lang> for the thirds of its gold pairs (`gold_gap_bins`,
-  b = 1 the closest).
+  b = 1 the closest) and gold_bon{n}_win/<lang>, the gold win of the RM's best of n answers
+  against another (`best_of_n_win`, n in `best_of_n_sizes(K)`).
   """
   scores = np.asarray(scores, np.float64)
   valid, prefer = np.asarray(valid), np.asarray(prefer)
@@ -150,11 +216,8 @@ def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, label
       if gn:
         out.update({f"gold_accuracy{suffix}": gacc, f"gold_pairs{suffix}": float(gn)})
       if gn and suffix:
-        for b, row in enumerate(gold_gap_bins(diff, g, gold_mask & rows[:, None, None],
-                                              prefer), 1):
-          out.update({f"gold_gap{b}_accuracy{suffix}": row["accuracy"],
-                      f"gold_gap{b}_labels{suffix}": row["labels"],
-                      f"gold_gap{b}_hi{suffix}": row["gap_hi"]})
+        out.update(_gold_breakdown(scores[rows], g[rows], valid[rows], prefer[rows],
+                                   gold_mask[rows], suffix))
     if labeled is not None:
       lab = (np.asarray(labeled) > 0) & rows[:, None]
       if lab.any():
@@ -249,6 +312,16 @@ def markdown_table(metrics: dict[str, float]) -> str:
           f"{metrics[f'gold_gap{b}_accuracy/{lang}']:.3f} / "
           f"{metrics[f'gold_gap{b}_labels/{lang}']:.3f} "
           f"(gap <= {metrics[f'gold_gap{b}_hi/{lang}']:.3f})" for b in (1, 2, 3)) + " |")
+  bon = {lang: sorted(int(key[len("gold_bon"):-len(f"_win/{lang}")]) for key in metrics
+                     if key.startswith("gold_bon") and key.endswith(f"_win/{lang}"))
+         for lang in LANGS}
+  for lang, sizes in bon.items():
+    if sizes:
+      rows += ["", f"| {lang}: the RM's best of n against another answer, gold win | " +
+               " | ".join(f"n={n} (KL {best_of_n_kl(n):.2f})" for n in sizes) + " |",
+               "|---" * (len(sizes) + 1) + "|",
+               "| | " + " | ".join(f"{metrics[f'gold_bon{n}_win/{lang}']:.3f}" for n in sizes)
+               + " |"]
   return "\n".join(rows)
 
 
