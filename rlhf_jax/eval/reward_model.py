@@ -7,6 +7,9 @@ Two references for every held-out comparison:
 Calibration: for every labelled pair, in both orders, the RM's P(a beats b) = sigma(r_a - r_b)
 against what was observed, in equal-width bins of predicted probability; `ece` is the
 bin-weighted mean |predicted - observed| (0 = perfectly calibrated).
+Best-of-n (per language): the held-out answers are the SFT policy's samples, so reranking them
+with the RM measures, on gold, what the RM's signal buys against SFT without training
+(`best_of_n_win`), a number of the kind PPO's gold win rate is.
 
   python -m rlhf_jax.eval.reward_model --workdir=W/rm --data=rlhf_comparisons/round0 --split=test
 
