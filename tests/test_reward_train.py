@@ -153,19 +153,17 @@ def test_rerun_of_a_finished_run_trains_nothing_more(planted_run):
 def test_held_out_evaluator_equals_the_one_device_evaluation(planted_run):
   """The trainer's held-out evaluator (eval/held_out.py: batched and sharded over 8 devices)
   gives the numbers the RM's one-device command-line evaluation computes on the same params
-  and comparisons: two code paths, one result."""
-  from rlhf_jax.core import run_folder
-  from rlhf_jax.data.rm_batches import read_records
+  and comparisons (the command with its defaults: the run's data, split and checkpoint): two
+  code paths, one result."""
   from rlhf_jax.eval import reward_model as evaluate_rm
   config = planted_run["config"]
-  params, model_config = run_folder.load_scalar_model(planted_run["workdir"])
-  records = read_records(config.data.name, config.eval.split, config.data.data_dir)
-  want, _ = evaluate_rm.evaluate_records(
-      params, model_config, run_folder.tokenizer(planted_run["workdir"]), records,
-      seq_len=config.data.seq_len, max_answers=config.data.max_answers,
-      scorer=config.eval.scorer, bins=config.eval.bins)
+  result = evaluate_rm.main(["--workdir", planted_run["workdir"]])
+  want = result["metrics"]
+  assert result["split"] == config.eval.split
   got = planted_run["metrics"]  # the evaluator's last numbers, on the final params
-  for key in ("accuracy", "gold_accuracy", "accuracy/en", "gold_accuracy/zh", "pairs"):
+  bon = [k[len("eval/rm/"):] for k in got if k.startswith("eval/rm/gold_bon")]
+  assert bon, "best-of-n is reported where comparisons have three or more answers"
+  for key in ("accuracy", "gold_accuracy", "accuracy/en", "gold_accuracy/zh", "pairs", *bon):
     assert got[f"eval/rm/{key}"] == pytest.approx(want[key], rel=1e-6), key
   assert got["eval/rm/margin"] == pytest.approx(want["margin"], rel=1e-4, abs=1e-5)
 

@@ -11,7 +11,7 @@ Best-of-n (per language): the held-out answers are the SFT policy's samples, so 
 with the RM measures, on gold, what the RM's signal buys against SFT without training
 (`best_of_n_win`), a number of the kind PPO's gold win rate is.
 
-  python -m rlhf_jax.eval.reward_model --workdir=W/rm --data=rlhf_comparisons/round0 --split=test
+  python -m rlhf_jax.eval.reward_model --workdir=W/rm [--data=rlhf_comparisons/round0 --split=test]
 
 prints one JSON object and a Markdown table. `comparison_metrics` is the numpy core the RM
 trainer's periodic evaluation shares.
@@ -332,23 +332,26 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", required=True, help="an RM run's workdir")
   p.add_argument("--data", default="", help="comparisons dataset; default: the run's data.name")
-  p.add_argument("--split", default="test")
+  p.add_argument("--split", default="", help="default: the split the run evaluated on")
   p.add_argument("--data_dir", default="", help="default: the run's data.data_dir")
-  p.add_argument("--scorer", default="gold", help="gold scorer name; '' to skip gold accuracy")
+  p.add_argument("--scorer", default=None,
+                 help="gold scorer name, default the run's eval.scorer; '' to skip gold accuracy")
   p.add_argument("--limit", type=int, default=0, help="at most this many comparisons (0: all)")
   p.add_argument("--json_out", default="")
   args = p.parse_args(argv)
 
   model_config, params, _, _ = load_reward_model(args.workdir, require_normalization=False)
   tokenizer = run_folder.tokenizer(args.workdir)
-  data = run_folder.read_saved_config(args.workdir)["data"]
-  records = read_records(args.data or data["name"], args.split,
+  saved = run_folder.read_saved_config(args.workdir)
+  data, split = saved["data"], args.split or saved["eval"]["split"]
+  scorer = saved["eval"]["scorer"] if args.scorer is None else args.scorer
+  records = read_records(args.data or data["name"], split,
                          args.data_dir or data["data_dir"] or None, args.limit)
   metrics, table = evaluate_records(params, model_config, tokenizer, records,
                                     seq_len=data["seq_len"], max_answers=data["max_answers"],
-                                    scorer=args.scorer, layout=data.get("layout", "answers"),
+                                    scorer=scorer, layout=data.get("layout", "answers"),
                                     row_len=data.get("row_len", 0))
-  result = {"workdir": args.workdir, "data": args.data or data["name"], "split": args.split,
+  result = {"workdir": args.workdir, "data": args.data or data["name"], "split": split,
             "comparisons": len(records), "metrics": metrics, "calibration": table}
   print(json.dumps(result, indent=1))
   print()
