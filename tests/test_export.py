@@ -221,6 +221,14 @@ def test_imported_tokenizer_travels_in_gguf(tmp_path):
   for text in TEXTS + [CHAT[1]["content"]]:
     assert again.encode(text) == source.encode(text)
   assert again.render_prompt(CHAT).tolist() == source.render_prompt(CHAT).tolist()
+  # Built once a process: the same file again shares the built vocabulary; a file written
+  # anew at the same path (another template here) is read afresh.
+  assert HFTokenizer.load(path)._tok is again._tok
+  marked = source.chat_template.replace("<|im_start|>", "<|im_start|> ")
+  assert marked != source.chat_template
+  other = HFTokenizer(source._tok, marked, eos_token="<|im_end|>", pad_token="<|im_end|>")
+  gguf_export.write_gguf(params, config, path, tokenizer=other, dtype="bfloat16")
+  assert HFTokenizer.load(path).chat_template == marked
   import gguf
   reader = gguf.GGUFReader(path)
   assert "blk.0.attn_q.bias" in {t.name for t in reader.tensors}  # qwen2 layout

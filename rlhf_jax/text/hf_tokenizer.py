@@ -31,6 +31,7 @@ through this class, so the model always sees one consistent segmentation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -153,6 +154,31 @@ def gguf_tokenizer(meta: dict, path: str):
   return tok
 
 
+@functools.lru_cache(maxsize=4)
+def _gguf_parts(path: str, size: int, mtime_ns: int):
+  """(tokenizers.Tokenizer, chat template, special tokens) of a .gguf file, built once a
+  process for each version of the file (size and mtime are in the key so a replaced file is
+  read again): reading a 262k-token vocabulary and deriving its merges takes 6-10 s, and every
+  stage of a pipeline opens the tokenizer, some several times. The Tokenizer is shared by the
+  HFTokenizers built from it; nothing here changes it after it is built."""
+  del size, mtime_ns  # the cache key only
+  from rlhf_jax.models.gguf_io import GGUFFile
+  meta = GGUFFile(path).metadata
+  tokens = meta.get("tokenizer.ggml.tokens")
+  if tokens is None:
+    raise ValueError(f"{path} carries no tokenizer (no tokenizer.ggml.tokens)")
+
+  def tok(key):
+    i = meta.get(f"tokenizer.ggml.{key}")
+    return tokens[i] if i is not None else None
+
+  template = (meta.get("tokenizer.chat_template")
+              or jinja_chat.FAMILY_TEMPLATES.get(meta.get("general.architecture"), ""))
+  special = dict(bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
+                 pad_token=tok("padding_token_id"), unk_token=tok("unknown_token_id"))
+  return gguf_tokenizer(meta, path), template, special
+
+
 class HFTokenizer:
   """See the module docstring. Picklable (data-loader workers)."""
 
@@ -182,22 +208,10 @@ class HFTokenizer:
   def load(cls, path: str, vocab_size: Optional[int] = None) -> "HFTokenizer":
     """From an HF checkpoint directory (or its tokenizer.json) or a .gguf file."""
     if path.endswith(".gguf"):
-      from rlhf_jax.models.gguf_io import GGUFFile
-      meta = GGUFFile(path).metadata
-      tokens = meta.get("tokenizer.ggml.tokens")
-      if tokens is None:
-        raise ValueError(f"{path} carries no tokenizer (no tokenizer.ggml.tokens)")
-
-      def tok(key):
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if i is not None else None
-
-      template = (meta.get("tokenizer.chat_template")
-                  or jinja_chat.FAMILY_TEMPLATES.get(meta.get("general.architecture"), ""))
-      return cls(gguf_tokenizer(meta, path), template,
-                 bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
-                 pad_token=tok("padding_token_id"), unk_token=tok("unknown_token_id"),
-                 vocab_size=vocab_size, path=path)
+      stat = os.stat(path)
+      tokenizer, template, special = _gguf_parts(os.path.realpath(path), stat.st_size,
+                                                 stat.st_mtime_ns)
+      return cls(tokenizer, template, **special, vocab_size=vocab_size, path=path)
     directory = os.path.dirname(path) if path.endswith(".json") else path
     from tokenizers import Tokenizer
     file = os.path.join(directory, "tokenizer.json")
