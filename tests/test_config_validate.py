@@ -61,6 +61,7 @@ BAD = [
     ("ppo", {"lora.rank": 4, "lora.dropout": 0.1}, r"lora\.dropout must be 0 for PPO: the "),
     ("sft", {"lora.rank": 4, "lora.dropout": 1.0}, r"lora\.dropout must be in \[0, 1\)"),
     ("ppo", {"ppo.clip_eps": 1.0}, r"ppo\.clip_eps must be in \(0, 1\) \(got 1\.0\)"),
+    ("ppo", {"ppo.loss_mean": "episode"}, r"ppo\.loss_mean must be one of \['token', 'answer'\]"),
     ("ppo", {"kl.coef": -0.1}, r"kl\.coef: beta must be >= 0 \(got -0\.1\)"),
     ("ppo", {"kl.coef_by_lang": "fr:0.1"},
      r"kl\.coef_by_lang 'fr' is not one of the run's languages \['en', 'zh'\] \(data\.lang\)"),

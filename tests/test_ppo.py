@@ -387,6 +387,36 @@ def test_policy_and_value_losses_against_formulas():
   np.testing.assert_allclose(float(vloss), ref, rtol=1e-5)
 
 
+def test_answer_mean_weighs_every_answer_the_same():
+  """loss_mean="answer": each answer's surrogate averaged over its own tokens, then over the
+  answers with any token (a Python loop); with answers of unequal length it differs from the
+  token mean, and an answer without tokens counts for nothing."""
+  rng = np.random.RandomState(4)
+  logp, old, adv = (rng.normal(size=(4, 6)).astype(np.float32) * s for s in (0.3, 0.3, 1.0))
+  mask = np.ones((4, 6), np.float32)
+  mask[0, 2:] = 0  # 2 tokens
+  mask[2, 5:] = 0  # 5 tokens
+  mask[3] = 0  # no answer (a padded row)
+  ratio = np.exp(logp - old)
+  per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
+  want = np.mean([per[b][mask[b] > 0].mean() for b in range(3)])
+  got, stats = losses.ppo_policy_loss(logp, old, adv, mask, 0.2, "answer")
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  token, token_stats = losses.ppo_policy_loss(logp, old, adv, mask, 0.2)
+  assert abs(float(token) - want) > 1e-3  # the two means differ on these rows
+  for key in token_stats:  # the stats stay token means
+    assert float(stats[key]) == pytest.approx(float(token_stats[key])), key
+  with pytest.raises(ValueError, match="loss_mean must be one of"):
+    ppo.PPOHyper(loss_mean="row")
+  from rlhf_jax.config import util as config_util
+  from rlhf_jax.rl import trainer
+  config = config_util.load_config("configs/ppo.py:size=tiny,steps=2")
+  assert trainer.hyper_from_config(config).loss_mean == "token"  # TRL's, the default
+  with config.unlocked():
+    config.ppo.loss_mean = "answer"
+  assert trainer.hyper_from_config(config).loss_mean == "answer"
+
+
 def test_gradients_one_model_after_the_other_equal_the_whole_losses():
   """ppo_grads (the policy's backward, then the critic's) against jax.grad of the
   whole minibatch loss, with the entropy bonus and the ptx term on: the same loss, stats and

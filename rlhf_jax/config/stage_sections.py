@@ -43,7 +43,11 @@ def ppo_section(tiny: bool) -> ml_collections.ConfigDict:
       # "trained": the critic is a scalar model started from the RM, trunk (or its LoRA
       # adapters) and head; "frozen": a value head on the RM's frozen trunk, which scores the
       # rollout in the same pass, and the update never runs a critic trunk (rl/ppo.py).
-      critic_trunk="trained"))
+      critic_trunk="trained",
+      # The policy loss averaged over the batch's answer tokens ("token", TRL's), or over each
+      # answer's tokens and then the answers ("answer"): every episode weighs the same, so
+      # short answers (Chinese beside English) get their share of each update.
+      loss_mean="token"))
 
 
 def kl_section() -> ml_collections.ConfigDict:

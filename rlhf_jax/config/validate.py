@@ -269,14 +269,13 @@ def check_ppo(c: Checks, max_len) -> None:
   c.number("ppo.epochs", 1, integer=True)
   c.number("ppo.clip_eps", 0, 1, lo_open=True, hi_open=True)
   c.number("ppo.value_clip", 0, 1, lo_open=True, hi_open=True)
-  for name in ("vf_coef", "ent_coef"):
-    c.number(f"ppo.{name}", 0)
-  for name in ("gamma", "lam"):
-    c.number(f"ppo.{name}", 0, 1)
+  for name, hi in (("vf_coef", None), ("ent_coef", None), ("gamma", 1), ("lam", 1)):
+    c.number(f"ppo.{name}", 0, hi)
   c.choice("ppo.kl_estimator", KL_ESTIMATORS)
   c.choice("ppo.old_logprobs", OLD_LOGPROBS)
   c.choice("ppo.optimizer", PPO_OPTIMIZERS)
   c.choice("ppo.critic_trunk", CRITIC_TRUNKS)
+  c.choice("ppo.loss_mean", ("token", "answer"))  # models/losses.py LOSS_MEANS
   c.number("ppo.missing_eos_penalty")
   c.number("ppo.ema_decay", 0, 1, hi_open=True)
   c.number("kl.coef", 0, alias="beta")

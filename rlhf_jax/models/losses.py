@@ -34,17 +34,35 @@ def _masked_mean(x, mask):
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+def answer_mean(x, mask):
+  """Each answer's mean over its own real tokens, then the mean over the answers that have any:
+  [B, N] -> []. Every answer weighs the same, however many tokens it has."""
+  mask = mask.astype(jnp.float32)
+  per_answer = jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)  # [B]
+  has = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+  return jnp.sum(per_answer * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+LOSS_MEANS = ("token", "answer")  # ppo_policy_loss's `mean`
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, mean: str = "token"):
   """Clipped surrogate: mean of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old.
 
-  logprobs, old_logprobs, advantages, mask: [B, N]. Returns (loss, stats) with the ratio's
-  mean, the fraction of tokens where the clip is active, and approx KL ½·E[(log ρ)²].
+  logprobs, old_logprobs, advantages, mask: [B, N]. mean: "token" averages over every real
+  token of the batch (a long answer weighs more); "answer" over each answer's tokens first, then
+  over answers (`answer_mean`), so a language with short answers (Chinese against English)
+  is not outweighed in a mixed batch. Returns (loss, stats) with the ratio's mean, the
+  fraction of tokens where the clip is active, and approx KL ½·E[(log ρ)²], over tokens.
   """
+  if mean not in LOSS_MEANS:
+    raise ValueError(f"the policy loss's mean must be one of {LOSS_MEANS}, got {mean!r}")
   log_ratio = logprobs - old_logprobs
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = _masked_mean(jnp.maximum(unclipped, clipped), mask)
+  surrogate = jnp.maximum(unclipped, clipped)
+  loss = _masked_mean(surrogate, mask) if mean == "token" else answer_mean(surrogate, mask)
   stats = {"ratio": _masked_mean(ratio, mask),
            "clipfrac": _masked_mean((clipped > unclipped).astype(jnp.float32), mask),
            "approxkl": 0.5 * _masked_mean(jnp.square(log_ratio), mask)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from rlhf_jax.models import losses
 from rlhf_jax.rl import kl
 
 OPTIMIZERS = ("joint", "per_model")  # PPOHyper.optimizer
@@ -42,6 +43,9 @@ class PPOHyper:
   # gives the RM's score and every value, and the update trains the head on those features
   # with no pass through a trunk (rl/head_critic.py).
   critic_trunk: str = "trained"
+  # The policy loss's mean: over the batch's answer tokens ("token"), or each answer's tokens
+  # then the answers ("answer": every episode weighs the same; models/losses.py).
+  loss_mean: str = "token"
 
   def __post_init__(self):
     for name in ("clip_eps", "value_clip"):
@@ -64,6 +68,9 @@ class PPOHyper:
       raise ValueError(f"ppo.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"ppo.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    if self.loss_mean not in losses.LOSS_MEANS:
+      raise ValueError(f"ppo.loss_mean must be one of {losses.LOSS_MEANS}, "
+                       f"got {self.loss_mean!r}")
     if self.critic_trunk not in CRITIC_TRUNKS:
       raise ValueError(f"ppo.critic_trunk must be one of {CRITIC_TRUNKS}, "
                        f"got {self.critic_trunk!r}")

@@ -230,7 +230,7 @@ def policy_terms(policy_params, batch: Experience, ptx_batch: Optional[dict], *,
       with_entropy=True, entropy_grad=bool(hyper.ent_coef))  # [b, N] each
   entropy = gae.masked_mean(token_entropy, mask)
   policy_loss, policy_stats = losses.ppo_policy_loss(
-      logprobs, batch.old_logprobs, batch.advantages, mask, hyper.clip_eps)
+      logprobs, batch.old_logprobs, batch.advantages, mask, hyper.clip_eps, hyper.loss_mean)
   loss = policy_loss - hyper.ent_coef * entropy
   ptx_loss = jnp.zeros((), jnp.float32)
   if ptx_batch is not None:

@@ -66,7 +66,7 @@ def hyper_from_config(config) -> ppo.PPOHyper:
       vf_coef=p.vf_coef, ent_coef=p.ent_coef, gamma=p.gamma, lam=p.lam,
       temperature=config.sampling.temperature, kl_estimator=p.kl_estimator,
       whiten_rewards=p.whiten_rewards, optimizer=p.optimizer,
-      critic_trunk=p.critic_trunk,
+      critic_trunk=p.critic_trunk, loss_mean=p.loss_mean,
       missing_eos_penalty=p.missing_eos_penalty if p.penalize_missing_eos else None,
       ptx_coef=config.ptx.coef, ema_decay=p.ema_decay, recompute_old_logprobs=recompute)
 
