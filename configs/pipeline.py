@@ -213,6 +213,9 @@ def _use_model(config, arg) -> None:
   # (kl.coef_by_lang='zh:0.1') held Chinese to 4.8-6.3 nats over three seeds (6.3-10.9 at
   # one) and won no more there.
   config.ppo.kl.coef = 0.07
+  # ppo.loss_mean='answer' (each answer weighing the same; a Chinese answer has half an English
+  # one's tokens): Chinese improved in both of two seeds, English no change / hacked. Left at
+  # the token mean (experiments/real_recipe, "Every answer weighing the same").
   config.ppo.eval.n_prompts = 16
   for stage in ("kto", "dpo"):
     config[stage].data.batch_size = 8
