@@ -12,6 +12,7 @@ from rlhf_jax.core.langs import LANGS
 from typing import Sequence
 from rlhf_jax.core import metrics
 from rlhf_jax.core.metrics import read_metrics
+from rlhf_jax.eval.reward_model import best_of_n_found
 
 HUMAN_AGREEMENT = 0.726  # InstructGPT's labelers; the simulated annotators are calibrated to it
 # The losses plotted per stage: (metric, label).
@@ -101,9 +102,7 @@ def rm_best_of_n(run: Run) -> dict:
   records = run.metrics["rm"]
   out = {}
   for lang in run.langs:
-    keys = {k for r in records for k in r
-            if k.startswith("eval/rm/gold_bon") and k.endswith(f"_win/{lang}")}
-    sizes = sorted(int(k[len("eval/rm/gold_bon"):-len(f"_win/{lang}")]) for k in keys)
+    sizes = best_of_n_found({k for r in records for k in r}, lang, prefix="eval/rm/")
     wins = [(n, last(records, f"eval/rm/gold_bon{n}_win/{lang}")) for n in sizes]
     if wins:
       out[lang] = wins

@@ -160,10 +160,17 @@ def best_of_n_win(scores, gold, valid, n: int) -> np.ndarray:
   return out
 
 
-def _gold_breakdown(scores, gold, valid, prefer, gold_mask, suffix: str) -> dict[str, float]:
+def best_of_n_found(keys, lang: str, prefix: str = "") -> list[int]:
+  """The n of every `{prefix}gold_bon{n}_win/{lang}` among `keys`, ascending."""
+  head, tail = f"{prefix}gold_bon", f"_win/{lang}"
+  return sorted({int(k[len(head):-len(tail)]) for k in keys
+                 if k.startswith(head) and k.endswith(tail)})
+
+
+def _gold_breakdown(scores, diff, gold, valid, prefer, gold_mask,
+                    suffix: str) -> dict[str, float]:
   """One language's gold accuracy in thirds by gold gap and its best-of-n gold win rates."""
   out = {}
-  diff = scores[:, :, None] - scores[:, None, :]
   for b, row in enumerate(gold_gap_bins(diff, gold, gold_mask, prefer), 1):
     out.update({f"gold_gap{b}_accuracy{suffix}": row["accuracy"],
                 f"gold_gap{b}_labels{suffix}": row["labels"],
@@ -219,8 +226,8 @@ def comparison_metrics(scores, valid, prefer, lang, gold=None, label=None, label
       if gn:
         out.update({f"gold_accuracy{suffix}": gacc, f"gold_pairs{suffix}": float(gn)})
       if gn and suffix:
-        out.update(_gold_breakdown(scores[rows], g[rows], valid[rows], prefer[rows],
-                                   gold_mask[rows], suffix))
+        out.update(_gold_breakdown(scores[rows], diff[rows], g[rows], valid[rows],
+                                   prefer[rows], gold_mask[rows], suffix))
     if labeled is not None:
       lab = (np.asarray(labeled) > 0) & rows[:, None]
       if lab.any():
@@ -315,9 +322,7 @@ def markdown_table(metrics: dict[str, float]) -> str:
           f"{metrics[f'gold_gap{b}_accuracy/{lang}']:.3f} / "
           f"{metrics[f'gold_gap{b}_labels/{lang}']:.3f} "
           f"(gap <= {metrics[f'gold_gap{b}_hi/{lang}']:.3f})" for b in (1, 2, 3)) + " |")
-  bon = {lang: sorted(int(key[len("gold_bon"):-len(f"_win/{lang}")]) for key in metrics
-                     if key.startswith("gold_bon") and key.endswith(f"_win/{lang}"))
-         for lang in LANGS}
+  bon = {lang: best_of_n_found(metrics, lang) for lang in LANGS}
   for lang, sizes in bon.items():
     if sizes:
       rows += ["", f"| {lang}: the RM's best of n against another answer, gold win | " +
